@@ -1,0 +1,163 @@
+"""Signed documents: the keyring (root role), desired states (director role) and package
+manifests (release role).
+
+A signed document travels as ``{"signed": {...}, "signatures": [...]}`` (after TUF). Signatures
+cover the canonical bytes of the ``signed`` object exactly as received, so a newer hub may add
+fields an older agent ignores without breaking verification.
+"""
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer
+
+from agent.protocol.keys import Signature
+
+MANIFEST_FORMAT = 1
+ANY_DEVICE_CLASS = "*"
+
+
+def utc_iso(value: datetime) -> str:
+    """The one way times are written into signed documents: UTC, seconds, trailing Z."""
+    return value.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Role(StrEnum):
+    ROOT = "root"
+    RELEASE = "release"  # signs package manifests; may be kept offline
+    DIRECTOR = "director"  # signs desired states and commands; online in the hub
+
+
+class RoleKeys(_Doc):
+    keyids: list[str]
+    threshold: int = Field(default=1, ge=1)
+
+
+class PublicKey(_Doc):
+    scheme: Literal["ed25519"] = "ed25519"
+    public: str  # base64 of the raw 32-byte key
+
+
+class Keyring(_Doc):
+    """Names the current release and director keys; signed by the root key."""
+
+    type: Literal["keyring"] = "keyring"
+    version: int = Field(ge=1)
+    expires_at: AwareDatetime
+    keys: dict[str, PublicKey]
+    roles: dict[Role, RoleKeys]
+
+    @field_serializer("expires_at")
+    def _ser_time(self, value: datetime) -> str:
+        return utc_iso(value)
+
+
+class PackageRef(_Doc):
+    """One package a device should run, as named by the director."""
+
+    model: str
+    version: int = Field(ge=1)
+    digest: str  # sha256 of the package archive
+    size: int = Field(ge=1)
+    chunk_bytes: int = Field(ge=1)
+    chunks: list[str]  # sha256 of each chunk, in order
+    deployment_id: str
+
+
+class DesiredState(_Doc):
+    """What one device should run; signed by a director key."""
+
+    type: Literal["desired"] = "desired"
+    device_id: str
+    counter: int = Field(ge=1)
+    issued_at: AwareDatetime
+    expires_at: AwareDatetime
+    packages: list[PackageRef]
+
+    @field_serializer("issued_at", "expires_at")
+    def _ser_time(self, value: datetime) -> str:
+        return utc_iso(value)
+
+
+class Framework(StrEnum):
+    ONNX = "onnx"
+    TFLITE = "tflite"
+
+
+class TensorSpec(_Doc):
+    name: str
+    dtype: str
+    shape: list[int | None]
+
+
+class ModelSignature(_Doc):
+    inputs: list[TensorSpec] = Field(default_factory=list)
+    outputs: list[TensorSpec] = Field(default_factory=list)
+
+
+class FileEntry(_Doc):
+    path: str  # relative POSIX path inside the package's files/ directory
+    size: int = Field(ge=0)
+    sha256: str
+
+
+class HealthCheck(_Doc):
+    """The sample input must give the expected output within tolerance before a switch."""
+
+    input: str  # path of a JSON file among the files
+    expected_output: str  # path of a JSON file among the files
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+
+class ModelInfo(_Doc):
+    name: str
+    version: int = Field(ge=1)
+    framework: Framework
+
+
+class RuntimeSpec(_Doc):
+    kind: Literal["builtin"] = "builtin"
+    model_file: str  # path of the model among the files
+    options: dict[str, str | int | bool] = Field(default_factory=dict)
+
+
+class Manifest(_Doc):
+    """The package manifest; signed by a release key."""
+
+    format: int = MANIFEST_FORMAT
+    model: ModelInfo
+    runtime: RuntimeSpec
+    signature: ModelSignature = Field(default_factory=ModelSignature)
+    files: list[FileEntry]
+    health_check: HealthCheck
+    device_classes: list[str] = Field(default_factory=lambda: [ANY_DEVICE_CLASS])
+    min_agent_version: str = "0.1.0"
+    created_at: AwareDatetime
+
+    @field_serializer("created_at")
+    def _ser_time(self, value: datetime) -> str:
+        return utc_iso(value)
+
+
+class Signed(_Doc):
+    """A document with detached signatures over its canonical bytes."""
+
+    signed: dict[str, Any]
+    signatures: list[Signature]
+
+
+class DetachedSignatures(_Doc):
+    """The content of ``manifest.sig`` in a package."""
+
+    signatures: list[Signature]
+
+
+def document_dict(doc: BaseModel) -> dict[str, Any]:
+    """The JSON-ready dict of a document, the exact object that gets signed."""
+    return doc.model_dump(mode="json")

@@ -1,0 +1,188 @@
+"""The message envelope and its bodies.
+
+Every JSON message is ``{"v", "kind", "msg_id", "sent_at", "body"}``; the body's shape is chosen
+by ``kind``. Unknown fields are ignored so an older agent accepts a newer hub. Package chunks are
+the one exception: they are raw bytes on their own topic, since base64 in JSON would cost a third
+more on every byte fanned out to the fleet.
+"""
+
+import json
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from agent.protocol import PROTOCOL_VERSION
+from agent.protocol.documents import Signed
+
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Step(StrEnum):
+    """Where a device is with one package, reported in events and state."""
+
+    QUEUED = "queued"
+    DOWNLOADING = "downloading"
+    DOWNLOADED = "downloaded"
+    VERIFIED = "verified"
+    INSTALLING = "installing"
+    HEALTH_CHECK = "health_check"
+    ACTIVE = "active"
+    FAILED = "failed"
+
+
+TERMINAL_STEPS = frozenset({Step.ACTIVE, Step.FAILED})
+
+
+class Reason(StrEnum):
+    """Why a device refused or failed something; codes name the attack where there is one."""
+
+    SIGNATURE = "E_SIGNATURE"  # a signature does not verify
+    UNKNOWN_KEY = "E_UNKNOWN_KEY"  # signed by a key the keyring does not name for that role
+    THRESHOLD = "E_THRESHOLD"  # too few distinct valid signatures
+    EXPIRED = "E_EXPIRED"  # past its expiry
+    REPLAY = "E_REPLAY"  # counter or version not above the last seen
+    WRONG_DEVICE = "E_WRONG_DEVICE"  # meant for another device
+    HASH = "E_HASH"  # bytes do not match the signed hash
+    LENGTH = "E_LENGTH"  # bytes do not match the signed length
+    UNSAFE_PATH = "E_UNSAFE_PATH"  # absolute path, "..", link or special file in a package
+    TOO_LARGE = "E_TOO_LARGE"  # over the agent's size limits
+    INCOMPATIBLE = "E_INCOMPATIBLE"  # for another device class, runtime or agent version
+    NOT_RELEASED = "E_NOT_RELEASED"  # package manifest not signed by a release key
+    MALFORMED = "E_MALFORMED"  # not a valid document or archive
+    MODEL_LOAD = "E_MODEL_LOAD"  # the runtime could not load the model
+    HEALTH_CHECK = "E_HEALTH_CHECK"  # sample input did not give the expected output
+    NO_SPACE = "E_NO_SPACE"  # the disk is full
+    MARKED_BAD = "E_MARKED_BAD"  # this version failed here before
+    INTERNAL = "E_INTERNAL"  # a bug or an unexpected condition on the device
+
+
+class DesiredBody(_Body):
+    kind: Literal["desired"] = "desired"
+    keyring: Signed
+    desired: Signed
+
+
+class ModelStatus(_Body):
+    model: str
+    version: int
+    digest: str
+    deployment_id: str | None = None
+
+
+class StateBody(_Body):
+    kind: Literal["state"] = "state"
+    seq: int = Field(ge=0)
+    agent_version: str
+    device_class: str
+    desired_counter: int = 0
+    active: list[ModelStatus] = Field(default_factory=list)
+    bad: list[str] = Field(default_factory=list)  # digests marked bad on this device
+    health: Literal["ok", "degraded"] = "ok"
+
+
+class StatusBody(_Body):
+    kind: Literal["status"] = "status"
+    online: bool
+    reason: str = ""
+
+
+class EventBody(_Body):
+    kind: Literal["event"] = "event"
+    seq: int = Field(ge=1)
+    deployment_id: str
+    model: str
+    version: int
+    digest: str
+    step: Step
+    reason: Reason | None = None
+    detail: str = ""
+    progress: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class DesiredRequestBody(_Body):
+    kind: Literal["desired_request"] = "desired_request"
+    have_counter: int = 0
+
+
+class ChunkRequestBody(_Body):
+    kind: Literal["chunk_request"] = "chunk_request"
+    digest: str
+    chunks: list[Annotated[int, Field(ge=0)]] = Field(max_length=100_000)
+
+
+class AckBody(_Body):
+    kind: Literal["ack"] = "ack"
+    stream: Literal["evt", "tm", "dc"]
+    seq: int = Field(ge=0)  # every record of the stream up to and including seq is stored
+
+
+Body = Annotated[
+    DesiredBody
+    | StateBody
+    | StatusBody
+    | EventBody
+    | DesiredRequestBody
+    | ChunkRequestBody
+    | AckBody,
+    Field(discriminator="kind"),
+]
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: int = PROTOCOL_VERSION
+    kind: str
+    msg_id: str
+    sent_at: AwareDatetime
+    body: Body
+
+
+_ENVELOPE = TypeAdapter(Envelope)
+
+
+class MessageError(ValueError):
+    """A payload that is not a valid message; the receiver logs and drops it."""
+
+
+def new_envelope(body: Any, *, now: datetime | None = None, msg_id: str | None = None) -> Envelope:
+    return Envelope(
+        kind=body.kind,
+        msg_id=msg_id or uuid.uuid4().hex,
+        sent_at=now or datetime.now(UTC),
+        body=body,
+    )
+
+
+def encode(body: Any, *, now: datetime | None = None, msg_id: str | None = None) -> bytes:
+    """Wrap a body in an envelope and serialise it."""
+    env = new_envelope(body, now=now, msg_id=msg_id)
+    return env.model_dump_json().encode("utf-8")
+
+
+def decode(payload: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
+    """Parse and validate a message; raises MessageError with a reason on anything malformed."""
+    if len(payload) > max_bytes:
+        raise MessageError(f"message of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MessageError("message is not a JSON object")
+    if raw.get("v") != PROTOCOL_VERSION:
+        raise MessageError(f"unsupported protocol version {raw.get('v')!r}")
+    try:
+        env = _ENVELOPE.validate_python(raw)
+    except ValidationError as exc:
+        raise MessageError(f"invalid message: {exc.errors(include_url=False)[:3]}") from None
+    if env.kind != env.body.kind:
+        raise MessageError(f"envelope kind {env.kind!r} does not match body {env.body.kind!r}")
+    return env

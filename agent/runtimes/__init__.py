@@ -1,0 +1,1 @@
+"""Model runtimes: how a verified package's model is loaded and called."""
