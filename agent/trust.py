@@ -1,0 +1,210 @@
+"""Pure verification of signed documents: bytes and documents in, a verified document or a
+`TrustError` out. No I/O, no clock reads: the caller passes one fixed ``now`` per update, so
+every expiry in one update is judged against the same instant (TUF's fixed update start time).
+
+Roles (DESIGN.md): the pinned root key signs the keyring; the keyring names the release keys that
+sign package manifests and the director keys that sign desired states. A stolen director key can
+therefore withhold or reorder releases but not make a device run a package never released.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import ValidationError
+
+from agent.errors import IncompatibleError, RejectedError, TrustError
+from agent.protocol.canonical import canonical_bytes
+from agent.protocol.documents import (
+    ANY_DEVICE_CLASS,
+    MANIFEST_FORMAT,
+    DesiredState,
+    DetachedSignatures,
+    Keyring,
+    Manifest,
+    Role,
+    Signed,
+)
+from agent.protocol.keys import Signature, key_id, verify_signature
+from agent.protocol.keys import b64decode as _b64decode
+from agent.protocol.messages import Reason
+
+
+def _first_errors(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+
+
+def _count_valid(
+    document: object, signatures: list[Signature], *, keys: dict[str, str], allowed: set[str]
+) -> tuple[int, bool, bool]:
+    """Distinct allowed keys with a valid signature, and whether any allowed key signed badly
+    or any signature came from a key the role does not name."""
+    valid: set[str] = set()
+    bad = unknown = False
+    for sig in signatures:
+        if sig.keyid not in allowed or sig.keyid not in keys:
+            unknown = True
+            continue
+        if sig.keyid in valid:
+            continue  # each key counts at most once toward the threshold
+        if verify_signature(keys[sig.keyid], sig.sig, document):
+            valid.add(sig.keyid)
+        else:
+            bad = True
+    return len(valid), bad, unknown
+
+
+def _check_role(
+    document: object, signatures: list[Signature], keyring: Keyring, role: Role
+) -> None:
+    role_keys = keyring.roles.get(role)
+    if role_keys is None or not role_keys.keyids:
+        raise TrustError(f"keyring names no {role} keys", reason=Reason.UNKNOWN_KEY)
+    keys = {kid: pk.public for kid, pk in keyring.keys.items()}
+    count, bad, unknown = _count_valid(
+        document, signatures, keys=keys, allowed=set(role_keys.keyids)
+    )
+    if count >= role_keys.threshold:
+        return
+    if bad:
+        raise TrustError(f"invalid {role} signature", reason=Reason.SIGNATURE)
+    if count == 0:
+        reason = Reason.NOT_RELEASED if role is Role.RELEASE else Reason.UNKNOWN_KEY
+        what = "no signature by a" if not unknown else "signed only by keys that are not"
+        raise TrustError(f"{what} {role} key of the keyring", reason=reason)
+    raise TrustError(
+        f"{count} valid {role} signatures, {role_keys.threshold} needed", reason=Reason.THRESHOLD
+    )
+
+
+def verify_keyring(
+    signed: Signed, *, root_public_b64: str, current: Keyring | None, now: datetime
+) -> Keyring:
+    """Accept a keyring signed by the pinned root key, not older than the current one."""
+    root_id = key_id(_b64decode(root_public_b64))
+    count, bad, _ = _count_valid(
+        signed.signed, signed.signatures, keys={root_id: root_public_b64}, allowed={root_id}
+    )
+    if count < 1:
+        reason = Reason.SIGNATURE if bad else Reason.UNKNOWN_KEY
+        raise TrustError("keyring is not signed by the pinned root key", reason=reason)
+    try:
+        keyring = Keyring.model_validate(signed.signed)
+    except ValidationError as exc:
+        raise RejectedError(f"malformed keyring: {_first_errors(exc)}") from None
+    for kid, pk in keyring.keys.items():
+        if key_id(_b64decode(pk.public)) != kid:
+            raise TrustError(
+                f"keyring lists key {kid[:12]} under a wrong id", reason=Reason.MALFORMED
+            )
+    if current is not None:
+        if keyring.version < current.version:
+            raise TrustError(
+                f"keyring version {keyring.version} is older than {current.version}",
+                reason=Reason.REPLAY,
+            )
+        if keyring.version == current.version and keyring != current:
+            raise TrustError(
+                f"a different keyring with the same version {keyring.version}", reason=Reason.REPLAY
+            )
+    if keyring.expires_at <= now:
+        raise TrustError(
+            f"keyring expired at {keyring.expires_at:%Y-%m-%dT%H:%M:%SZ}", reason=Reason.EXPIRED
+        )
+    return keyring
+
+
+class DesiredVerdict(StrEnum):
+    NEW = "new"  # a newer desired state: reconcile towards it
+    SAME = "same"  # the one already applied, delivered again (retained message on reconnect)
+
+
+@dataclass(frozen=True)
+class VerifiedDesired:
+    state: DesiredState
+    verdict: DesiredVerdict
+    fingerprint: str  # sha256 of the signed document's canonical bytes
+
+
+def desired_fingerprint(signed: Signed) -> str:
+    return hashlib.sha256(canonical_bytes(signed.signed)).hexdigest()
+
+
+def verify_desired(
+    signed: Signed,
+    *,
+    keyring: Keyring,
+    device_id: str,
+    last_counter: int,
+    last_fingerprint: str | None,
+    now: datetime,
+) -> VerifiedDesired:
+    """Accept a director-signed desired state for this device, newer than the last one."""
+    _check_role(signed.signed, signed.signatures, keyring, Role.DIRECTOR)
+    try:
+        state = DesiredState.model_validate(signed.signed)
+    except ValidationError as exc:
+        raise RejectedError(
+            f"malformed desired state: {exc.errors(include_url=False)[:2]}"
+        ) from None
+    if state.device_id != device_id:
+        raise TrustError(
+            f"desired state is for device {state.device_id!r}", reason=Reason.WRONG_DEVICE
+        )
+    fingerprint = desired_fingerprint(signed)
+    if state.counter == last_counter and fingerprint == last_fingerprint:
+        return VerifiedDesired(state, DesiredVerdict.SAME, fingerprint)
+    if state.counter <= last_counter:
+        raise TrustError(
+            f"desired state counter {state.counter} is not above {last_counter}",
+            reason=Reason.REPLAY,
+        )
+    if state.expires_at <= now:
+        raise TrustError(
+            f"desired state expired at {state.expires_at:%Y-%m-%dT%H:%M:%SZ}"
+            f" (device clock {now:%Y-%m-%dT%H:%M:%SZ}; if the device clock is wrong, fix it)",
+            reason=Reason.EXPIRED,
+        )
+    return VerifiedDesired(state, DesiredVerdict.NEW, fingerprint)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in version.split(".")[:3])
+    except ValueError:
+        raise RejectedError(f"malformed version {version!r}") from None
+
+
+def verify_manifest(
+    manifest_bytes: bytes,
+    signature_bytes: bytes,
+    *,
+    keyring: Keyring,
+    device_class: str,
+    agent_version: str,
+) -> Manifest:
+    """Accept a package manifest signed by a release key and meant for this device."""
+    try:
+        raw = json.loads(manifest_bytes)
+        sigs = DetachedSignatures.model_validate_json(signature_bytes).signatures
+    except (ValueError, ValidationError) as exc:
+        raise RejectedError(f"malformed manifest or signature file: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RejectedError("manifest is not a JSON object")
+    _check_role(raw, sigs, keyring, Role.RELEASE)
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise RejectedError(f"malformed manifest: {_first_errors(exc)}") from None
+    if manifest.format != MANIFEST_FORMAT:
+        raise IncompatibleError(f"manifest format {manifest.format} is not supported")
+    classes = manifest.device_classes
+    if ANY_DEVICE_CLASS not in classes and device_class not in classes:
+        raise IncompatibleError(f"package is for {classes}, this device is {device_class!r}")
+    if _version_tuple(manifest.min_agent_version) > _version_tuple(agent_version):
+        raise IncompatibleError(
+            f"package needs agent {manifest.min_agent_version}, this is {agent_version}"
+        )
+    return manifest
