@@ -1,0 +1,228 @@
+"""Installing a verified package next to the running one, and switching only when it is healthy.
+
+Order (DESIGN.md, "Agent install and rollback"): check every archive entry and the release
+signature → unpack into a fresh staging directory, hashing each file → rename it to its own
+versioned directory → load the model → health check → switch the ``active.json`` pointer by an
+atomic rename. The previous version's directory is kept as the rollback target and is never
+overwritten by an unverified version. A crash before the pointer rename leaves the old version
+active; after it, the new one.
+"""
+
+import hashlib
+import logging
+import shutil
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from agent.archive import ArchiveLimits, check_against_manifest, extract_files, read_entries
+from agent.atomic import fsync_dir, write_atomic
+from agent.errors import (
+    AgentError,
+    IncompatibleError,
+    InstallError,
+    IntegrityError,
+    ModelLoadError,
+    RejectedError,
+)
+from agent.protocol.documents import HealthCheck, Keyring, Manifest, PackageRef
+from agent.protocol.messages import Step
+from agent.protocol.package import MANIFEST_NAME, SIGNATURE_NAME
+from agent.runtimes.base import ActiveModel, Runtime
+from agent.trust import verify_manifest
+
+logger = logging.getLogger(__name__)
+
+POINTER_NAME = "active.json"
+FILES_SUBDIR = "files"
+
+RuntimeLoader = Callable[[Path, Manifest], Runtime]
+HealthChecker = Callable[[Runtime, Path, HealthCheck], None]
+StepReporter = Callable[[Step], None]
+
+
+class Pointer(BaseModel):
+    """Which versioned directory of a model is active, and the rollback target."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: int
+    digest: str
+    directory: str
+    deployment_id: str | None = None
+    previous: "Pointer | None" = None
+
+
+@dataclass(frozen=True)
+class TrustContext:
+    keyring: Keyring
+    device_class: str
+    agent_version: str
+
+
+class ModelStore:
+    """The on-disk models of one device: ``<root>/<model>/<version dirs>`` and their pointers."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        load_runtime: RuntimeLoader,
+        check_health: HealthChecker,
+        limits: ArchiveLimits,
+    ) -> None:
+        self.root = root
+        self._load_runtime = load_runtime
+        self._check_health = check_health
+        self._limits = limits
+        root.mkdir(parents=True, exist_ok=True)
+
+    def pointer(self, model: str) -> Pointer | None:
+        path = self.root / model / POINTER_NAME
+        try:
+            return Pointer.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValidationError:
+            logger.error("unreadable pointer, treating model as not installed", extra={"m": model})
+            return None
+
+    def models(self) -> list[str]:
+        return sorted(p.parent.name for p in self.root.glob(f"*/{POINTER_NAME}"))
+
+    def install(
+        self,
+        archive_path: Path,
+        ref: PackageRef,
+        trust: TrustContext,
+        report: StepReporter,
+    ) -> ActiveModel:
+        """Install ``ref`` from a complete archive and make it active; raises on any failure,
+        leaving the previous version active and untouched."""
+        model_dir = self.root / ref.model
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging = model_dir / f".staging-{ref.digest[:16]}"
+        final = model_dir / f"v{ref.version}-{ref.digest[:16]}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            manifest = self._unpack(archive_path, ref, trust, staging)
+            report(Step.VERIFIED)
+            report(Step.INSTALLING)
+            current = self.pointer(ref.model)
+            if current is not None and current.directory == final.name:
+                raise InstallError("refusing to replace the directory of the active version")
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+            fsync_dir(model_dir)
+            runtime = self._load(final, manifest)
+            report(Step.HEALTH_CHECK)
+            self._check_health(runtime, final / FILES_SUBDIR, manifest.health_check)
+        except BaseException:
+            # Nothing of a failed install stays; the active version's directory is never this
+            # one (checked above), so removing it cannot touch what is serving.
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        previous = self.pointer(ref.model)
+        pointer = Pointer(
+            version=ref.version,
+            digest=ref.digest,
+            directory=final.name,
+            deployment_id=ref.deployment_id,
+            previous=previous.model_copy(update={"previous": None}) if previous else None,
+        )
+        # The switch: one atomic rename. Everything before it left the old version active.
+        write_atomic(model_dir / POINTER_NAME, pointer.model_dump_json().encode())
+        self._prune(model_dir, keep={pointer.directory, previous.directory if previous else ""})
+        return ActiveModel(ref.model, ref.version, ref.digest, manifest, runtime)
+
+    def _unpack(
+        self, archive_path: Path, ref: PackageRef, trust: TrustContext, staging: Path
+    ) -> Manifest:
+        try:
+            archive = tarfile.open(archive_path, mode="r:")  # noqa: SIM115 - closed below
+        except (tarfile.TarError, OSError) as exc:
+            raise RejectedError(f"not a package archive: {exc}") from None
+        with archive:
+            try:
+                entries = read_entries(archive, self._limits)
+                manifest = verify_manifest(
+                    entries.manifest_bytes,
+                    entries.signature_bytes,
+                    keyring=trust.keyring,
+                    device_class=trust.device_class,
+                    agent_version=trust.agent_version,
+                )
+                if (manifest.model.name, manifest.model.version) != (ref.model, ref.version):
+                    raise IncompatibleError(
+                        f"package holds {manifest.model.name} v{manifest.model.version},"
+                        f" the desired state names {ref.model} v{ref.version}"
+                    )
+                check_against_manifest(entries, manifest)
+                (staging / FILES_SUBDIR).mkdir(parents=True)
+                extract_files(archive, entries, manifest, staging / FILES_SUBDIR)
+            except tarfile.TarError as exc:
+                raise RejectedError(f"corrupt package archive: {exc}") from None
+        (staging / MANIFEST_NAME).write_bytes(entries.manifest_bytes)
+        (staging / SIGNATURE_NAME).write_bytes(entries.signature_bytes)
+        fsync_dir(staging)
+        return manifest
+
+    def _load(self, directory: Path, manifest: Manifest) -> Runtime:
+        try:
+            return self._load_runtime(directory / FILES_SUBDIR, manifest)
+        except AgentError:
+            raise
+        except Exception as exc:  # a runtime's own exception types are not ours to know
+            raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
+
+    def load_active(self, model: str, trust: TrustContext) -> ActiveModel | None:
+        """Load the active version at start-up, without the hub; falls back to the previous
+        version when the active one no longer verifies."""
+        pointer = self.pointer(model)
+        while pointer is not None:
+            try:
+                manifest = self._reverify(self.root / model / pointer.directory, trust)
+                runtime = self._load(self.root / model / pointer.directory, manifest)
+                return ActiveModel(model, pointer.version, pointer.digest, manifest, runtime)
+            except AgentError as exc:
+                logger.error(
+                    "installed model no longer verifies", extra={"m": model, "why": str(exc)}
+                )
+                pointer = pointer.previous
+                if pointer is not None:
+                    write_atomic(
+                        self.root / model / POINTER_NAME, pointer.model_dump_json().encode()
+                    )
+        return None
+
+    def _reverify(self, directory: Path, trust: TrustContext) -> Manifest:
+        """Check the stored manifest's release signature and every file's hash again.
+
+        Expiry is not judged here: stored metadata that has since expired must not stop a
+        device from serving what it verified when it installed it.
+        """
+        manifest = verify_manifest(
+            (directory / MANIFEST_NAME).read_bytes(),
+            (directory / SIGNATURE_NAME).read_bytes(),
+            keyring=trust.keyring,
+            device_class=trust.device_class,
+            agent_version=trust.agent_version,
+        )
+        for entry in manifest.files:
+            path = directory / FILES_SUBDIR / entry.path
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise IntegrityError(f"{entry.path}: {exc.strerror}") from None
+            if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise IntegrityError(f"{entry.path} changed on disk since it was installed")
+        return manifest
+
+    def _prune(self, model_dir: Path, keep: set[str]) -> None:
+        for child in model_dir.iterdir():
+            if child.is_dir() and child.name not in keep and not child.name.startswith("."):
+                shutil.rmtree(child, ignore_errors=True)
