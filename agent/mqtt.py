@@ -1,0 +1,257 @@
+"""One MQTT connection driven by the asyncio loop that owns it.
+
+paho-mqtt is used without its network thread: its socket is registered with the event loop
+(``on_socket_open`` / ``on_socket_register_write``) and ``loop_misc`` runs once a second for
+keep-alive. That costs a few KB per connection instead of a thread, which is what lets the
+simulator hold thousands of agents in one process (FLOORS.md).
+
+Reconnects use exponential backoff with full jitter, also after the broker drops an established
+connection, so a broker restart does not bring the whole fleet back in the same second and a
+client-id takeover loop does not spin.
+"""
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+logger = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: a delay drawn from [0, min(cap, base * 2^n)]."""
+
+    base_s: float = 0.5
+    cap_s: float = 60.0
+    jitter: bool = True
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        ceiling = min(self.cap_s, self.base_s * (2 ** min(attempt, 30)))
+        return rng.uniform(0.0, ceiling) if self.jitter else ceiling
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    username: str
+    password: str
+
+
+class MqttLink:
+    """A reconnecting MQTT 3.1.1 client. ``run`` keeps it connected until cancelled."""
+
+    # A connection that stays up this long counts as healthy and resets the backoff.
+    STABLE_AFTER_S = 10.0
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        broker: BrokerAddress,
+        on_message: MessageHandler,
+        on_connected: Callable[[], None],
+        will: Will | None = None,
+        keepalive_s: int = 30,
+        backoff: Backoff | None = None,
+        connect_timeout_s: float = 10.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._broker = broker
+        self._on_message_cb = on_message
+        self._on_connected_cb = on_connected
+        self._keepalive_s = keepalive_s
+        self._backoff = backoff or Backoff()
+        self._connect_timeout_s = connect_timeout_s
+        self._rng = rng or random.Random()
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv311,
+            clean_session=True,
+        )
+        self._client.username_pw_set(broker.username, broker.password)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.max_inflight_messages_set(100)
+        self._client.max_queued_messages_set(10_000)
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+        self._client.on_socket_open = self._socket_open
+        self._client.on_socket_close = self._socket_close
+        self._client.on_socket_register_write = self._register_write
+        self._client.on_socket_unregister_write = self._unregister_write
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._misc_task: asyncio.Task[None] | None = None
+        self._connack: asyncio.Future[bool] | None = None
+        self._lost: asyncio.Event | None = None
+        self.connected = False
+        self.connects = 0
+        self.connect_failures = 0
+        self.disconnects = 0
+
+    # -- the event-loop integration -------------------------------------------------------
+
+    def _socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._loop.add_reader(sock, client.loop_read)
+        self._misc_task = self._loop.create_task(self._misc(), name=f"mqtt-misc-{id(self)}")
+
+    def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        if self._misc_task is not None:
+            self._misc_task.cancel()
+            self._misc_task = None
+
+    def _register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.add_writer(sock, client.loop_write)
+
+    def _unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(sock)
+
+    async def _misc(self) -> None:
+        # A timer, not a wait for a condition: paho checks keep-alive once a second.
+        while self._client.loop_misc() == paho.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
+            await asyncio.sleep(1.0)
+
+    # -- paho callbacks (run inside the event loop, from loop_read / loop_misc) -------------
+
+    def _handle_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
+    ) -> None:
+        ok = not reason.is_failure
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result(ok)
+        if not ok:
+            logger.warning("broker refused connection: %s", reason)
+            return
+        self.connected = True
+        self.connects += 1
+        try:
+            self._on_connected_cb()
+        except Exception:
+            logger.exception("on_connected handler failed")
+
+    def _handle_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
+    ) -> None:
+        was_connected = self.connected
+        self.connected = False
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result(False)
+        if was_connected:
+            self.disconnects += 1
+            logger.info("disconnected from broker: %s", reason)
+        if self._lost is not None:
+            self._lost.set()
+
+    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            self._on_message_cb(msg.topic, bytes(msg.payload))
+        except Exception:
+            # One bad message must not take the connection (or the agent) down.
+            logger.exception("message handler failed", extra={"topic": msg.topic})
+
+    # -- the public side ---------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool:
+        """Queue a message; False when not connected (the caller keeps it for later)."""
+        if not self.connected:
+            return False
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == paho.MQTT_ERR_SUCCESS
+
+    def subscribe(self, topics: list[tuple[str, int]]) -> None:
+        if self.connected and topics:
+            self._client.subscribe(topics)
+
+    def unsubscribe(self, topic: str) -> None:
+        if self.connected:
+            self._client.unsubscribe(topic)
+
+    async def run(self) -> None:
+        """Connect, and reconnect after every loss, until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        attempt = 0
+        try:
+            while True:
+                started = time.monotonic()
+                if await self._connect_once():
+                    assert self._lost is not None
+                    await self._lost.wait()
+                    if time.monotonic() - started >= self.STABLE_AFTER_S:
+                        attempt = 0
+                else:
+                    self.connect_failures += 1
+                await asyncio.sleep(self._backoff.delay(attempt, self._rng))
+                attempt += 1
+        finally:
+            await self._shutdown()
+
+    async def _connect_once(self) -> bool:
+        assert self._loop is not None
+        self._lost = asyncio.Event()
+        self._connack = self._loop.create_future()
+        try:
+            # The TCP connect itself is blocking in paho; on loopback and LANs it takes
+            # microseconds, and the timeout bounds it elsewhere.
+            self._client.connect_timeout = self._connect_timeout_s
+            self._client.connect(self._broker.host, self._broker.port, self._keepalive_s)
+        except (OSError, ValueError) as exc:
+            logger.info("cannot reach broker %s:%s: %s", self._broker.host, self._broker.port, exc)
+            return False
+        try:
+            ok = await asyncio.wait_for(self._connack, self._connect_timeout_s)
+        except TimeoutError:
+            ok = False
+        if not ok:
+            self._client.disconnect()
+            self._force_close()
+        return ok
+
+    def _force_close(self) -> None:
+        sock = self._client.socket()
+        if sock is not None and self._loop is not None:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+        if self._misc_task is not None:
+            self._misc_task.cancel()
+            self._misc_task = None
+
+    async def _shutdown(self) -> None:
+        if self.connected:
+            self._client.disconnect()
+            # Give the DISCONNECT a moment to be written so the broker does not fire the will.
+            for _ in range(20):
+                if self._client.socket() is None:
+                    break
+                self._client.loop_write()
+                await asyncio.sleep(0.005)
+        self.connected = False
+        self._force_close()
