@@ -1,0 +1,1 @@
+"""Scripts that build the example models the demo and the tests use."""
