@@ -81,6 +81,9 @@ class ChunkAssembler:
     def done(self) -> bool:
         return not self._missing
 
+    def lacks(self, index: int) -> bool:
+        return index in self._missing
+
     def missing(self) -> list[int]:
         return sorted(self._missing)
 

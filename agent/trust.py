@@ -80,9 +80,13 @@ def _check_role(
 
 
 def verify_keyring(
-    signed: Signed, *, root_public_b64: str, current: Keyring | None, now: datetime
+    signed: Signed, *, root_public_b64: str, current: Keyring | None, now: datetime | None
 ) -> Keyring:
-    """Accept a keyring signed by the pinned root key, not older than the current one."""
+    """Accept a keyring signed by the pinned root key, not older than the current one.
+
+    ``now=None`` is for the keyring the device stored itself: its expiry is not judged, so a
+    device that was off past the expiry still serves what it verified (THREATS.md C7).
+    """
     root_id = key_id(_b64decode(root_public_b64))
     count, bad, _ = _count_valid(
         signed.signed, signed.signatures, keys={root_id: root_public_b64}, allowed={root_id}
@@ -109,7 +113,7 @@ def verify_keyring(
             raise TrustError(
                 f"a different keyring with the same version {keyring.version}", reason=Reason.REPLAY
             )
-    if keyring.expires_at <= now:
+    if now is not None and keyring.expires_at <= now:
         raise TrustError(
             f"keyring expired at {keyring.expires_at:%Y-%m-%dT%H:%M:%SZ}", reason=Reason.EXPIRED
         )
@@ -139,9 +143,12 @@ def verify_desired(
     device_id: str,
     last_counter: int,
     last_fingerprint: str | None,
-    now: datetime,
+    now: datetime | None,
 ) -> VerifiedDesired:
-    """Accept a director-signed desired state for this device, newer than the last one."""
+    """Accept a director-signed desired state for this device, newer than the last one.
+
+    ``now=None`` re-reads the state the device stored itself, whose expiry is not judged again.
+    """
     _check_role(signed.signed, signed.signatures, keyring, Role.DIRECTOR)
     try:
         state = DesiredState.model_validate(signed.signed)
@@ -161,7 +168,7 @@ def verify_desired(
             f"desired state counter {state.counter} is not above {last_counter}",
             reason=Reason.REPLAY,
         )
-    if state.expires_at <= now:
+    if now is not None and state.expires_at <= now:
         raise TrustError(
             f"desired state expired at {state.expires_at:%Y-%m-%dT%H:%M:%SZ}"
             f" (device clock {now:%Y-%m-%dT%H:%M:%SZ}; if the device clock is wrong, fix it)",

@@ -73,7 +73,9 @@ class SigningKey:
         return key_id(self.public_raw)
 
     def sign(self, document: Any) -> Signature:
-        return Signature(keyid=self.keyid, sig=b64encode(self.private.sign(canonical_bytes(document))))
+        return Signature(
+            keyid=self.keyid, sig=b64encode(self.private.sign(canonical_bytes(document)))
+        )
 
     def private_pem(self) -> bytes:
         return self.private.private_bytes(

@@ -85,6 +85,9 @@ class StateBody(_Body):
     active: list[ModelStatus] = Field(default_factory=list)
     bad: list[str] = Field(default_factory=list)  # digests marked bad on this device
     health: Literal["ok", "degraded"] = "ok"
+    # The last document the device refused that belongs to no deployment it trusts (a replayed
+    # or forged desired state, say): "<reason code>: <detail>".
+    last_rejection: str = ""
 
 
 class StatusBody(_Body):

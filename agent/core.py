@@ -1,0 +1,486 @@
+"""The agent core: reconciles one device towards its signed desired state.
+
+It owns no threads and no module-level state, so many instances can share one event loop (the
+simulator runs thousands). The hub's database is the source of truth: on every (re)connect the
+agent asks for its desired state again, so nothing depends on a retained message or a broker
+queue surviving. Every report is an event with a per-device sequence number, kept until the
+hub's ``ack`` says it was stored and sent again after a reconnect.
+"""
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent import __version__
+from agent.archive import ArchiveLimits
+from agent.download import ChunkAssembler
+from agent.errors import AgentError, InstallError, RejectedError, TrustError
+from agent.install import HealthChecker, ModelStore, RuntimeLoader, TrustContext
+from agent.mqtt import Backoff, BrokerAddress, MqttLink, Will
+from agent.protocol.documents import DesiredState, Keyring, PackageRef
+from agent.protocol.messages import (
+    AckBody,
+    ChunkRequestBody,
+    DesiredBody,
+    DesiredRequestBody,
+    EventBody,
+    MessageError,
+    ModelStatus,
+    Reason,
+    StateBody,
+    StatusBody,
+    Step,
+    decode,
+    encode,
+)
+from agent.protocol.topics import Channel, TopicError, Topics
+from agent.runtimes.base import ActiveModel
+from agent.settings import AgentSettings
+from agent.state import BadVersion, StateDir
+from agent.trust import DesiredVerdict, verify_desired, verify_keyring
+
+logger = logging.getLogger(__name__)
+
+MAX_PENDING_EVENTS = 10_000
+MAX_CHUNK_TIMEOUT_S = 30.0
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Agent:
+    """One device. ``run`` until ``stop`` is set; also the scoring endpoint's model source."""
+
+    def __init__(
+        self,
+        *,
+        settings: AgentSettings,
+        load_runtime: RuntimeLoader,
+        check_health: HealthChecker,
+        clock: Callable[[], datetime] = utc_now,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.state = StateDir(settings.state_dir)
+        self.state.create()
+        self.identity = self.state.load_identity()
+        self.device_id = self.identity.device_id
+        self._clock = clock
+        self._topics = Topics(self.identity.topic_root)
+        self._progress = self.state.load_progress()
+        self._store = ModelStore(
+            self.state.models,
+            load_runtime=load_runtime,
+            check_health=check_health,
+            limits=ArchiveLimits(
+                max_total_bytes=settings.download.max_package_bytes,
+                max_entries=settings.download.max_archive_entries,
+            ),
+        )
+        self._keyring: Keyring | None = None
+        self._desired: DesiredState | None = None
+        self._active: dict[str, ActiveModel] = {}
+        self._reported_active: dict[str, str | None] = {}
+        self._downloads: dict[str, ChunkAssembler] = {}
+        self._chunk_wakeups: dict[str, asyncio.Event] = {}
+        self._pending_events: dict[int, bytes] = {}
+        self._wake = asyncio.Event()
+        self.last_rejection = ""
+        self.malformed_received = 0
+        self.events_dropped = 0
+        broker = self.identity.broker
+        self._link = MqttLink(
+            client_id=self.device_id,
+            broker=BrokerAddress(
+                host=settings.mqtt.host or broker.host,
+                port=settings.mqtt.port or broker.port,
+                username=broker.username,
+                password=broker.password,
+            ),
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+            will=Will(
+                self._topics.device(self.device_id, Channel.STATUS),
+                encode(StatusBody(online=False, reason="connection lost"), msg_id="will"),
+            ),
+            keepalive_s=settings.mqtt.keepalive_s,
+            backoff=Backoff(settings.mqtt.backoff_base_s, settings.mqtt.backoff_cap_s),
+            connect_timeout_s=settings.mqtt.connect_timeout_s,
+            rng=rng,
+        )
+        self._load_trust()
+
+    # -- ActiveModels, for the scoring endpoint ---------------------------------------------
+
+    def get(self, name: str | None = None) -> ActiveModel | None:
+        if name is None:
+            names = self.names()
+            return self._active[names[0]] if names else None
+        return self._active.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._active)
+
+    @property
+    def connected(self) -> bool:
+        return self._link.connected
+
+    @property
+    def link(self) -> MqttLink:
+        return self._link
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _load_trust(self) -> None:
+        root = self.identity.root_public_key
+        stored = self.state.load_keyring()
+        if stored is not None:
+            self._keyring = verify_keyring(stored, root_public_b64=root, current=None, now=None)
+        desired = self.state.load_desired()
+        if desired is not None and self._keyring is not None:
+            self._desired = verify_desired(
+                desired,
+                keyring=self._keyring,
+                device_id=self.device_id,
+                last_counter=0,
+                last_fingerprint=None,
+                now=None,
+            ).state
+
+    def _trust_context(self) -> TrustContext:
+        if self._keyring is None:
+            raise TrustError("no keyring yet", reason=Reason.UNKNOWN_KEY)
+        return TrustContext(self._keyring, self.settings.device_class, __version__)
+
+    def load_installed(self) -> None:
+        """Serve what was active before the restart, without the hub."""
+        if self._keyring is None:
+            return
+        for model in self._store.models():
+            active = self._store.load_active(model, self._trust_context())
+            if active is not None:
+                self._active[model] = active
+                self._reported_active[model] = self._store_deployment(model)
+                logger.info("serving %s v%s", model, active.version)
+
+    def _store_deployment(self, model: str) -> str | None:
+        pointer = self._store.pointer(model)
+        return pointer.deployment_id if pointer else None
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, reconcile and report until ``stop`` is set."""
+        self.load_installed()
+        if self._desired is not None:
+            self._wake.set()
+        tasks = [
+            asyncio.create_task(self._link.run(), name=f"{self.device_id}-mqtt"),
+            asyncio.create_task(self._reconcile_loop(), name=f"{self.device_id}-reconcile"),
+            asyncio.create_task(self._resend_loop(), name=f"{self.device_id}-resend"),
+        ]
+        stopper = asyncio.create_task(stop.wait(), name=f"{self.device_id}-stop")
+        try:
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper:
+                    task.result()  # a crashed loop is a bug: surface it
+        finally:
+            if self._link.connected:
+                self._publish(
+                    Channel.STATUS, encode(StatusBody(online=False, reason="shutdown")), retain=True
+                )
+            for task in [stopper, *tasks]:
+                task.cancel()
+            await asyncio.gather(stopper, *tasks, return_exceptions=True)
+
+    def _on_connected(self) -> None:
+        topics = [
+            (self._topics.device(self.device_id, Channel.DESIRED), 1),
+            (self._topics.device(self.device_id, Channel.ACK), 1),
+        ]
+        topics += [(self._topics.package_wildcard(d), 1) for d in self._downloads]
+        self._link.subscribe(topics)
+        self._publish(Channel.STATUS, encode(StatusBody(online=True)), retain=True)
+        self._publish_state()
+        self._publish(
+            Channel.REQ,
+            encode(DesiredRequestBody(have_counter=self._progress.desired_counter)),
+        )
+        for payload in list(self._pending_events.values()):
+            self._publish(Channel.EVT, payload)
+        for wakeup in self._chunk_wakeups.values():
+            wakeup.set()
+
+    async def _resend_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.event_resend_s)
+            if self._link.connected:
+                for payload in list(self._pending_events.values()):
+                    self._publish(Channel.EVT, payload)
+
+    # -- incoming messages --------------------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            if topic.startswith(f"{self._topics.root}/pkg/"):
+                self._on_chunk(topic, payload)
+                return
+            channel = self._topics.parse_device(topic)
+            if channel.device_id != self.device_id:
+                raise TopicError(f"message for another device on {topic}")
+            envelope = decode(payload)
+        except (MessageError, TopicError) as exc:
+            self.malformed_received += 1
+            logger.warning("dropping malformed message on %s: %s", topic, exc)
+            return
+        body = envelope.body
+        if channel.channel is Channel.DESIRED and isinstance(body, DesiredBody):
+            self._on_desired(body)
+        elif channel.channel is Channel.ACK and isinstance(body, AckBody):
+            self._on_ack(body)
+        else:
+            self.malformed_received += 1
+            logger.warning("dropping %s message on %s", body.kind, topic)
+
+    def _on_desired(self, body: DesiredBody) -> None:
+        now = self._clock()
+        try:
+            keyring = verify_keyring(
+                body.keyring,
+                root_public_b64=self.identity.root_public_key,
+                current=self._keyring,
+                now=now,
+            )
+            verified = verify_desired(
+                body.desired,
+                keyring=keyring,
+                device_id=self.device_id,
+                last_counter=self._progress.desired_counter,
+                last_fingerprint=self._progress.desired_fingerprint,
+                now=now,
+            )
+        except AgentError as exc:
+            self._reject(exc)
+            return
+        if keyring != self._keyring:
+            self.state.save_keyring(body.keyring)
+            self._keyring = keyring
+        if verified.verdict is DesiredVerdict.NEW:
+            self.state.save_desired(body.desired)
+            self._progress.desired_counter = verified.state.counter
+            self._progress.desired_fingerprint = verified.fingerprint
+            self.state.save_progress(self._progress)
+            self._desired = verified.state
+        self._wake.set()
+
+    def _reject(self, exc: AgentError) -> None:
+        self.last_rejection = str(exc)
+        logger.warning("rejected desired state: %s", exc)
+        self._publish_state()
+
+    def _on_ack(self, body: AckBody) -> None:
+        if body.stream == "evt":
+            for seq in [s for s in self._pending_events if s <= body.seq]:
+                del self._pending_events[seq]
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        chunk = self._topics.parse_chunk(topic)
+        assembler = self._downloads.get(chunk.digest)
+        if assembler is None:
+            return
+        try:
+            if assembler.add(chunk.index, payload):
+                self._chunk_wakeups[chunk.digest].set()
+        except AgentError as exc:
+            logger.error("cannot store chunk: %s", exc)
+            self._chunk_wakeups[chunk.digest].set()
+
+    # -- reconciling ----------------------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            desired = self._desired
+            if desired is None:
+                continue
+            for ref in desired.packages:
+                if self._desired is not desired:
+                    break  # a newer desired state arrived: start over from it
+                await self._reconcile_one(ref)
+
+    async def _reconcile_one(self, ref: PackageRef) -> None:
+        active = self._active.get(ref.model)
+        if active is not None and active.digest == ref.digest:
+            if self._reported_active.get(ref.model) != ref.deployment_id:
+                # Already running this exact package: the new deployment is done at once.
+                self._report(ref, Step.ACTIVE, detail="already active")
+                self._reported_active[ref.model] = ref.deployment_id
+            return
+        bad = self._progress.bad.get(ref.digest)
+        if bad is not None and bad.deployment_id == ref.deployment_id:
+            return  # failed here for this deployment; only a new deployment retries it
+        try:
+            archive = await self._download(ref)
+            if archive is None:
+                return
+            self._report(ref, Step.DOWNLOADED)
+            loop = asyncio.get_running_loop()
+
+            def report_from_thread(step: Step) -> None:
+                loop.call_soon_threadsafe(self._report, ref, step)
+
+            model = await asyncio.to_thread(
+                self._store.install, archive, ref, self._trust_context(), report_from_thread
+            )
+        except (RejectedError, InstallError) as exc:
+            self._fail(ref, exc)
+            return
+        except Exception as exc:
+            logger.exception("unexpected error installing %s v%s", ref.model, ref.version)
+            self._fail(ref, AgentError(f"{type(exc).__name__}: {exc}"))
+            return
+        self._active[ref.model] = model
+        self._reported_active[ref.model] = ref.deployment_id
+        self._progress.bad.pop(ref.digest, None)
+        self.state.save_progress(self._progress)
+        archive.unlink(missing_ok=True)
+        self._report(ref, Step.ACTIVE)
+        self._publish_state()
+        logger.info("now serving %s v%s", ref.model, ref.version)
+
+    def _fail(self, ref: PackageRef, exc: AgentError) -> None:
+        logger.warning("package %s v%s failed: %s", ref.model, ref.version, exc)
+        if isinstance(exc, RejectedError):
+            # Bytes that failed verification are never kept for another try.
+            for path in (
+                self.state.downloads / f"{ref.digest}.part",
+                self.state.downloads / f"{ref.digest}.tar",
+            ):
+                path.unlink(missing_ok=True)
+        self._progress.bad[ref.digest] = BadVersion(
+            deployment_id=ref.deployment_id, reason=str(exc.reason)
+        )
+        self.state.save_progress(self._progress)
+        self._report(ref, Step.FAILED, reason=exc.reason, detail=exc.detail[:500])
+        self._publish_state()
+
+    async def _download(self, ref: PackageRef) -> Path | None:
+        """Fetch the package's chunks over MQTT; None when the target changed meanwhile."""
+        assembler = ChunkAssembler(
+            ref, self.state.downloads, max_package_bytes=self.settings.download.max_package_bytes
+        )
+        if not assembler.done:
+            self._report(ref, Step.DOWNLOADING, progress=assembler.progress)
+            wakeup = asyncio.Event()
+            self._downloads[ref.digest] = assembler
+            self._chunk_wakeups[ref.digest] = wakeup
+            wildcard = self._topics.package_wildcard(ref.digest)
+            self._link.subscribe([(wildcard, 1)])
+            try:
+                if not await self._fetch_chunks(ref, assembler, wakeup):
+                    return None
+            finally:
+                self._link.unsubscribe(wildcard)
+                del self._downloads[ref.digest]
+                del self._chunk_wakeups[ref.digest]
+        return await asyncio.to_thread(assembler.finish)
+
+    async def _fetch_chunks(
+        self, ref: PackageRef, assembler: ChunkAssembler, wakeup: asyncio.Event
+    ) -> bool:
+        base_timeout = self.settings.download.chunk_timeout_s
+        timeout = base_timeout
+        next_report = 0.25
+        while not assembler.done:
+            if not self._still_wanted(ref):
+                return False
+            window = assembler.missing()[: self.settings.download.window_chunks]
+            self._publish(Channel.REQ, encode(ChunkRequestBody(digest=ref.digest, chunks=window)))
+            while any(assembler.lacks(i) for i in window):
+                wakeup.clear()
+                try:
+                    await asyncio.wait_for(wakeup.wait(), timeout)
+                except TimeoutError:
+                    # Chunks lost (broker queue limits, a dropped link): ask again, slower.
+                    timeout = min(timeout * 2, MAX_CHUNK_TIMEOUT_S)
+                    break
+                if not self._link.connected:
+                    break
+            else:
+                timeout = base_timeout
+            if assembler.progress >= next_report and not assembler.done:
+                self._report(ref, Step.DOWNLOADING, progress=round(assembler.progress, 3))
+                next_report = assembler.progress + 0.25
+        return True
+
+    def _still_wanted(self, ref: PackageRef) -> bool:
+        return self._desired is not None and ref in self._desired.packages
+
+    # -- outgoing -------------------------------------------------------------------------------
+
+    def _publish(self, channel: Channel, payload: bytes, *, retain: bool = False) -> bool:
+        return self._link.publish(
+            self._topics.device(self.device_id, channel), payload, qos=1, retain=retain
+        )
+
+    def _report(
+        self,
+        ref: PackageRef,
+        step: Step,
+        *,
+        reason: Reason | None = None,
+        detail: str = "",
+        progress: float | None = None,
+    ) -> None:
+        self._progress.evt_seq += 1
+        seq = self._progress.evt_seq
+        # The sequence number is on disk before the event leaves, so a restart never reuses one
+        # and the hub's (device_id, seq) de-duplication stays sound.
+        self.state.save_progress(self._progress)
+        payload = encode(
+            EventBody(
+                seq=seq,
+                deployment_id=ref.deployment_id,
+                model=ref.model,
+                version=ref.version,
+                digest=ref.digest,
+                step=step,
+                reason=reason,
+                detail=detail,
+                progress=progress,
+            )
+        )
+        self._pending_events[seq] = payload
+        if len(self._pending_events) > MAX_PENDING_EVENTS:
+            del self._pending_events[min(self._pending_events)]
+            self.events_dropped += 1
+            logger.error("event backlog full, dropped the oldest unacknowledged event")
+        self._publish(Channel.EVT, payload)
+
+    def _publish_state(self) -> None:
+        self._progress.state_seq += 1
+        self.state.save_progress(self._progress)
+        body = StateBody(
+            seq=self._progress.state_seq,
+            agent_version=__version__,
+            device_class=self.settings.device_class,
+            desired_counter=self._progress.desired_counter,
+            active=[
+                ModelStatus(
+                    model=m.name,
+                    version=m.version,
+                    digest=m.digest,
+                    deployment_id=self._reported_active.get(m.name),
+                )
+                for m in self._active.values()
+            ],
+            bad=sorted(self._progress.bad),
+            last_rejection=self.last_rejection,
+        )
+        self._publish(Channel.STATE, encode(body), retain=True)

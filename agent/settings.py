@@ -1,0 +1,72 @@
+"""The agent's settings: defaults, then a TOML config file, then OUTPOST_AGENT_* variables.
+
+Nested sections use ``__`` in variable names, e.g. ``OUTPOST_AGENT_SCORING__PORT=8792``.
+"""
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ScoringSettings(_Section):
+    enabled: bool = True
+    # Loopback unless the operator says otherwise: the endpoint is for local clients.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8791, ge=0, le=65535)
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
+class MqttSettings(_Section):
+    keepalive_s: int = Field(default=30, ge=5)
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_cap_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Overrides for the broker address the hub gave at enrolment (NAT, port forwarding).
+    host: str | None = None
+    port: int | None = None
+
+
+class DownloadSettings(_Section):
+    window_chunks: int = Field(default=16, ge=1)
+    chunk_timeout_s: float = Field(default=5.0, gt=0)
+    max_package_bytes: int = 512 * 1024 * 1024
+    max_archive_entries: int = 10_000
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OUTPOST_AGENT_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    state_dir: Path = Path("var/agent")
+    device_class: str = "generic"
+    event_resend_s: float = Field(default=10.0, gt=0)
+    scoring: ScoringSettings = ScoringSettings()
+    mqtt: MqttSettings = MqttSettings()
+    download: DownloadSettings = DownloadSettings()
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> "AgentSettings":
+        """Defaults < config file < environment < explicit overrides (command-line flags)."""
+        file_values: dict[str, Any] = {}
+        if config_file is not None:
+            file_values = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        from_env = cls(**overrides).model_dump(exclude_unset=True)
+        return cls(**_deep_merge(file_values, from_env))
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
