@@ -1,0 +1,144 @@
+"""``outpost-agent``: enrol a device, run it, show its scoring key and status. Wiring only."""
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.core import Agent, utc_now
+from agent.enroll import enroll
+from agent.errors import AgentError
+from agent.runtimes import load_runtime
+from agent.runtimes.health import check_health
+from agent.scoring import ScoringServer
+from agent.settings import AgentSettings
+from agent.state import StateDir
+
+logger = logging.getLogger("outpost.agent")
+
+
+def _settings(args: argparse.Namespace) -> AgentSettings:
+    overrides: dict[str, Any] = {}
+    if args.state_dir is not None:
+        overrides["state_dir"] = args.state_dir
+    if getattr(args, "device_class", None):
+        overrides["device_class"] = args.device_class
+    return AgentSettings.load(args.config, **overrides)
+
+
+async def _run(settings: AgentSettings) -> None:
+    agent = Agent(settings=settings, load_runtime=load_runtime, check_health=check_health)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server: ScoringServer | None = None
+    if settings.scoring.enabled:
+        keys = agent.state.scoring_keys()
+        server = ScoringServer(
+            models=agent,
+            keys=lambda: (keys.primary, keys.secondary),
+            host=settings.scoring.host,
+            port=settings.scoring.port,
+            max_body_bytes=settings.scoring.max_body_bytes,
+        )
+        await server.start()
+        logger.info("scoring endpoint on http://%s:%s/score", settings.scoring.host, server.port)
+    logger.info("agent %s running as %s", __version__, agent.device_id)
+    try:
+        await agent.run(stop)
+    finally:
+        if server is not None:
+            await server.stop()
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    identity = enroll(
+        hub_url=args.hub,
+        token=args.token,
+        state=StateDir(settings.state_dir),
+        now=utc_now(),
+        device_class=settings.device_class,
+        name=args.name,
+        root_fingerprint=args.root_fingerprint,
+    )
+    print(f"enrolled as {identity.device_id}; state in {settings.state_dir}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    asyncio.run(_run(_settings(args)))
+    return 0
+
+
+def _cmd_key(args: argparse.Namespace) -> int:
+    keys = StateDir(_settings(args).state_dir).scoring_keys()
+    print(keys.secondary if args.secondary else keys.primary)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    state = StateDir(_settings(args).state_dir)
+    identity = state.load_identity()
+    progress = state.load_progress()
+    print(f"device {identity.device_id} (class {identity.device_class})")
+    print(f"broker {identity.broker.host}:{identity.broker.port}, hub {identity.hub_url}")
+    print(f"desired state counter {progress.desired_counter}")
+    for pointer_file in sorted(state.models.glob("*/active.json")):
+        print(f"model {pointer_file.parent.name}: {pointer_file.read_text()}")
+    for digest, bad in sorted(progress.bad.items()):
+        print(f"bad {digest[:16]} ({bad.reason}, deployment {bad.deployment_id})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="outpost-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--config", type=Path, help="TOML config file")
+    parser.add_argument("--state-dir", type=Path, help="state directory (default var/agent)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("enroll", help="enrol this device with a hub")
+    p.add_argument("--hub", required=True, help="hub URL, e.g. http://127.0.0.1:8780")
+    p.add_argument("--token", required=True, help="enrolment token from `outpost-hub device token`")
+    p.add_argument("--name", help="a human name for the device")
+    p.add_argument("--device-class", help="device class (default: generic)")
+    p.add_argument("--root-fingerprint", help="expected root key id prefix, to pin it")
+    p.set_defaults(func=_cmd_enroll)
+
+    p = sub.add_parser("run", help="run the agent until Ctrl-C")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("key", help="print the scoring endpoint's key")
+    p.add_argument("--secondary", action="store_true")
+    p.set_defaults(func=_cmd_key)
+
+    p = sub.add_parser("status", help="show identity and installed models")
+    p.set_defaults(func=_cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except AgentError as exc:
+        print(f"outpost-agent: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
