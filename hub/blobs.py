@@ -1,0 +1,55 @@
+"""Content-addressed file storage: a blob's name is the sha256 of its bytes.
+
+Writes go to a temporary file in the same directory and are renamed into place, so a reader
+never sees half a file and two writers of the same content cannot corrupt each other.
+"""
+
+import contextlib
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+_COPY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    sha256: str
+    size: int
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+class BlobStore:
+    """Blobs under ``root/ab/abcdef...``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def put(self, data: bytes) -> StoredBlob:
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.path(digest)
+        if not target.exists():
+            write_atomic(target, data)
+        return StoredBlob(sha256=digest, size=len(data))
+
+    def read(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()

@@ -1,0 +1,38 @@
+"""Registry tables: a model version and its files. Rows are written once and never updated."""
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from hub.database import UTCDateTime, utcnow
+
+
+class ModelVersion(SQLModel, table=True):
+    __tablename__ = "model_version"
+    # The constraint, not a lock, is what keeps concurrent registrations from sharing a number.
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_version_name_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, max_length=63)
+    version: int
+    framework: str = Field(max_length=16)
+    description: str = ""
+    tags: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    signature: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    model_file: str  # path of the model among the files
+    sample_input: str
+    expected_output: str
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ModelFile(SQLModel, table=True):
+    __tablename__ = "model_file"
+    __table_args__ = (UniqueConstraint("model_version_id", "path", name="uq_model_file_path"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_version_id: int = Field(foreign_key="model_version.id", index=True)
+    path: str = Field(max_length=255)
+    sha256: str = Field(max_length=64)
+    size: int

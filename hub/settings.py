@@ -1,0 +1,103 @@
+"""Hub settings, read from the environment (prefix ``OUTPOST_HUB_``, nested with ``__``).
+
+Built once in ``main()`` (or by a test) and passed down; nothing reads settings at import time.
+"""
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("var/hub")
+# Passwords that only ever appear in examples; the hub refuses to start with them.
+PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "password", "secret", "example"})
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ApiSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8780, ge=1, le=65535)
+
+
+class BrokerSettings(_Frozen):
+    # None: start the embedded Mosquitto in data_dir/broker.
+    url: str | None = None
+    # What enrolment tells devices, when they reach the broker by another name than the hub does.
+    public_host: str | None = None
+    public_port: int | None = Field(default=None, ge=1, le=65535)
+    topic_root: str = "outpost"
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise ValueError("broker url must look like mqtt://user:pass@host:port")
+        if parts.password is not None and parts.password.lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("broker url carries a placeholder password; set a real one")
+        return value
+
+
+class DeploySettings(_Frozen):
+    desired_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+
+
+class SigningSettings(_Frozen):
+    keyring_ttl_days: int = Field(default=365, ge=1)
+
+
+class RegistrySettings(_Frozen):
+    max_package_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+
+
+class HubSettings(BaseSettings):
+    """Everything the hub process is configured by."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="OUTPOST_HUB_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    # None: a SQLite file in data_dir.
+    database_url: str | None = None
+    api: ApiSettings = ApiSettings()
+    broker: BrokerSettings = BrokerSettings()
+    deploy: DeploySettings = DeploySettings()
+    signing: SigningSettings = SigningSettings()
+    registry: RegistrySettings = RegistrySettings()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'hub.db').resolve()}"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def packages_dir(self) -> Path:
+        return self.data_dir / "packages"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    @property
+    def hub_broker_password_path(self) -> Path:
+        return self.data_dir / "hub-broker.password"

@@ -1,0 +1,18 @@
+"""Imports every table module so ``SQLModel.metadata`` is complete (for Alembic and tests)."""
+
+from sqlmodel import SQLModel
+
+from hub.deployments import models as deployments_models
+from hub.devices import models as devices_models
+from hub.packages import models as packages_models
+from hub.registry import models as registry_models
+
+__all__ = [
+    "deployments_models",
+    "devices_models",
+    "metadata",
+    "packages_models",
+    "registry_models",
+]
+
+metadata = SQLModel.metadata

@@ -1,0 +1,88 @@
+"""Keys on disk, the root-signed keyring, and taking the release key offline."""
+
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.protocol.documents import Keyring, Role
+from agent.protocol.keys import SigningKey, verify_signature
+from hub.errors import Conflict, InvalidInput, SigningUnavailable
+from hub.signing.keystore import KeyStore, OfflineRole
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_writes_private_keys_0600_and_a_root_signed_keyring(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys")
+    status = store.init(keyring_ttl_days=365)
+
+    for role in ("root", "release", "director"):
+        assert _mode(tmp_path / "keys" / f"{role}.pem") == 0o600
+    signed = store.keyring()
+    keyring = Keyring.model_validate(signed.signed)
+    assert keyring.roles[Role.RELEASE].keyids == [status.release_keyid]
+    assert keyring.roles[Role.DIRECTOR].keyids == [status.director_keyid]
+    assert abs(keyring.expires_at - (datetime.now(UTC) + timedelta(days=365))) < timedelta(
+        minutes=1
+    )
+    root_public = store.root_public_b64()
+    assert signed.signatures[0].keyid == status.root_keyid
+    assert verify_signature(root_public, signed.signatures[0].sig, signed.signed)
+    assert status.private_present == {"root": True, "release": True, "director": True}
+
+
+def test_init_refuses_existing_keys_unless_forced(keys: KeyStore) -> None:
+    before = keys.status()
+    with pytest.raises(Conflict):
+        keys.init(keyring_ttl_days=1)
+    after = keys.init(keyring_ttl_days=1, force=True)
+    assert after.root_keyid != before.root_keyid
+
+
+def test_signatures_verify_with_keyring_keys(keys: KeyStore) -> None:
+    keyring = keys.keyring_document()
+    doc = {"type": "desired", "counter": 1}
+    sig = keys.sign_director(doc)
+    assert sig.keyid in keyring.roles[Role.DIRECTOR].keyids
+    assert verify_signature(keyring.keys[sig.keyid].public, sig.sig, doc)
+
+
+def test_remove_requires_export_then_release_signing_is_unavailable(
+    keys: KeyStore, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidInput, match="never exported"):
+        keys.remove(OfflineRole.RELEASE)
+
+    out = tmp_path / "offline" / "release.pem"
+    keys.export(OfflineRole.RELEASE, out)
+    assert _mode(out) == 0o600
+    with pytest.raises(Conflict):
+        keys.export(OfflineRole.RELEASE, out)  # never over an existing file
+    keys.remove(OfflineRole.RELEASE)
+
+    with pytest.raises(SigningUnavailable, match="release key is offline"):
+        keys.sign_release({"x": 1})
+    # The director key stays online.
+    keys.sign_director({"x": 1})
+    assert keys.status().private_present["release"] is False
+
+    keys.import_key(OfflineRole.RELEASE, out)
+    keys.sign_release({"x": 1})
+
+
+def test_import_refuses_a_foreign_key(keys: KeyStore, tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.pem"
+    foreign.write_bytes(SigningKey.generate().private_pem())
+    with pytest.raises(InvalidInput):
+        keys.import_key(OfflineRole.RELEASE, foreign)
+
+
+def test_remove_with_yes_skips_the_export_check(keys: KeyStore) -> None:
+    keys.remove(OfflineRole.ROOT, yes=True)
+    # Devices still get the pinned root public key and the signed keyring.
+    assert keys.root_public_b64()
+    assert keys.keyring().signatures
