@@ -1,0 +1,344 @@
+"""The local scoring endpoint over real HTTP, with the real iris ONNX model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+import pytest
+
+from agent.errors import InputError
+from agent.protocol.documents import (
+    FileEntry,
+    Framework,
+    HealthCheck,
+    Manifest,
+    ModelInfo,
+    RuntimeSpec,
+)
+from agent.runtimes.base import ActiveModel, Runtime
+from agent.runtimes.onnx import OnnxRuntime
+from agent.scoring import ScoringServer
+
+if TYPE_CHECKING:
+    from examples.build_example_model import IrisModel
+
+KEY = "k-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ROWS = [[5.1, 3.5, 1.4, 0.2], [6.9, 3.2, 5.7, 2.3]]
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def main() -> T:
+        async with asyncio.timeout(20):
+            return await coro
+
+    return asyncio.run(main())
+
+
+def active(name: str, runtime: Runtime, version: int = 1) -> ActiveModel:
+    manifest = Manifest(
+        model=ModelInfo(name=name, version=version, framework=Framework.ONNX),
+        runtime=RuntimeSpec(model_file="model.onnx"),
+        files=[FileEntry(path="model.onnx", size=1, sha256="0" * 64)],
+        health_check=HealthCheck(input="in.json", expected_output="out.json"),
+        created_at=datetime(2024, 1, 1, tzinfo=UTC),
+    )
+    return ActiveModel(name, version, "d" * 64, manifest, runtime)
+
+
+class Models:
+    """The smallest ActiveModels: a dict, the first entry being the default."""
+
+    def __init__(self, *models: ActiveModel) -> None:
+        self.models = {m.name: m for m in models}
+
+    def get(self, name: str | None = None) -> ActiveModel | None:
+        if name is None:
+            return next(iter(self.models.values()), None)
+        return self.models.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.models)
+
+
+class Broken:
+    def predict(self, data: Any) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+
+class Picky:
+    def predict(self, data: Any) -> dict[str, Any]:
+        raise InputError("input 'x' expects float32 of shape [N, 2]")
+
+
+@pytest.fixture(scope="module")
+def iris(iris_model: IrisModel) -> ActiveModel:
+    return active("iris", OnnxRuntime(iris_model.model), version=3)
+
+
+@asynccontextmanager
+async def serving(models: Models, **kwargs: Any) -> AsyncIterator[ScoringServer]:
+    server = ScoringServer(models=models, keys=lambda: ["other-key", KEY], **kwargs)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def with_client(
+    models: Models, scenario: Callable[[httpx.AsyncClient], Awaitable[None]], **kwargs: Any
+) -> None:
+    async def main() -> None:
+        async with serving(models, **kwargs) as server:
+            base = f"http://127.0.0.1:{server.port}"
+            async with httpx.AsyncClient(base_url=base) as client:
+                await scenario(client)
+
+    run(main())
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes, return everything the server sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+def test_score_default_and_named_model(iris: ActiveModel) -> None:
+    async def scenario(client: httpx.AsyncClient) -> None:
+        r = await client.post("/score", json={"data": ROWS}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["result"] == [0, 2]
+        assert body["outputs"]["label"] == [0, 2]
+        assert len(body["outputs"]["probabilities"]) == 2
+        assert body["model"] == {"name": "iris", "version": 3}
+
+        r = await client.post("/models/iris/score", json={"data": ROWS}, headers={"x-api-key": KEY})
+        assert r.status_code == 200
+        assert r.json()["result"] == [0, 2]
+
+    with_client(Models(iris), scenario)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer nope"},
+        {"x-api-key": "nope"},
+        {"Authorization": KEY},
+        {"Authorization": "Basic Zm9vOmJhcg=="},
+    ],
+)
+def test_missing_or_wrong_key_is_401(iris: ActiveModel, headers: dict[str, str]) -> None:
+    async def scenario(client: httpx.AsyncClient) -> None:
+        for path in ("/score", "/models/iris/score"):
+            r = await client.post(path, json={"data": ROWS}, headers=headers)
+            assert r.status_code == 401
+            assert r.json() == {"error": "missing or wrong API key"}
+        r = await client.get("/models", headers=headers)
+        assert r.status_code == 401
+
+    with_client(Models(iris), scenario)
+
+
+def test_keys_are_read_on_every_request(iris: ActiveModel) -> None:
+    keys = ["old"]
+
+    async def main() -> None:
+        server = ScoringServer(models=Models(iris), keys=lambda: keys)
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                r = await client.post("/score", json={"data": ROWS}, headers={"x-api-key": "old"})
+                assert r.status_code == 200
+                keys[:] = ["new"]  # rotated
+                r = await client.post("/score", json={"data": ROWS}, headers={"x-api-key": "old"})
+                assert r.status_code == 401
+        finally:
+            await server.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"rows": []}', 'with "data"'),
+        (b"[1, 2]", 'with "data"'),
+        (b'{"data": [[1, 2, 3]]}', r"'input' expects float32 of shape [N, 4]"),
+        (b'{"data": [["a", "b", "c", "d"]]}', "non-numeric"),
+    ],
+)
+def test_bad_input_is_400_with_reason(iris: ActiveModel, content: bytes, reason: str) -> None:
+    async def scenario(client: httpx.AsyncClient) -> None:
+        r = await client.post("/score", content=content, headers=AUTH)
+        assert r.status_code == 400
+        assert reason in r.json()["error"]
+
+    with_client(Models(iris), scenario)
+
+
+def test_not_found_and_method_not_allowed(iris: ActiveModel) -> None:
+    async def scenario(client: httpx.AsyncClient) -> None:
+        r = await client.post("/models/nope/score", json={"data": ROWS}, headers=AUTH)
+        assert r.status_code == 404
+        assert "nope" in r.json()["error"]
+        r = await client.get("/nothing/here", headers=AUTH)
+        assert r.status_code == 404
+        r = await client.get("/score", headers=AUTH)
+        assert r.status_code == 405
+        assert r.headers["allow"] == "POST"
+
+    with_client(Models(iris), scenario)
+
+
+def test_no_active_model_is_503(iris: ActiveModel) -> None:
+    async def scenario(client: httpx.AsyncClient) -> None:
+        r = await client.post("/score", json={"data": ROWS}, headers=AUTH)
+        assert r.status_code == 503
+        r = await client.get("/healthz")
+        assert r.status_code == 503
+        assert r.json() == {"status": "unavailable", "models": []}
+
+    with_client(Models(), scenario)
+
+
+def test_healthz_and_models(iris: ActiveModel) -> None:
+    async def scenario(client: httpx.AsyncClient) -> None:
+        r = await client.get("/healthz")  # no key needed
+        assert r.status_code == 200
+        assert r.json() == {"status": "ok", "models": [{"name": "iris", "version": 3}]}
+        r = await client.get("/models", headers=AUTH)
+        assert r.status_code == 200
+        [model] = r.json()
+        assert (model["name"], model["version"], model["digest"]) == ("iris", 3, "d" * 64)
+        # The manifest here carries no signature, so the runtime's own is reported.
+        assert model["signature"]["inputs"] == [
+            {"name": "input", "dtype": "float32", "shape": [None, 4]}
+        ]
+
+    with_client(Models(iris), scenario)
+
+
+def test_runtime_failures_are_500_and_input_errors_400() -> None:
+    async def scenario(client: httpx.AsyncClient) -> None:
+        r = await client.post("/models/broken/score", json={"data": [1]}, headers=AUTH)
+        assert r.status_code == 500
+        assert "boom" not in r.text  # internals stay in the device log
+        r = await client.post("/models/picky/score", json={"data": [1]}, headers=AUTH)
+        assert r.status_code == 400
+        assert r.json() == {"error": "input 'x' expects float32 of shape [N, 2]"}
+
+    with_client(Models(active("broken", Broken()), active("picky", Picky())), scenario)
+
+
+def test_body_too_large_is_413_without_reading_it(iris: ActiveModel) -> None:
+    async def main() -> None:
+        async with serving(Models(iris), max_body_bytes=1000) as server:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                r = await client.post("/score", content=b"x" * 2000, headers=AUTH)
+                assert r.status_code == 413
+
+                # Chunked, so the size is only known while reading.
+                async def chunks() -> AsyncIterator[bytes]:
+                    for _ in range(10):
+                        yield b"y" * 500
+
+                r = await client.post("/score", content=chunks(), headers=AUTH)
+                assert r.status_code == 413
+            # A declared length far over the limit is refused from the headers alone: the server
+            # answers though the client never sends a byte of the body.
+            reply = await raw_exchange(
+                server.port,
+                b"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + KEY.encode()
+                + b"\r\nContent-Length: 999999999\r\n\r\n",
+            )
+            assert reply.startswith(b"HTTP/1.1 413 ")
+
+    run(main())
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(iris: ActiveModel) -> None:
+    async def main() -> None:
+        async with serving(Models(iris)) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            body = json.dumps({"data": ROWS}).encode()
+            request = (
+                b"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + KEY.encode()
+                + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
+            for _ in range(3):
+                writer.write(request)
+                await writer.drain()
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 ")
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    )
+                )
+                assert json.loads(await reader.readexactly(length))["result"] == [0, 2]
+            writer.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x01\x02\xff garbage \r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n",
+        b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /" + b"a" * 100_000,  # a request line that never ends
+    ],
+)
+def test_malformed_http_closes_connection_and_server_survives(
+    iris: ActiveModel, garbage: bytes
+) -> None:
+    async def main() -> None:
+        async with serving(Models(iris)) as server:
+            reply = await raw_exchange(server.port, garbage)
+            assert reply == b"" or reply.startswith(b"HTTP/1.1 4")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                r = await client.post("/score", json={"data": ROWS}, headers=AUTH)
+                assert r.status_code == 200
+
+    run(main())
+
+
+def test_stop_closes_idle_keep_alive_connections(iris: ActiveModel) -> None:
+    async def main() -> None:
+        server = ScoringServer(models=Models(iris), keys=lambda: [KEY])
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        await server.stop()
+        rest = await reader.read()  # EOF once the server has closed our idle connection
+        assert b"HTTP/1.1" not in rest
+        writer.close()
+
+    run(main())
