@@ -1,0 +1,33 @@
+"""Deployment routes under /api/v1/deployments."""
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from hub.dependencies import AdminDep, ContextDep, SessionDep
+from hub.deployments import service
+from hub.deployments.schemas import DeploymentCreate, DeploymentPublic
+
+router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"], dependencies=[AdminDep])
+
+
+@router.post("", status_code=201)
+async def create(ctx: ContextDep, session: SessionDep, body: DeploymentCreate) -> DeploymentPublic:
+    # Building a package reads and hashes every file; keep it off the event loop.
+    deployment = await run_in_threadpool(
+        service.create_deployment,
+        session=session,
+        keys=ctx.keys,
+        blobs=ctx.blobs,
+        director=ctx.director(),
+        packages_dir=ctx.settings.packages_dir,
+        max_package_bytes=ctx.settings.registry.max_package_bytes,
+        model=body.model,
+        version=body.version,
+        devices=body.devices,
+    )
+    return service.get_deployment(session=session, deployment_id=deployment.id)
+
+
+@router.get("/{deployment_id}")
+def show(session: SessionDep, deployment_id: str) -> DeploymentPublic:
+    return service.get_deployment(session=session, deployment_id=deployment_id)

@@ -1,0 +1,40 @@
+"""Device and enrolment-token tables."""
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, SQLModel
+
+from hub.database import UTCDateTime, utcnow
+
+
+class EnrollmentToken(SQLModel, table=True):
+    __tablename__ = "enrollment_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    # Only the hash is kept: a database leak must not let anyone enrol devices.
+    token_hash: str = Field(unique=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)
+    max_uses: int
+    uses: int = 0
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "device"
+
+    id: str = Field(primary_key=True, max_length=63)
+    name: str | None = Field(default=None, max_length=255)
+    device_class: str = Field(default="generic", max_length=63)
+    # The mosquitto $7$ hash; the password itself is shown to the device once, at enrolment.
+    password_hash: str
+    token_id: int | None = Field(default=None, foreign_key="enrollment_token.id")
+    enrolled_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # The counter of the last desired state signed for this device; each publish takes the next.
+    desired_counter: int = 0
+    online: bool = False
+    last_seen: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    reported_state: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # Highest event seq such that every event 1..seq is stored; what the ack reports.
+    evt_acked_seq: int = 0

@@ -1,0 +1,324 @@
+"""What the hub does with each device message: plain functions on a Session, testable without a
+broker. The topic's device id is the authority (the broker ACL pins each device to its topics);
+a device id inside a body is never trusted over it.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from agent.protocol.messages import (
+    TERMINAL_STEPS,
+    AckBody,
+    ChunkRequestBody,
+    DesiredRequestBody,
+    EventBody,
+    MessageError,
+    StateBody,
+    StatusBody,
+    Step,
+    decode,
+    encode,
+)
+from agent.protocol.topics import Channel, TopicError, Topics
+from hub.database import utcnow
+from hub.deployments.desired import Director
+from hub.deployments.models import Deployment, DeploymentDevice, DeviceDesired, DeviceEvent
+from hub.devices.models import Device
+from hub.errors import HubError
+from hub.messaging.publisher import Publisher
+from hub.packages.models import Package
+from hub.packages.service import package_path
+
+logger = logging.getLogger(__name__)
+
+CHUNK_REPUBLISH_S = 0.5
+_TERMINAL = frozenset(str(s) for s in TERMINAL_STEPS)
+# Which body kinds may arrive on which channel; anything else is dropped as malformed.
+_KINDS_BY_CHANNEL: dict[Channel, frozenset[str]] = {
+    Channel.STATE: frozenset({"state"}),
+    Channel.STATUS: frozenset({"status"}),
+    Channel.EVT: frozenset({"event"}),
+    Channel.REQ: frozenset({"desired_request", "chunk_request"}),
+}
+
+
+@dataclass
+class MessageStats:
+    """Counters an operator can read to see that devices send garbage, or that the hub lags."""
+
+    handled: int = 0
+    malformed: int = 0
+    unknown_device: int = 0
+    overflow: int = 0
+    failed: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def bump(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+
+class RecentChunks:
+    """Chunks published in the last moments; a burst of requests for one chunk (every device of
+    a rollout asking at once) is served by one publish the broker fans out."""
+
+    def __init__(self, window_s: float = CHUNK_REPUBLISH_S) -> None:
+        self.window_s = window_s
+        self._sent: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()
+
+    def should_send(self, digest: str, index: int, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if len(self._sent) > 10_000:
+                self._sent = {k: t for k, t in self._sent.items() if now - t < self.window_s}
+            last = self._sent.get((digest, index))
+            if last is not None and now - last < self.window_s:
+                return False
+            self._sent[(digest, index)] = now
+            return True
+
+
+@dataclass
+class Handlers:
+    """The collaborators the handlers need; one per hub process."""
+
+    director: Director
+    publisher: Publisher
+    topics: Topics
+    packages_dir: Path
+    recent_chunks: RecentChunks = field(default_factory=RecentChunks)
+    stats: MessageStats = field(default_factory=MessageStats)
+
+
+def handle_message(*, session: Session, handlers: Handlers, topic: str, payload: bytes) -> None:
+    """Parse one device message and act on it; malformed messages are logged and dropped."""
+    try:
+        where = handlers.topics.parse_device(topic)
+        if where.channel not in _KINDS_BY_CHANNEL:
+            raise TopicError(f"the hub does not take messages on {where.channel}")
+        envelope = decode(payload)
+        if envelope.body.kind not in _KINDS_BY_CHANNEL[where.channel]:
+            raise MessageError(f"a {envelope.body.kind!r} message does not belong on {topic}")
+    except (TopicError, MessageError) as exc:
+        handlers.stats.bump("malformed")
+        logger.warning("dropped malformed message", extra={"topic": topic, "reason": str(exc)})
+        return
+    device_id = where.device_id
+    if session.get(Device, device_id) is None:
+        handlers.stats.bump("unknown_device")
+        logger.warning("dropped message from unknown device", extra={"device_id": device_id})
+        return
+    body = envelope.body
+    if isinstance(body, DesiredRequestBody):
+        handle_desired_request(session=session, director=handlers.director, device_id=device_id)
+    elif isinstance(body, ChunkRequestBody):
+        handle_chunk_request(
+            session=session,
+            publisher=handlers.publisher,
+            topics=handlers.topics,
+            packages_dir=handlers.packages_dir,
+            recent=handlers.recent_chunks,
+            device_id=device_id,
+            body=body,
+        )
+    elif isinstance(body, EventBody):
+        handle_event(
+            session=session,
+            publisher=handlers.publisher,
+            topics=handlers.topics,
+            device_id=device_id,
+            body=body,
+            sent_at=envelope.sent_at,
+        )
+    elif isinstance(body, StateBody):
+        handle_state(session=session, device_id=device_id, body=body)
+    elif isinstance(body, StatusBody):
+        handle_status(session=session, device_id=device_id, body=body)
+    handlers.stats.bump("handled")
+
+
+def handle_desired_request(*, session: Session, director: Director, device_id: str) -> None:
+    """Re-sign and publish the device's desired state, even when it names no packages."""
+    try:
+        director.publish(session=session, device_id=device_id)
+    except HubError as exc:
+        logger.warning(
+            "cannot answer desired request", extra={"device_id": device_id, "error": exc.detail}
+        )
+
+
+def handle_chunk_request(
+    *,
+    session: Session,
+    publisher: Publisher,
+    topics: Topics,
+    packages_dir: Path,
+    recent: RecentChunks,
+    device_id: str,
+    body: ChunkRequestBody,
+) -> int:
+    """Publish the requested chunks of a package in this device's desired state; returns how
+    many were published."""
+    wanted = session.exec(
+        select(DeviceDesired).where(
+            DeviceDesired.device_id == device_id, DeviceDesired.package_digest == body.digest
+        )
+    ).first()
+    if wanted is None:
+        logger.warning(
+            "chunk request for a package not desired by the device",
+            extra={"device_id": device_id, "digest": body.digest},
+        )
+        return 0
+    package = session.get(Package, body.digest)
+    if package is None:
+        return 0
+    count = len(package.chunks)
+    valid = sorted({i for i in body.chunks if 0 <= i < count})
+    if len(valid) != len(set(body.chunks)):
+        logger.info(
+            "ignored out-of-range chunk indexes",
+            extra={"device_id": device_id, "digest": body.digest, "chunks": count},
+        )
+    sent = 0
+    path = package_path(packages_dir, body.digest)
+    try:
+        with path.open("rb") as fh:
+            for index in valid:
+                if not recent.should_send(body.digest, index):
+                    continue
+                fh.seek(index * package.chunk_bytes)
+                data = fh.read(package.chunk_bytes)
+                publisher.publish(topics.chunk(body.digest, index), data, qos=1, retain=False)
+                sent += 1
+    except FileNotFoundError:
+        logger.error("package file missing", extra={"digest": body.digest, "path": str(path)})
+    except HubError as exc:
+        logger.warning("could not publish chunks", extra={"error": exc.detail})
+    return sent
+
+
+def _advance_ack(session: Session, device: Device) -> int:
+    seqs = session.exec(
+        select(DeviceEvent.seq)
+        .where(DeviceEvent.device_id == device.id, col(DeviceEvent.seq) > device.evt_acked_seq)
+        .order_by(col(DeviceEvent.seq))
+    ).all()
+    acked = device.evt_acked_seq
+    for seq in seqs:
+        if seq != acked + 1:
+            break
+        acked = seq
+    return acked
+
+
+def handle_event(
+    *,
+    session: Session,
+    publisher: Publisher,
+    topics: Topics,
+    device_id: str,
+    body: EventBody,
+    sent_at: datetime,
+) -> int:
+    """Store a progress event once, update the deployment, and ack what is stored; returns the
+    acked sequence number."""
+    now = utcnow()
+    session.add(
+        DeviceEvent(
+            device_id=device_id,
+            seq=body.seq,
+            deployment_id=body.deployment_id,
+            model=body.model,
+            version=body.version,
+            digest=body.digest,
+            step=str(body.step),
+            reason=str(body.reason) if body.reason is not None else None,
+            detail=body.detail,
+            progress=body.progress,
+            sent_at=sent_at,
+            received_at=now,
+        )
+    )
+    try:
+        session.flush()
+        duplicate = False
+    except IntegrityError:
+        # QoS 1 redelivery or an outbox resend: stored already, but ack it again.
+        session.rollback()
+        duplicate = True
+    if not duplicate:
+        row = session.exec(
+            select(DeploymentDevice).where(
+                DeploymentDevice.deployment_id == body.deployment_id,
+                DeploymentDevice.device_id == device_id,
+            )
+        ).first()
+        # A finished row stays finished: a late event must not reopen it.
+        if row is not None and row.step not in _TERMINAL:
+            row.step = str(body.step)
+            row.reason = str(body.reason) if body.reason is not None else None
+            row.detail = body.detail
+            if body.progress is not None:
+                row.progress = body.progress
+            elif body.step == Step.ACTIVE:
+                row.progress = 1.0
+            row.updated_at = now
+            session.add(row)
+    device = session.get(Device, device_id)
+    assert device is not None
+    device.evt_acked_seq = _advance_ack(session, device)
+    device.last_seen = now
+    session.add(device)
+    session.commit()
+    publisher.publish(
+        topics.device(device_id, Channel.ACK),
+        encode(AckBody(stream="evt", seq=device.evt_acked_seq)),
+        qos=1,
+        retain=False,
+    )
+    return device.evt_acked_seq
+
+
+def handle_state(*, session: Session, device_id: str, body: StateBody) -> None:
+    """Store the reported state; a model reported active completes its deployment even when the
+    event saying so was lost."""
+    now = utcnow()
+    device = session.get(Device, device_id)
+    assert device is not None
+    device.reported_state = body.model_dump(mode="json")
+    device.last_seen = now
+    session.add(device)
+    active_digests = {m.digest for m in body.active}
+    if active_digests:
+        rows = session.exec(
+            select(DeploymentDevice)
+            .join(Deployment, col(Deployment.id) == col(DeploymentDevice.deployment_id))
+            .where(DeploymentDevice.device_id == device_id)
+            .where(col(Deployment.package_digest).in_(active_digests))
+            .where(col(DeploymentDevice.step).not_in(list(_TERMINAL)))
+        ).all()
+        for row in rows:
+            row.step = str(Step.ACTIVE)
+            row.reason = None
+            row.progress = 1.0
+            row.updated_at = now
+            session.add(row)
+    session.commit()
+
+
+def handle_status(*, session: Session, device_id: str, body: StatusBody) -> None:
+    device = session.get(Device, device_id)
+    assert device is not None
+    device.online = body.online
+    device.last_seen = utcnow()
+    session.add(device)
+    session.commit()

@@ -1,0 +1,76 @@
+"""The thread that does the database work for incoming messages.
+
+paho delivers messages on its network thread; doing SQL there would stall keepalives and every
+other device's traffic. The callback only enqueues into a bounded queue; a full queue drops the
+message with a count (devices resend: events until acked, requests after a timeout).
+"""
+
+import logging
+import queue
+import threading
+from typing import TYPE_CHECKING
+
+from sqlmodel import Session
+
+from hub.messaging.handlers import Handlers, handle_message
+
+if TYPE_CHECKING:
+    from hub.context import HubContext
+
+logger = logging.getLogger(__name__)
+
+QUEUE_SIZE = 10_000
+_STOP = ("", b"")
+
+
+class MessageWorker:
+    def __init__(self, ctx: "HubContext", *, queue_size: int = QUEUE_SIZE) -> None:
+        self._ctx = ctx
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self.handlers = Handlers(
+            director=ctx.director(),
+            publisher=ctx.publisher,
+            topics=ctx.topics,
+            packages_dir=ctx.settings.packages_dir,
+        )
+
+    def bind_publisher(self) -> None:
+        """Use the context's current publisher (set once the MQTT client exists)."""
+        self.handlers.publisher = self._ctx.publisher
+        self.handlers.director = self._ctx.director()
+
+    def submit(self, topic: str, payload: bytes) -> None:
+        """Called on paho's thread: never blocks."""
+        try:
+            self._queue.put_nowait((topic, payload))
+        except queue.Full:
+            self.handlers.stats.bump("overflow")
+            logger.warning("message queue full, dropped", extra={"topic": topic})
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="hub-messages", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+        self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            topic, payload = item
+            try:
+                with Session(self._ctx.engine, expire_on_commit=False) as session:
+                    handle_message(
+                        session=session, handlers=self.handlers, topic=topic, payload=payload
+                    )
+            except Exception:
+                # A bug or a database hiccup must not end message handling for every device.
+                self.handlers.stats.bump("failed")
+                logger.exception("handling a message failed", extra={"topic": topic})
