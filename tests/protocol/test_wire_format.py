@@ -39,7 +39,7 @@ from agent.protocol.messages import (
     decode,
     encode,
 )
-from agent.protocol.topics import Channel, Topics, TopicError
+from agent.protocol.topics import Channel, TopicError, Topics
 
 GOLDEN = Path(__file__).parent / "golden"
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

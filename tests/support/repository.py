@@ -86,9 +86,7 @@ class RepositorySimulator:
         return Keyring(
             version=self.keyring_version,
             expires_at=self.now + expires_in,
-            keys={
-                k.keyid: PublicKey(public=k.public_b64) for k in (self.release, self.director)
-            },
+            keys={k.keyid: PublicKey(public=k.public_b64) for k in (self.release, self.director)},
             roles={
                 Role.RELEASE: RoleKeys(keyids=[self.release.keyid]),
                 Role.DIRECTOR: RoleKeys(keyids=[self.director.keyid]),
@@ -145,7 +143,9 @@ class RepositorySimulator:
             info.size = len(item.data) if item.type == tarfile.REGTYPE else 0
             members.append((info, item.data))
         data = tar_bytes(members)
-        return BuiltPackage(data, self.ref_for(data, manifest, chunk_bytes, deployment_id), manifest)
+        return BuiltPackage(
+            data, self.ref_for(data, manifest, chunk_bytes, deployment_id), manifest
+        )
 
     def ref_for(
         self,
