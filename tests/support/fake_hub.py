@@ -1,0 +1,110 @@
+"""A scripted hub on a real broker, for agent tests that must not depend on the hub's code.
+
+It answers desired-state and chunk requests from a RepositorySimulator's documents, records
+every event and state a device sends, and acknowledges events like the real hub.
+"""
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.protocol.messages import (
+    AckBody,
+    ChunkRequestBody,
+    DesiredRequestBody,
+    Envelope,
+    EventBody,
+    StateBody,
+    StatusBody,
+    decode,
+    encode,
+)
+from agent.protocol.topics import Channel, Topics
+
+
+@dataclass
+class FakeHub:
+    host: str
+    port: int
+    username: str
+    password: str
+    topics: Topics = field(default_factory=Topics)
+    desired: dict[str, bytes] = field(default_factory=dict)  # device id -> desired message
+    packages: dict[str, bytes] = field(default_factory=dict)  # digest -> archive bytes
+    chunk_filter: Callable[[str, int, bytes], bytes | None] = lambda d, i, b: b
+    events: list[tuple[str, EventBody]] = field(default_factory=list)
+    states: list[tuple[str, StateBody]] = field(default_factory=list)
+    statuses: list[tuple[str, StatusBody]] = field(default_factory=list)
+    chunk_requests: int = 0
+    chunk_bytes: int = 4096
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def __post_init__(self) -> None:
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id="fake-hub")
+        self._client.username_pw_set(self.username, self.password)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._connected = threading.Event()
+
+    def start(self) -> None:
+        self._client.connect(self.host, self.port)
+        self._client.loop_start()
+        if not self._connected.wait(10):
+            raise TimeoutError("fake hub could not connect")
+
+    def stop(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+    def _on_connect(self, client: paho.Client, *args: object) -> None:
+        for channel in (Channel.REQ, Channel.EVT, Channel.STATE, Channel.STATUS):
+            client.subscribe(self.topics.device_wildcard(channel), qos=1)
+        self._connected.set()
+
+    def publish_desired(self, device_id: str, message: bytes) -> None:
+        self.desired[device_id] = message
+        self._client.publish(
+            self.topics.device(device_id, Channel.DESIRED), message, qos=1, retain=True
+        )
+
+    def publish_raw(self, topic: str, payload: bytes) -> None:
+        self._client.publish(topic, payload, qos=1)
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        where = self.topics.parse_device(msg.topic)
+        envelope: Envelope = decode(msg.payload)
+        body = envelope.body
+        device = where.device_id
+        if isinstance(body, DesiredRequestBody) and device in self.desired:
+            self.publish_desired(device, self.desired[device])
+        elif isinstance(body, ChunkRequestBody):
+            self.chunk_requests += 1
+            data = self.packages.get(body.digest)
+            if data is not None:
+                for index in body.chunks:
+                    chunk = data[index * self.chunk_bytes : (index + 1) * self.chunk_bytes]
+                    filtered = self.chunk_filter(body.digest, index, chunk)
+                    if filtered is not None:
+                        client.publish(self.topics.chunk(body.digest, index), filtered, qos=1)
+        elif isinstance(body, EventBody):
+            with self.changed:
+                self.events.append((device, body))
+                self.changed.notify_all()
+            ack = encode(AckBody(stream="evt", seq=body.seq))
+            client.publish(self.topics.device(device, Channel.ACK), ack, qos=1)
+        elif isinstance(body, StateBody):
+            with self.changed:
+                self.states.append((device, body))
+                self.changed.notify_all()
+        elif isinstance(body, StatusBody):
+            with self.changed:
+                self.statuses.append((device, body))
+                self.changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+        with self.changed:
+            if not self.changed.wait_for(predicate, timeout_s):
+                raise AssertionError("condition not met before the deadline")
