@@ -1,0 +1,37 @@
+# The commands the README names. Each does its own set-up on a fresh machine.
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: all test lint typecheck unit demo mosquitto clean bench
+
+all: test
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Outpost needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+mosquitto:
+	@deploy/scripts/ensure-mosquitto.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## make test: lint, type-check (strict), import rules and every test against real parts.
+test: $(STAMP) mosquitto lint typecheck
+	$(BIN)/pytest -q
+
+## make demo: hub + its Mosquitto, three agents, the example model deployed and scored.
+demo: $(STAMP) mosquitto
+	$(BIN)/python -m examples.demo
+
+clean:
+	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache examples/build
