@@ -94,3 +94,51 @@ def keys(hub_settings: HubSettings) -> KeyStore:
     store = KeyStore(hub_settings.keys_dir)
     store.init(keyring_ttl_days=30)
     return store
+
+
+@dataclass
+class ServedHub:
+    """A hub served over real HTTP by uvicorn in a thread (for the CLI)."""
+
+    url: str
+    token: str
+    publisher: RecordingPublisher
+    ctx: HubContext
+    settings: HubSettings
+
+
+@pytest.fixture
+def served_hub(hub_settings: HubSettings) -> Iterator[ServedHub]:
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    publisher = RecordingPublisher()
+    app = create_app(hub_settings, publisher=publisher)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name="test-hub", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive(), "hub server exited during startup"
+        assert time.monotonic() < deadline, "hub server did not start"
+        time.sleep(0.02)
+    ctx: HubContext = app.state.hub
+    try:
+        yield ServedHub(
+            url=f"http://127.0.0.1:{port}",
+            token=ctx.admin_token,
+            publisher=publisher,
+            ctx=ctx,
+            settings=hub_settings,
+        )
+    finally:
+        server.should_exit = True
+        thread.join(10)
