@@ -9,6 +9,7 @@ from sqlalchemy.engine import Engine
 
 from agent.protocol.topics import Topics
 from hub.blobs import BlobStore
+from hub.broker.supervisor import EmbeddedBroker
 from hub.messaging.publisher import Publisher, RecordingPublisher
 from hub.settings import HubSettings
 from hub.signing.keystore import KeyStore
@@ -25,6 +26,7 @@ class HubContext:
     blobs: BlobStore
     topics: Topics
     publisher: Publisher = field(default_factory=RecordingPublisher)
+    broker: EmbeddedBroker | None = None  # when the hub runs its own mosquitto
     admin_token: str = ""
     # (host, port) enrolment hands to devices; set once the broker address is known.
     broker_public: tuple[str, int] = ("127.0.0.1", 1883)

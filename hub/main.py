@@ -30,6 +30,8 @@ from hub.settings import HubSettings
 
 logger = logging.getLogger(__name__)
 
+SUBSCRIBE_WAIT_S = 10.0
+
 
 def _embedded_broker_users(
     ctx: HubContext, broker: EmbeddedBroker, hub_hash: str
@@ -52,6 +54,7 @@ def _run_messaging(ctx: HubContext) -> Iterator[None]:
             hub_hash = hash_password(password)
             broker.start(_embedded_broker_users(ctx, broker, hub_hash))
             stack.callback(broker.stop)
+            ctx.broker = broker
             address = BrokerAddress(
                 host=broker.host, port=broker.port, username=broker.hub_username, password=password
             )
@@ -82,6 +85,10 @@ def _run_messaging(ctx: HubContext) -> Iterator[None]:
         client = MqttClient(address, topics=ctx.topics, on_message=worker.submit)
         client.start()
         stack.callback(client.stop)
+        # Serving before the hub listens would drop the first devices' requests; a broker that
+        # stays away is not fatal (the client keeps retrying) but worth a warning.
+        if not client.wait_subscribed(SUBSCRIBE_WAIT_S):
+            logger.warning("not yet subscribed to the broker", extra={"host": address.host})
         ctx.publisher = client
         worker.bind_publisher()
         yield

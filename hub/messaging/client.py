@@ -4,6 +4,7 @@
 
 import logging
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,7 @@ class MqttClient:
         self._topics = topics
         self._on_message_cb = on_message
         self.connected = False
+        self._subscribed = threading.Event()
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=f"outpost-hub-{secrets.token_hex(4)}",
@@ -62,12 +64,17 @@ class MqttClient:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._client = client
 
     def start(self) -> None:
         # connect_async: a broker that is not up yet is retried by the loop, not fatal.
         self._client.connect_async(self._address.host, self._address.port, KEEPALIVE_S)
         self._client.loop_start()
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Wait until the broker confirmed the subscriptions of the first connection."""
+        return self._subscribed.wait(timeout_s)
 
     def stop(self) -> None:
         self._client.disconnect()
@@ -90,6 +97,11 @@ class MqttClient:
         self.connected = True
         client.subscribe([(t, 1) for t in shared_subscriptions(self._topics)])
         logger.info("connected to broker", extra={"host": self._address.host})
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
+    ) -> None:
+        self._subscribed.set()
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
