@@ -297,7 +297,8 @@ class Agent:
             if assembler.add(chunk.index, payload):
                 self._chunk_wakeups[chunk.digest].set()
         except AgentError as exc:
-            logger.error("cannot store chunk: %s", exc)
+            # The download task raises it: it owns the event reporting and the cleanup.
+            assembler.failure = exc
             self._chunk_wakeups[chunk.digest].set()
 
     # -- reconciling ----------------------------------------------------------------------------
@@ -398,6 +399,8 @@ class Agent:
         timeout = base_timeout
         next_report = 0.25
         while not assembler.done:
+            if assembler.failure is not None:
+                raise assembler.failure
             if not self._still_wanted(ref):
                 return False
             window = assembler.missing()[: self.settings.download.window_chunks]
@@ -410,7 +413,7 @@ class Agent:
                     # Chunks lost (broker queue limits, a dropped link): ask again, slower.
                     timeout = min(timeout * 2, MAX_CHUNK_TIMEOUT_S)
                     break
-                if not self._link.connected:
+                if not self._link.connected or assembler.failure is not None:
                     break
             else:
                 timeout = base_timeout

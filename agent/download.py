@@ -15,11 +15,15 @@ import shutil
 from pathlib import Path
 
 from agent.atomic import fsync_dir
-from agent.errors import IntegrityError, NoSpaceError, TooLargeError
+from agent.errors import AgentError, IntegrityError, NoSpaceError, TooLargeError
 from agent.protocol.documents import PackageRef
 from agent.protocol.messages import Reason
 
 logger = logging.getLogger(__name__)
+
+# A chunk that keeps arriving corrupt is not line noise: the package being served does not
+# match the hashes the director signed. Give up with a reason instead of asking forever.
+MAX_CORRUPT_PER_CHUNK = 3
 
 
 class ChunkAssembler:
@@ -40,6 +44,8 @@ class ChunkAssembler:
         self.final_path = directory / f"{ref.digest}.tar"
         self.corrupt_chunks = 0
         self.duplicate_chunks = 0
+        self.failure: AgentError | None = None
+        self._corrupt_by_index: dict[int, int] = {}
         self._missing: set[int] = set(range(len(ref.chunks)))
         directory.mkdir(parents=True, exist_ok=True)
         if self.final_path.exists():
@@ -100,7 +106,14 @@ class ChunkAssembler:
         start, end = self._range(index)
         if len(data) != end - start or not self._chunk_ok(index, data):
             self.corrupt_chunks += 1
-            logger.warning("dropping corrupt chunk", extra={"digest": self.ref.digest, "i": index})
+            times = self._corrupt_by_index.get(index, 0) + 1
+            self._corrupt_by_index[index] = times
+            logger.warning("dropping corrupt chunk %d of %s", index, self.ref.digest[:12])
+            if times >= MAX_CORRUPT_PER_CHUNK:
+                raise IntegrityError(
+                    f"chunk {index} arrived corrupt {times} times: the package served does not"
+                    " match the chunk hashes in the signed desired state"
+                )
             return False
         flags = os.O_WRONLY | os.O_CREAT
         try:

@@ -192,3 +192,26 @@ def test_download_resumes_after_lost_and_corrupt_chunks(
         assert runner.call(lambda: agent.get("iris")) is not None
     finally:
         runner.stop()
+
+
+def test_package_that_never_matches_its_signed_chunk_hashes_fails_instead_of_hanging(
+    hub: FakeHub, repo: RepositorySimulator, state_dir: Path, iris_model: Any
+) -> None:
+    package = repo.build_package(iris_files(iris_model.directory))
+    hub.packages[package.ref.digest] = package.data
+    hub.desired[DEVICE] = repo.desired_message([package.ref])
+    hub.chunk_filter = lambda digest, index, chunk: (
+        bytes([chunk[0] ^ 0xFF]) + chunk[1:] if index == 1 else chunk
+    )
+    runner = AgentThread(make_agent(fast_settings(state_dir)))
+    agent = runner.start()
+    try:
+        hub.wait_for(lambda: _terminal(hub, package.ref.deployment_id), timeout_s=60)
+        last = [e for _, e in hub.events if e.deployment_id == package.ref.deployment_id][-1]
+        assert last.step is Step.FAILED
+        assert last.reason is Reason.HASH
+        assert "chunk 1" in last.detail
+        assert runner.call(lambda: agent.get("iris")) is None
+        assert not list((state_dir / "downloads").iterdir()), "rejected bytes must not be kept"
+    finally:
+        runner.stop()
