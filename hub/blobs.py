@@ -11,6 +11,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from hub.errors import CorruptStorage
+
 _COPY_BYTES = 1024 * 1024
 
 
@@ -52,4 +54,9 @@ class BlobStore:
         return StoredBlob(sha256=digest, size=len(data))
 
     def read(self, sha256: str) -> bytes:
-        return self.path(sha256).read_bytes()
+        """The blob's bytes, checked against its name: a package is never built from bytes
+        that changed on disk after they were registered."""
+        data = self.path(sha256).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise CorruptStorage(f"stored file {sha256[:16]} no longer matches its sha256")
+        return data

@@ -11,7 +11,9 @@
     ├── Unauthorized            missing or wrong admin token or enrolment token (401)
     ├── SigningUnavailable      a needed private key is offline or missing: bring the key
     │                           back (``outpost-hub keys``) and retry (503)
-    └── MessagingUnavailable    the broker cannot be reached: retry later (503)
+    ├── MessagingUnavailable    the broker cannot be reached: retry later (503)
+    └── CorruptStorage          stored bytes no longer match their hash: restore the hub's
+                                data directory from a backup or register again (500)
 
 Services raise these; ``install_error_handler`` maps them to HTTP responses in one place, so no
 business code knows about HTTP.
@@ -34,17 +36,17 @@ class HubError(Exception):
         self.detail = detail
 
 
-class NotFound(HubError):  # noqa: N818 -- names from the API issue; "Error" adds nothing
+class NotFound(HubError):
     status_code = 404
     code = "not_found"
 
 
-class Conflict(HubError):  # noqa: N818 -- names from the API issue; "Error" adds nothing
+class Conflict(HubError):
     status_code = 409
     code = "conflict"
 
 
-class InvalidInput(HubError):  # noqa: N818 -- names from the API issue; "Error" adds nothing
+class InvalidInput(HubError):
     status_code = 422
     code = "invalid_input"
 
@@ -53,24 +55,29 @@ class ModelCheckFailed(InvalidInput):
     code = "model_check_failed"
 
 
-class TooLarge(HubError):  # noqa: N818 -- names from the API issue; "Error" adds nothing
+class TooLarge(HubError):
     status_code = 413
     code = "too_large"
 
 
-class Unauthorized(HubError):  # noqa: N818 -- names from the API issue; "Error" adds nothing
+class Unauthorized(HubError):
     status_code = 401
     code = "unauthorized"
 
 
-class SigningUnavailable(HubError):  # noqa: N818 -- names from the API issue; "Error" adds nothing
+class SigningUnavailable(HubError):
     status_code = 503
     code = "signing_unavailable"
 
 
-class MessagingUnavailable(HubError):  # noqa: N818 -- names from the API issue; "Error" adds nothing
+class MessagingUnavailable(HubError):
     status_code = 503
     code = "messaging_unavailable"
+
+
+class CorruptStorage(HubError):
+    status_code = 500
+    code = "corrupt_storage"
 
 
 async def _handle_hub_error(request: Request, exc: Exception) -> JSONResponse:
