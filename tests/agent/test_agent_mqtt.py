@@ -1,6 +1,7 @@
 """The real agent core against a real Mosquitto (project config) and a scripted hub."""
 
 import json
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import pytest
 from agent.protocol.messages import Reason, Step
 from tests.support.agents import AgentThread, fast_settings, make_agent, write_identity
 from tests.support.fake_hub import FakeHub
-from tests.support.repository import RepositorySimulator, iris_files
+from tests.support.repository import ExtraMember, RepositorySimulator, iris_files
 
 pytestmark = pytest.mark.integration
 
@@ -213,5 +214,44 @@ def test_package_that_never_matches_its_signed_chunk_hashes_fails_instead_of_han
         assert "chunk 1" in last.detail
         assert runner.call(lambda: agent.get("iris")) is None
         assert not list((state_dir / "downloads").iterdir()), "rejected bytes must not be kept"
+    finally:
+        runner.stop()
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (ExtraMember("files/../../../outpost-escape", b"x"), Reason.UNSAFE_PATH),
+        (
+            ExtraMember("files/link", type=tarfile.SYMTYPE, linkname="/etc/passwd"),
+            Reason.UNSAFE_PATH,
+        ),
+    ],
+)
+def test_validly_signed_hostile_archive_is_refused_over_mqtt(
+    hub: FakeHub,
+    repo: RepositorySimulator,
+    state_dir: Path,
+    iris_model: Any,
+    extra: ExtraMember,
+    reason: Reason,
+) -> None:
+    files = iris_files(iris_model.directory)
+    v1 = repo.build_package(files, version=1)
+    hostile = repo.build_package(files, version=2, extra=[extra])
+    for package in (v1, hostile):
+        hub.packages[package.ref.digest] = package.data
+    hub.desired[DEVICE] = repo.desired_message([v1.ref])
+    runner = AgentThread(make_agent(fast_settings(state_dir)))
+    agent = runner.start()
+    try:
+        hub.wait_for(lambda: _terminal(hub, v1.ref.deployment_id))
+        hub.publish_desired(DEVICE, repo.desired_message([hostile.ref]))
+        hub.wait_for(lambda: _terminal(hub, hostile.ref.deployment_id))
+        last = [e for _, e in hub.events if e.deployment_id == hostile.ref.deployment_id][-1]
+        assert (last.step, last.reason) == (Step.FAILED, reason)
+        assert runner.call(lambda: agent.get("iris")).version == 1
+        assert not (state_dir.parent / "outpost-escape").exists()
+        assert not any(p.name.startswith(".staging") for p in (state_dir / "models").rglob("*"))
     finally:
         runner.stop()
