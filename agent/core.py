@@ -330,7 +330,7 @@ class Agent:
             archive = await self._download(ref)
             if archive is None:
                 return
-            self._report(ref, Step.DOWNLOADED)
+            self._report(ref, Step.DOWNLOADED, progress=1.0)
             loop = asyncio.get_running_loop()
 
             def report_from_thread(step: Step) -> None:

@@ -411,7 +411,8 @@ def _progress_line(dep: dict[str, Any]) -> str:
     moving = [d for d in dep["devices"] if d["step"] not in ("active", "failed")]
     if len(moving) <= 3:
         for d in moving:
-            pct = f" {d['progress'] * 100:.0f}%" if d["progress"] is not None else ""
+            downloading = d["step"] == "downloading" and d["progress"] is not None
+            pct = f" {d['progress'] * 100:.0f}%" if downloading else ""
             parts.append(f"{d['device_id']} {d['step']}{pct}")
     else:
         for step in sorted({d["step"] for d in moving}):
@@ -464,14 +465,26 @@ def _wait(client: HubClient, deployment_id: str, timeout_s: float) -> int:
 
 @main.command()
 @click.argument("ref")
-@click.option("--device", "devices", multiple=True, required=True, help="device id, repeatable")
+@click.argument("more_devices", nargs=-1, metavar="[ID]...")
+@click.option(
+    "--device", "devices", multiple=True, help="device id; repeatable, or a comma-separated list"
+)
 @click.option("--wait", is_flag=True, help="follow the rollout until every device is done")
 @click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True)
 @click.pass_context
 def deploy(
-    ctx: click.Context, ref: str, devices: Sequence[str], wait: bool, timeout_s: float
+    ctx: click.Context,
+    ref: str,
+    more_devices: Sequence[str],
+    devices: Sequence[str],
+    wait: bool,
+    timeout_s: float,
 ) -> None:
-    """Deploy NAME[:VERSION] to devices."""
+    """Deploy NAME[:VERSION] to devices: `deploy iris:2 --device ID [ID]...`."""
+    # `--device a b c`, `--device a --device b` and `--device a,b` all name the same devices.
+    devices = [d for item in (*devices, *more_devices) for d in item.split(",") if d]
+    if not devices:
+        _fail("name at least one device with --device ID")
     client = _client(ctx)
     name, version = _split_ref(ref)
     if version != "latest" and not version.isdigit():

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from outpost_sim.cli import main
-from outpost_sim.fleet import Fleet, device_dir, ramp_delays
-from outpost_sim.runtimes import SharedRuntimes
 
 from agent.protocol.messages import Step
 from hub.broker import BrokerUser, hash_password
+from outpost_sim.cli import main
+from outpost_sim.fleet import Fleet, device_dir, ramp_delays
+from outpost_sim.runtimes import SharedRuntimes
 from tests.support.agents import fast_settings, write_identity
 from tests.support.fake_hub import FakeHub
 from tests.support.repository import RepositorySimulator, iris_files

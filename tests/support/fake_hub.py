@@ -75,7 +75,7 @@ class FakeHub:
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         where = self.topics.parse_device(msg.topic)
-        envelope: Envelope = decode(msg.payload)
+        envelope: Envelope = decode(bytes(msg.payload))
         body = envelope.body
         device = where.device_id
         if isinstance(body, DesiredRequestBody) and device in self.desired:
