@@ -85,7 +85,7 @@ def test_agent_installs_reports_and_serves_after_restart_without_hub(
     finally:
         runner.stop()
     # Graceful stop says so explicitly instead of leaving it to the will.
-    assert any(not s.online and s.reason == "shutdown" for _, s in hub.statuses)
+    hub.wait_for(lambda: any(not s.online and s.reason == "shutdown" for _, s in hub.statuses))
 
     hub.stop()  # the hub is gone: the device must still serve its model
     restarted = AgentThread(make_agent(fast_settings(state_dir)))
