@@ -4,13 +4,11 @@ Writes go to a temporary file in the same directory and are renamed into place, 
 never sees half a file and two writers of the same content cannot corrupt each other.
 """
 
-import contextlib
 import hashlib
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from hub.atomic import write_atomic
 from hub.errors import CorruptStorage
 
 _COPY_BYTES = 1024 * 1024
@@ -20,21 +18,6 @@ _COPY_BYTES = 1024 * 1024
 class StoredBlob:
     sha256: str
     size: int
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 class BlobStore:

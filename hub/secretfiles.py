@@ -4,10 +4,11 @@ Creating with ``os.open(..., 0o600)`` rather than chmod-after closes the window 
 local user could open the file.
 """
 
-import contextlib
 import os
 import secrets
 from pathlib import Path
+
+from hub.atomic import write_atomic
 
 
 def write_secret(path: Path, data: bytes, *, overwrite: bool = False) -> None:
@@ -20,18 +21,7 @@ def write_secret(path: Path, data: bytes, *, overwrite: bool = False) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         return
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    write_atomic(path, data, mode=0o600)
 
 
 def read_or_create_token(path: Path, *, nbytes: int = 32) -> str:

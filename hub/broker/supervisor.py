@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections import deque
@@ -21,6 +20,7 @@ from types import TracebackType
 from typing import IO, Self
 
 from agent.protocol.topics import DEFAULT_ROOT, Topics
+from hub.atomic import write_atomic
 from hub.broker.config import render_acl, render_config
 from hub.broker.passwords import BrokerUser, check_hub_username, render_passwords
 
@@ -56,29 +56,6 @@ def find_mosquitto() -> str:
         + "; install it (Debian/Ubuntu: `apt-get install mosquitto`, macOS: `brew install"
         " mosquitto`) or point the hub at an external broker"
     )
-
-
-def write_atomic(path: Path, text: str, *, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` so a reader sees the old or the new file, never a mix."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        # mkstemp creates 0600; chmod before writing so secrets are never wider than asked.
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # fsync the directory too, so the rename itself survives a power cut.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def free_loopback_port(host: str = "127.0.0.1") -> int:
@@ -187,25 +164,23 @@ class EmbeddedBroker:
             if self._proc is not None:
                 raise BrokerError("broker already started")
             self._stopping.clear()
-            write_atomic(
-                self.password_file, render_passwords(users, hub_username=self.hub_username)
-            )
-            write_atomic(self.acl_file, render_acl(self._topic_root, self.hub_username))
+            passwords = render_passwords(users, hub_username=self.hub_username)
+            write_atomic(self.password_file, passwords.encode(), mode=0o600)
+            acl = render_acl(self._topic_root, self.hub_username)
+            write_atomic(self.acl_file, acl.encode(), mode=0o600)
             # A port we picked may be taken between picking and binding; pick again then.
             attempts = 1 if self._fixed_port is not None else 3
             for attempt in range(1, attempts + 1):
                 port = self._fixed_port or free_loopback_port(self._bind)
                 self._port = port
-                write_atomic(
-                    self.config_file,
-                    render_config(
-                        bind=self._bind,
-                        port=port,
-                        data_dir=self._data_dir,
-                        password_file=self.password_file,
-                        acl_file=self.acl_file,
-                    ),
+                config = render_config(
+                    bind=self._bind,
+                    port=port,
+                    data_dir=self._data_dir,
+                    password_file=self.password_file,
+                    acl_file=self.acl_file,
                 )
+                write_atomic(self.config_file, config.encode(), mode=0o600)
                 try:
                     self._launch(mosquitto)
                     break
@@ -226,7 +201,7 @@ class EmbeddedBroker:
         """
         text = render_passwords(users, hub_username=self.hub_username)
         with self._lock:
-            write_atomic(self.password_file, text)
+            write_atomic(self.password_file, text.encode(), mode=0o600)
             proc = self._proc
             if proc is None or proc.poll() is not None:
                 # Nothing to signal; the next (re)start reads the new file.

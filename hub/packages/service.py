@@ -17,7 +17,8 @@ from agent.protocol.documents import (
     document_dict,
 )
 from agent.protocol.package import DEFAULT_CHUNK_BYTES, plan_chunks
-from hub.blobs import BlobStore, write_atomic
+from hub.atomic import write_atomic
+from hub.blobs import BlobStore
 from hub.database import utcnow
 from hub.errors import NotFound, TooLarge
 from hub.packages.builder import build_archive, sha256_hex
