@@ -21,6 +21,7 @@ from hub.broker import (
 
 if TYPE_CHECKING:
     from examples.build_example_model import IrisModel
+    from tests.support.fake_hub import FakeHub
 
 # -- Mosquitto ----------------------------------------------------------------------------------
 
@@ -38,10 +39,15 @@ class BrokerHandle:
 
     def add_device(self, device_id: str) -> str:
         """Give ``device_id`` a broker account (reloading mosquitto); returns its password."""
-        password = secrets.token_urlsafe(16)
-        self._users[device_id] = BrokerUser(device_id, hash_password(password))
+        return self.add_devices([device_id])[device_id]
+
+    def add_devices(self, device_ids: list[str]) -> dict[str, str]:
+        """Broker accounts for many devices in one reload; returns their passwords."""
+        passwords = {d: secrets.token_urlsafe(16) for d in device_ids}
+        for device_id, password in passwords.items():
+            self._users[device_id] = BrokerUser(device_id, hash_password(password))
         self.broker.update_users(self._users.values())
-        return password
+        return passwords
 
 
 @pytest.fixture
@@ -78,3 +84,22 @@ def iris_model(tmp_path_factory: pytest.TempPathFactory) -> "IrisModel":
     from examples.build_example_model import build_iris_model
 
     return build_iris_model(tmp_path_factory.mktemp("iris"))
+
+
+# -- A scripted hub on the broker ---------------------------------------------------------------
+
+
+@pytest.fixture
+def hub(mosquitto: BrokerHandle) -> Iterator["FakeHub"]:
+    """The test-side stand-in for the hub (tests/support/fake_hub.py), connected to the broker."""
+    from tests.support.fake_hub import FakeHub
+
+    fake = FakeHub(
+        host=mosquitto.host,
+        port=mosquitto.port,
+        username=mosquitto.hub_username,
+        password=mosquitto.hub_password,
+    )
+    fake.start()
+    yield fake
+    fake.stop()

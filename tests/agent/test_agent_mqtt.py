@@ -2,14 +2,16 @@
 
 import json
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.protocol.messages import Reason, Step
-from tests.support.agents import AgentThread, fast_settings, make_agent, write_identity
+from tests.support.agents import (
+    running_agent,
+    write_identity,
+)
 from tests.support.fake_hub import FakeHub
 from tests.support.repository import ExtraMember, RepositorySimulator, iris_files
 
@@ -21,19 +23,6 @@ DEVICE = "dev-000000000001"
 @pytest.fixture
 def repo() -> RepositorySimulator:
     return RepositorySimulator(device_id=DEVICE)
-
-
-@pytest.fixture
-def hub(mosquitto: Any) -> Iterator[FakeHub]:
-    fake = FakeHub(
-        host=mosquitto.host,
-        port=mosquitto.port,
-        username=mosquitto.hub_username,
-        password=mosquitto.hub_password,
-    )
-    fake.start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture
@@ -64,12 +53,10 @@ def test_agent_installs_reports_and_serves_after_restart_without_hub(
 ) -> None:
     files = iris_files(iris_model.directory)
     package = repo.build_package(files)
-    hub.packages[package.ref.digest] = package.data
+    hub.offer(package)
     hub.desired[DEVICE] = repo.desired_message([package.ref])
 
-    runner = AgentThread(make_agent(fast_settings(state_dir)))
-    agent = runner.start()
-    try:
+    with running_agent(state_dir) as (runner, agent):
         hub.wait_for(lambda: _terminal(hub, package.ref.deployment_id))
         steps = _steps(hub, package.ref.deployment_id)
         assert steps[-1] is Step.ACTIVE, hub.events
@@ -82,20 +69,14 @@ def test_agent_installs_reports_and_serves_after_restart_without_hub(
         active = runner.call(lambda: agent.get("iris"))
         assert active.runtime.predict(sample)["label"] == expected["label"]
         hub.wait_for(lambda: any(s.active for _, s in hub.states))
-    finally:
-        runner.stop()
     # Graceful stop says so explicitly instead of leaving it to the will.
     hub.wait_for(lambda: any(not s.online and s.reason == "shutdown" for _, s in hub.statuses))
 
     hub.stop()  # the hub is gone: the device must still serve its model
-    restarted = AgentThread(make_agent(fast_settings(state_dir)))
-    agent2 = restarted.start()
-    try:
+    with running_agent(state_dir) as (restarted, agent2):
         active = restarted.call(lambda: agent2.get())
         assert active is not None
         assert active.digest == package.ref.digest
-    finally:
-        restarted.stop()
 
 
 def test_tampered_package_fails_with_reason_and_v1_keeps_serving(
@@ -106,12 +87,9 @@ def test_tampered_package_fails_with_reason_and_v1_keeps_serving(
     v2 = repo.build_package(
         files, version=2, tamper={"model.onnx": files["model.onnx"][:-2] + b"\x00\x00"}
     )
-    for package in (v1, v2):
-        hub.packages[package.ref.digest] = package.data
+    hub.offer(v1, v2)
     hub.desired[DEVICE] = repo.desired_message([v1.ref])
-    runner = AgentThread(make_agent(fast_settings(state_dir)))
-    agent = runner.start()
-    try:
+    with running_agent(state_dir) as (runner, agent):
         hub.wait_for(lambda: _terminal(hub, v1.ref.deployment_id))
         hub.publish_desired(DEVICE, repo.desired_message([v2.ref]))
         hub.wait_for(lambda: _terminal(hub, v2.ref.deployment_id))
@@ -123,8 +101,6 @@ def test_tampered_package_fails_with_reason_and_v1_keeps_serving(
         hub.publish_desired(DEVICE, hub.desired[DEVICE])
         hub.wait_for(lambda: any(v2.ref.digest in s.bad for _, s in hub.states))
         assert _steps(hub, v2.ref.deployment_id).count(Step.FAILED) == 1
-    finally:
-        runner.stop()
 
 
 def test_replayed_forged_and_malformed_desired_states_are_refused(
@@ -132,12 +108,10 @@ def test_replayed_forged_and_malformed_desired_states_are_refused(
 ) -> None:
     files = iris_files(iris_model.directory)
     v1 = repo.build_package(files, version=1)
-    hub.packages[v1.ref.digest] = v1.data
+    hub.offer(v1)
     old_message = repo.desired_message([])  # counter 1, empty
     hub.desired[DEVICE] = repo.desired_message([v1.ref])  # counter 2
-    runner = AgentThread(make_agent(fast_settings(state_dir)))
-    agent = runner.start()
-    try:
+    with running_agent(state_dir) as (runner, agent):
         hub.wait_for(lambda: _terminal(hub, v1.ref.deployment_id))
         topic = hub.topics.device(
             DEVICE, hub.topics.parse_device(f"outpost/d/{DEVICE}/desired").channel
@@ -161,8 +135,6 @@ def test_replayed_forged_and_malformed_desired_states_are_refused(
         assert runner.call(lambda: agent.malformed_received) >= 6
         assert runner.call(lambda: agent.get("iris")).version == 1
         assert runner.call(lambda: agent.connected)
-    finally:
-        runner.stop()
 
 
 def test_download_resumes_after_lost_and_corrupt_chunks(
@@ -172,7 +144,7 @@ def test_download_resumes_after_lost_and_corrupt_chunks(
     package = repo.build_package(files, chunk_bytes=512)
     hub.chunk_bytes = 512
     assert len(package.ref.chunks) > 8
-    hub.packages[package.ref.digest] = package.data
+    hub.offer(package)
     hub.desired[DEVICE] = repo.desired_message([package.ref])
     seen: dict[int, int] = {}
 
@@ -184,29 +156,23 @@ def test_download_resumes_after_lost_and_corrupt_chunks(
         return None if index % 2 == 0 else b"\x00" + chunk[1:]
 
     hub.chunk_filter = lossy
-    runner = AgentThread(make_agent(fast_settings(state_dir)))
-    agent = runner.start()
-    try:
+    with running_agent(state_dir) as (runner, agent):
         hub.wait_for(lambda: _terminal(hub, package.ref.deployment_id), timeout_s=60)
         assert _steps(hub, package.ref.deployment_id)[-1] is Step.ACTIVE
         assert hub.chunk_requests > 1
         assert runner.call(lambda: agent.get("iris")) is not None
-    finally:
-        runner.stop()
 
 
 def test_package_that_never_matches_its_signed_chunk_hashes_fails_instead_of_hanging(
     hub: FakeHub, repo: RepositorySimulator, state_dir: Path, iris_model: Any
 ) -> None:
     package = repo.build_package(iris_files(iris_model.directory))
-    hub.packages[package.ref.digest] = package.data
+    hub.offer(package)
     hub.desired[DEVICE] = repo.desired_message([package.ref])
     hub.chunk_filter = lambda digest, index, chunk: (
         bytes([chunk[0] ^ 0xFF]) + chunk[1:] if index == 1 else chunk
     )
-    runner = AgentThread(make_agent(fast_settings(state_dir)))
-    agent = runner.start()
-    try:
+    with running_agent(state_dir) as (runner, agent):
         hub.wait_for(lambda: _terminal(hub, package.ref.deployment_id), timeout_s=60)
         last = [e for _, e in hub.events if e.deployment_id == package.ref.deployment_id][-1]
         assert last.step is Step.FAILED
@@ -214,8 +180,6 @@ def test_package_that_never_matches_its_signed_chunk_hashes_fails_instead_of_han
         assert "chunk 1" in last.detail
         assert runner.call(lambda: agent.get("iris")) is None
         assert not list((state_dir / "downloads").iterdir()), "rejected bytes must not be kept"
-    finally:
-        runner.stop()
 
 
 @pytest.mark.parametrize(
@@ -239,12 +203,9 @@ def test_validly_signed_hostile_archive_is_refused_over_mqtt(
     files = iris_files(iris_model.directory)
     v1 = repo.build_package(files, version=1)
     hostile = repo.build_package(files, version=2, extra=[extra])
-    for package in (v1, hostile):
-        hub.packages[package.ref.digest] = package.data
+    hub.offer(v1, hostile)
     hub.desired[DEVICE] = repo.desired_message([v1.ref])
-    runner = AgentThread(make_agent(fast_settings(state_dir)))
-    agent = runner.start()
-    try:
+    with running_agent(state_dir) as (runner, agent):
         hub.wait_for(lambda: _terminal(hub, v1.ref.deployment_id))
         hub.publish_desired(DEVICE, repo.desired_message([hostile.ref]))
         hub.wait_for(lambda: _terminal(hub, hostile.ref.deployment_id))
@@ -253,5 +214,3 @@ def test_validly_signed_hostile_archive_is_refused_over_mqtt(
         assert runner.call(lambda: agent.get("iris")).version == 1
         assert not (state_dir.parent / "outpost-escape").exists()
         assert not any(p.name.startswith(".staging") for p in (state_dir / "models").rglob("*"))
-    finally:
-        runner.stop()

@@ -6,13 +6,12 @@ The hub is played by the scripted FakeHub and RepositorySimulator, so this needs
 import asyncio
 import json
 import random
-import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from typing import Any
 import pytest
 
 from agent.protocol.messages import Step
-from hub.broker import BrokerUser, hash_password
 from outpost_sim.cli import main
 from outpost_sim.fleet import Fleet, device_dir, ramp_delays
 from outpost_sim.runtimes import SharedRuntimes
@@ -80,28 +78,6 @@ class FleetThread:
             raise self.error
 
 
-@pytest.fixture
-def hub(mosquitto: Any) -> Iterator[FakeHub]:
-    fake = FakeHub(
-        host=mosquitto.host,
-        port=mosquitto.port,
-        username=mosquitto.hub_username,
-        password=mosquitto.hub_password,
-    )
-    fake.start()
-    yield fake
-    fake.stop()
-
-
-def _add_devices(mosquitto: Any, device_ids: list[str]) -> dict[str, str]:
-    """Broker accounts for all devices in one reload (one per device takes ~0.1 s each)."""
-    passwords = {d: secrets.token_urlsafe(16) for d in device_ids}
-    users = [BrokerUser(mosquitto.hub_username, hash_password(mosquitto.hub_password))]
-    users += [BrokerUser(d, hash_password(p)) for d, p in passwords.items()]
-    mosquitto.broker.update_users(users)
-    return passwords
-
-
 def test_ramp_spreads_every_start_over_the_window_in_order() -> None:
     delays = ramp_delays(100, 10.0, random.Random(7))
     assert all(0.0 <= d < 10.0 for d in delays)
@@ -117,9 +93,9 @@ def test_fleet_of_real_agents_installs_one_package_on_one_loop_with_one_runtime(
 ) -> None:
     repo = RepositorySimulator()
     package = repo.build_package(iris_files(iris_model.directory))
-    hub.packages[package.ref.digest] = package.data
+    hub.offer(package)
     device_ids = [f"sim-{i:05d}" for i in range(1, DEVICES + 1)]
-    passwords = _add_devices(mosquitto, device_ids)
+    passwords = mosquitto.add_devices(device_ids)
     state_dirs = []
     for index, device_id in enumerate(device_ids, start=1):
         state_dir = device_dir(tmp_path / "fleet", index)
@@ -274,9 +250,9 @@ def test_cli_enrols_runs_until_sigterm_and_restarts_without_enrolling_again(
 ) -> None:
     repo = RepositorySimulator()
     package = repo.build_package(iris_files(iris_model.directory))
-    hub.packages[package.ref.digest] = package.data
+    hub.offer(package)
     device_ids = [f"cli-dev-{i}" for i in range(1, 4)]
-    passwords = _add_devices(mosquitto, device_ids)
+    passwords = mosquitto.add_devices(device_ids)
     keyring = json.loads(repo.keyring().model_dump_json())
     identities = [
         {

@@ -2,7 +2,8 @@
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,14 @@ class AgentThread:
 
 def make_agent(settings: AgentSettings) -> Callable[[], Agent]:
     return lambda: Agent(settings=settings, load_runtime=load_runtime, check_health=check_health)
+
+
+@contextmanager
+def running_agent(state_dir: Path, **settings: Any) -> Iterator[tuple[AgentThread, Agent]]:
+    """A real agent with test-speed timers, stopped (and its errors raised) on exit."""
+    runner = AgentThread(make_agent(fast_settings(state_dir, **settings)))
+    agent = runner.start()
+    try:
+        yield runner, agent
+    finally:
+        runner.stop()

@@ -23,6 +23,7 @@ from agent.protocol.messages import (
     encode,
 )
 from agent.protocol.topics import Channel, Topics
+from tests.support.repository import BuiltPackage
 
 
 @dataclass
@@ -63,6 +64,11 @@ class FakeHub:
         for channel in (Channel.REQ, Channel.EVT, Channel.STATE, Channel.STATUS):
             client.subscribe(self.topics.device_wildcard(channel), qos=1)
         self._connected.set()
+
+    def offer(self, *packages: "BuiltPackage") -> None:
+        """Serve these packages' chunks when a device asks for them."""
+        for package in packages:
+            self.packages[package.ref.digest] = package.data
 
     def publish_desired(self, device_id: str, message: bytes) -> None:
         self.desired[device_id] = message
