@@ -10,6 +10,7 @@ hub's ``ack`` says it was stored and sent again after a reconnect.
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,6 +93,8 @@ class Agent:
         self.last_rejection = ""
         self.malformed_received = 0
         self.events_dropped = 0
+        self.heartbeats_sent = 0
+        self._rng = rng or random.Random()
         broker = self.identity.broker
         self._link = MqttLink(
             client_id=self.device_id,
@@ -108,7 +111,11 @@ class Agent:
                 encode(StatusBody(online=False, reason="connection lost"), msg_id="will"),
             ),
             keepalive_s=settings.mqtt.keepalive_s,
-            backoff=Backoff(settings.mqtt.backoff_base_s, settings.mqtt.backoff_cap_s),
+            backoff=Backoff(
+                settings.mqtt.backoff_base_s,
+                settings.mqtt.backoff_cap_s,
+                jitter=settings.mqtt.backoff_jitter,
+            ),
             connect_timeout_s=settings.mqtt.connect_timeout_s,
             rng=rng,
         )
@@ -182,6 +189,7 @@ class Agent:
             asyncio.create_task(self._link.run(), name=f"{self.device_id}-mqtt"),
             asyncio.create_task(self._reconcile_loop(), name=f"{self.device_id}-reconcile"),
             asyncio.create_task(self._resend_loop(), name=f"{self.device_id}-resend"),
+            asyncio.create_task(self._heartbeat_loop(), name=f"{self.device_id}-heartbeat"),
         ]
         stopper = asyncio.create_task(stop.wait(), name=f"{self.device_id}-stop")
         try:
@@ -215,6 +223,17 @@ class Agent:
             self._publish(Channel.EVT, payload)
         for wakeup in self._chunk_wakeups.values():
             wakeup.set()
+
+    async def _heartbeat_loop(self) -> None:
+        started = time.monotonic()
+        # Devices that started together should not beat together: the first beat is offset.
+        await asyncio.sleep(self._rng.uniform(0, self.settings.mqtt.heartbeat_s))
+        while True:
+            if self._link.connected:
+                self.heartbeats_sent += 1
+                body = StatusBody(online=True, uptime_s=round(time.monotonic() - started, 1))
+                self._publish(Channel.STATUS, encode(body), retain=True)
+            await asyncio.sleep(self.settings.mqtt.heartbeat_s)
 
     async def _resend_loop(self) -> None:
         while True:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ class MqttLink:
         self._lost: asyncio.Event | None = None
         self.connected = False
         self.connects = 0
+        self.connected_at: float | None = None  # time.monotonic() of the latest CONNACK
         self.connect_failures = 0
         self.disconnects = 0
 
@@ -153,6 +155,7 @@ class MqttLink:
             return
         self.connected = True
         self.connects += 1
+        self.connected_at = time.monotonic()
         try:
             self._on_connected_cb()
         except Exception:
@@ -195,12 +198,30 @@ class MqttLink:
         if self.connected:
             self._client.unsubscribe(topic)
 
+    def drop(self) -> None:
+        """Cut the connection as a network failure would: no DISCONNECT, so the will fires.
+
+        The link then reconnects with its backoff, as after any other loss.
+        """
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            # SO_LINGER 0 makes close send a reset, as a pulled cable looks to the broker.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.shutdown(socket.SHUT_RDWR)
+
+    async def wait_for_network(self) -> None:
+        """Called before every connect attempt; a real network is always there.
+
+        The simulator overrides it to keep a device offline for a window.
+        """
+
     async def run(self) -> None:
         """Connect, and reconnect after every loss, until cancelled."""
         self._loop = asyncio.get_running_loop()
         attempt = 0
         try:
             while True:
+                await self.wait_for_network()
                 started = time.monotonic()
                 if await self._connect_once():
                     assert self._lost is not None

@@ -28,6 +28,11 @@ class MqttSettings(_Section):
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_cap_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Full jitter spreads a fleet's reconnects after a broker restart; off only to measure
+    # the thundering herd it prevents (bench/storm.py).
+    backoff_jitter: bool = True
+    # A status message every this many seconds tells the hub the device is alive.
+    heartbeat_s: float = Field(default=30.0, gt=0)
     # Overrides for the broker address the hub gave at enrolment (NAT, port forwarding).
     host: str | None = None
     port: int | None = None

@@ -94,6 +94,8 @@ class StatusBody(_Body):
     kind: Literal["status"] = "status"
     online: bool
     reason: str = ""
+    # Sent with every heartbeat, so the hub can tell a restart from a long-lived connection.
+    uptime_s: float | None = Field(default=None, ge=0)
 
 
 class EventBody(_Body):
