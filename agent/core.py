@@ -8,9 +8,12 @@ hub's ``ack`` says it was stored and sent again after a reconnect.
 """
 
 import asyncio
+import errno
 import logging
 import random
+import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +21,8 @@ from pathlib import Path
 from agent import __version__
 from agent.archive import ArchiveLimits
 from agent.download import ChunkAssembler
-from agent.errors import AgentError, InstallError, RejectedError, TrustError
+from agent.errors import AgentError, InstallError, NoSpaceError, RejectedError, TrustError
+from agent.failpoints import Failpoint, FailpointCrash, Failpoints
 from agent.install import HealthChecker, ModelStore, RuntimeLoader, TrustContext
 from agent.mqtt import Backoff, BrokerAddress, MqttLink, Will
 from agent.protocol.documents import DesiredState, Keyring, PackageRef
@@ -46,6 +50,18 @@ from agent.trust import DesiredVerdict, verify_desired, verify_keyring
 logger = logging.getLogger(__name__)
 
 MAX_PENDING_EVENTS = 10_000
+MIB = 1024 * 1024
+# Room for the state files and logs written while installing, beyond the package's two copies.
+SPACE_MARGIN_BYTES = 4 * MIB
+
+DiskFree = Callable[[Path], int]
+LinkFactory = Callable[..., MqttLink]  # takes MqttLink's keyword arguments
+
+
+def disk_free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
 MAX_CHUNK_TIMEOUT_S = 30.0
 
 
@@ -64,8 +80,17 @@ class Agent:
         check_health: HealthChecker,
         clock: Callable[[], datetime] = utc_now,
         rng: random.Random | None = None,
+        failpoints: Failpoints | None = None,
+        disk_free: DiskFree = disk_free_bytes,
+        link_factory: LinkFactory = MqttLink,
+        on_event: Callable[[EventBody], None] | None = None,
     ) -> None:
+        """The keyword hooks default to the real device; the simulator replaces them to give
+        each simulated device its own clock, disk, network and crash points."""
         self.settings = settings
+        self._failpoints = failpoints or Failpoints.from_env()
+        self._disk_free = disk_free
+        self._on_event = on_event
         self.state = StateDir(settings.state_dir)
         self.state.create()
         self.identity = self.state.load_identity()
@@ -81,6 +106,7 @@ class Agent:
                 max_total_bytes=settings.download.max_package_bytes,
                 max_entries=settings.download.max_archive_entries,
             ),
+            failpoints=self._failpoints,
         )
         self._keyring: Keyring | None = None
         self._desired: DesiredState | None = None
@@ -94,9 +120,11 @@ class Agent:
         self.malformed_received = 0
         self.events_dropped = 0
         self.heartbeats_sent = 0
+        self.corrupt_chunks_received = 0
+        self.rejections: Counter[str] = Counter()  # refused desired states, by reason
         self._rng = rng or random.Random()
         broker = self.identity.broker
-        self._link = MqttLink(
+        self._link = link_factory(
             client_id=self.device_id,
             broker=BrokerAddress(
                 host=settings.mqtt.host or broker.host,
@@ -299,6 +327,7 @@ class Agent:
 
     def _reject(self, exc: AgentError) -> None:
         self.last_rejection = str(exc)
+        self.rejections[str(exc.reason)] += 1
         logger.warning("rejected desired state: %s", exc)
         self._publish_state()
 
@@ -346,9 +375,11 @@ class Agent:
         if bad is not None and bad.deployment_id == ref.deployment_id:
             return  # failed here for this deployment; only a new deployment retries it
         try:
+            self._check_space(ref)
             archive = await self._download(ref)
             if archive is None:
                 return
+            self._failpoints.hit(Failpoint.AFTER_DOWNLOAD)
             self._report(ref, Step.DOWNLOADED, progress=1.0)
             loop = asyncio.get_running_loop()
 
@@ -358,10 +389,15 @@ class Agent:
             model = await asyncio.to_thread(
                 self._store.install, archive, ref, self._trust_context(), report_from_thread
             )
+        except FailpointCrash:
+            raise  # a simulated kill stops this agent where it stands
         except (RejectedError, InstallError) as exc:
             self._fail(ref, exc)
             return
         except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                self._fail(ref, NoSpaceError(f"disk full while installing: {exc}"))
+                return
             logger.exception("unexpected error installing %s v%s", ref.model, ref.version)
             self._fail(ref, AgentError(f"{type(exc).__name__}: {exc}"))
             return
@@ -373,6 +409,20 @@ class Agent:
         self._report(ref, Step.ACTIVE)
         self._publish_state()
         logger.info("now serving %s v%s", ref.model, ref.version)
+
+    def _check_space(self, ref: PackageRef) -> None:
+        """Refuse before the first byte when the archive and its unpacked copy cannot fit.
+
+        A download that fills the disk half-way would leave a partial file that makes every
+        retry fail too (THREATS.md C3); asking first costs one statvfs.
+        """
+        need = 2 * ref.size + SPACE_MARGIN_BYTES
+        free = self._disk_free(self.state.root)
+        if free < need:
+            raise NoSpaceError(
+                f"{ref.model} v{ref.version} needs {need / MIB:.1f} MiB free,"
+                f" the disk has {free / MIB:.1f} MiB"
+            )
 
     def _fail(self, ref: PackageRef, exc: AgentError) -> None:
         logger.warning("package %s v%s failed: %s", ref.model, ref.version, exc)
@@ -406,6 +456,7 @@ class Agent:
                 if not await self._fetch_chunks(ref, assembler, wakeup):
                     return None
             finally:
+                self.corrupt_chunks_received += assembler.corrupt_chunks
                 self._link.unsubscribe(wildcard)
                 del self._downloads[ref.digest]
                 del self._chunk_wakeups[ref.digest]
@@ -465,19 +516,20 @@ class Agent:
         # The sequence number is on disk before the event leaves, so a restart never reuses one
         # and the hub's (device_id, seq) de-duplication stays sound.
         self.state.save_progress(self._progress)
-        payload = encode(
-            EventBody(
-                seq=seq,
-                deployment_id=ref.deployment_id,
-                model=ref.model,
-                version=ref.version,
-                digest=ref.digest,
-                step=step,
-                reason=reason,
-                detail=detail,
-                progress=progress,
-            )
+        event = EventBody(
+            seq=seq,
+            deployment_id=ref.deployment_id,
+            model=ref.model,
+            version=ref.version,
+            digest=ref.digest,
+            step=step,
+            reason=reason,
+            detail=detail,
+            progress=progress,
         )
+        payload = encode(event)
+        if self._on_event is not None:
+            self._on_event(event)
         self._pending_events[seq] = payload
         if len(self._pending_events) > MAX_PENDING_EVENTS:
             del self._pending_events[min(self._pending_events)]

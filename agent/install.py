@@ -28,6 +28,7 @@ from agent.errors import (
     ModelLoadError,
     RejectedError,
 )
+from agent.failpoints import Failpoint, FailpointCrash, Failpoints
 from agent.protocol.documents import HealthCheck, Keyring, Manifest, PackageRef
 from agent.protocol.messages import Step
 from agent.protocol.package import MANIFEST_NAME, SIGNATURE_NAME
@@ -73,8 +74,10 @@ class ModelStore:
         load_runtime: RuntimeLoader,
         check_health: HealthChecker,
         limits: ArchiveLimits,
+        failpoints: Failpoints | None = None,
     ) -> None:
         self.root = root
+        self._failpoints = failpoints or Failpoints()
         self._load_runtime = load_runtime
         self._check_health = check_health
         self._limits = limits
@@ -109,6 +112,7 @@ class ModelStore:
         shutil.rmtree(staging, ignore_errors=True)
         try:
             manifest = self._unpack(archive_path, ref, trust, staging)
+            self._failpoints.hit(Failpoint.AFTER_UNPACK)
             report(Step.VERIFIED)
             report(Step.INSTALLING)
             current = self.pointer(ref.model)
@@ -117,9 +121,14 @@ class ModelStore:
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
             fsync_dir(model_dir)
+            self._failpoints.hit(Failpoint.AFTER_RENAME)
             runtime = self._load(final, manifest)
+            self._failpoints.hit(Failpoint.AFTER_LOAD)
             report(Step.HEALTH_CHECK)
             self._check_health(runtime, final / FILES_SUBDIR, manifest.health_check)
+            self._failpoints.hit(Failpoint.AFTER_HEALTH)
+        except FailpointCrash:
+            raise  # a simulated kill: nothing gets cleaned up, as with a real one
         except BaseException:
             # Nothing of a failed install stays; the active version's directory is never this
             # one (checked above), so removing it cannot touch what is serving.
@@ -136,6 +145,7 @@ class ModelStore:
         )
         # The switch: one atomic rename. Everything before it left the old version active.
         write_atomic(model_dir / POINTER_NAME, pointer.model_dump_json().encode())
+        self._failpoints.hit(Failpoint.AFTER_SWITCH)
         self._prune(model_dir, keep={pointer.directory, previous.directory if previous else ""})
         return ActiveModel(ref.model, ref.version, ref.digest, manifest, runtime)
 
