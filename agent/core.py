@@ -165,6 +165,11 @@ class Agent:
         return self._link.connected
 
     @property
+    def unconfirmed_events(self) -> int:
+        """Events sent but not yet acknowledged as stored by the hub."""
+        return len(self._pending_events)
+
+    @property
     def link(self) -> MqttLink:
         return self._link
 
@@ -257,11 +262,15 @@ class Agent:
         # Devices that started together should not beat together: the first beat is offset.
         await asyncio.sleep(self._rng.uniform(0, self.settings.mqtt.heartbeat_s))
         while True:
-            if self._link.connected:
-                self.heartbeats_sent += 1
-                body = StatusBody(online=True, uptime_s=round(time.monotonic() - started, 1))
-                self._publish(Channel.STATUS, encode(body), retain=True)
+            self.send_heartbeat(uptime_s=time.monotonic() - started)
             await asyncio.sleep(self.settings.mqtt.heartbeat_s)
+
+    def send_heartbeat(self, *, uptime_s: float) -> bool:
+        """One ``online`` status with the uptime; False when not connected."""
+        body = StatusBody(online=True, uptime_s=round(uptime_s, 1))
+        sent = self._publish(Channel.STATUS, encode(body), retain=True)
+        self.heartbeats_sent += sent
+        return sent
 
     async def _resend_loop(self) -> None:
         while True:

@@ -109,6 +109,7 @@ class MqttLink:
         self.connected = False
         self.connects = 0
         self.connected_at: float | None = None  # time.monotonic() of the latest CONNACK
+        self.first_connected_at: float | None = None
         self.connect_failures = 0
         self.disconnects = 0
 
@@ -156,6 +157,8 @@ class MqttLink:
         self.connected = True
         self.connects += 1
         self.connected_at = time.monotonic()
+        if self.first_connected_at is None:
+            self.first_connected_at = self.connected_at
         try:
             self._on_connected_cb()
         except Exception:
@@ -175,11 +178,15 @@ class MqttLink:
             self._lost.set()
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self.receive(msg.topic, bytes(msg.payload))
+
+    def receive(self, topic: str, payload: bytes) -> None:
+        """Hand one message to the agent; the simulator's links override it to shape traffic."""
         try:
-            self._on_message_cb(msg.topic, bytes(msg.payload))
+            self._on_message_cb(topic, payload)
         except Exception:
             # One bad message must not take the connection (or the agent) down.
-            logger.exception("message handler failed", extra={"topic": msg.topic})
+            logger.exception("message handler failed", extra={"topic": topic})
 
     # -- the public side ---------------------------------------------------------------------
 
