@@ -1,128 +1,163 @@
-"""``outpost-sim``: enrol and run a fleet of simulated devices against a hub. Wiring only.
+"""``outpost-sim``: run a fleet of simulated devices against a hub. Wiring only.
 
+    outpost-sim run scenario.yaml [--json [FILE]]
     outpost-sim run --hub http://127.0.0.1:8780 --token T --devices 200 --state-dir var/sim
+    outpost-sim plan scenario.yaml
 
-enrols the devices that have no identity yet, starts them over ``--ramp-s`` seconds, shows a
-live status line on stderr every 2 s, and prints a summary when stopped (Ctrl-C, SIGTERM or
-``--duration-s``).
+``run`` enrols the devices that have no identity yet (one bulk request per 1,000), starts them
+over the ramp, does the scenario's steps with a live progress view on stderr, and ends with a
+report (``--json`` writes it as JSON, to stdout or a file). Without a scenario file it runs one
+group of ``--devices`` until Ctrl-C, SIGTERM or ``--duration-s``. ``plan`` prints the fault
+schedule a scenario and seed expand to, without running anything.
 """
 
 import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
-import time
 from pathlib import Path
-from typing import Any, TextIO
 
+from agent.enroll import DeviceRequest
 from agent.errors import AgentError
-from agent.settings import AgentSettings
-from outpost_sim.enrollment import enroll_missing, is_enrolled
-from outpost_sim.fleet import DEFAULT_IO_THREADS, Fleet, FleetSummary, device_dirs
-
-STATUS_INTERVAL_S = 2.0
-
-
-class StatusLine:
-    """One line of live status: redrawn in place on a terminal, appended otherwise."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._tty = stream.isatty()
-
-    def show(self, text: str) -> None:
-        if self._tty:
-            self._stream.write("\r\x1b[K" + text)
-        else:
-            self._stream.write(text + "\n")
-        self._stream.flush()
-
-    def done(self) -> None:
-        if self._tty:
-            self._stream.write("\n")
-            self._stream.flush()
+from outpost_sim.enrollment import DeviceToEnroll, enroll_devices, is_enrolled
+from outpost_sim.report import RunReport, format_report
+from outpost_sim.runner import ScenarioRunner, plan_devices
+from outpost_sim.scenario import (
+    GroupSpec,
+    HubSpec,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+    parse_scenario,
+)
+from outpost_sim.view import ProgressView
 
 
-def _settings(args: argparse.Namespace) -> AgentSettings:
-    # Simulated devices serve no scoring endpoint: thousands of them would fight over ports.
-    overrides: dict[str, Any] = {"scoring": {"enabled": False}}
+def _scenario(args: argparse.Namespace) -> Scenario:
+    if args.scenario is not None:
+        scenario = load_scenario(args.scenario)
+        updates: dict[str, object] = {}
+        if args.seed is not None:
+            updates["seed"] = args.seed
+        if args.state_dir is not None:
+            updates["state_dir"] = args.state_dir
+        if args.hub or args.token:
+            hub = scenario.hub.model_copy(
+                update={
+                    k: v for k, v in {"url": args.hub, "enrollment_token": args.token}.items() if v
+                }
+            )
+            updates["hub"] = hub
+        return scenario.model_copy(update=updates)
+    if args.devices is None or args.state_dir is None:
+        raise ScenarioError("give a scenario file, or --devices and --state-dir")
+    group: dict[str, object] = {"group": "sim", "count": args.devices}
     if args.device_class:
-        overrides["device_class"] = args.device_class
-    return AgentSettings.load(args.config, **overrides)
+        group["profile"] = {"device_class": args.device_class}
+    return parse_scenario(
+        {
+            "name": "adhoc",
+            "seed": args.seed or 0,
+            "hub": HubSpec(url=args.hub or HubSpec().url, enrollment_token=args.token).model_dump(),
+            "state_dir": str(args.state_dir),
+            "ramp_s": args.ramp_s,
+            "io_threads": args.io_threads,
+            "fleet": [GroupSpec.model_validate(group).model_dump()],
+        },
+        source="command line",
+    )
 
 
-def _enroll(args: argparse.Namespace, status: StatusLine) -> None:
-    missing = [d for d in device_dirs(args.state_dir, args.devices) if not is_enrolled(d)]
+def _enroll(scenario: Scenario, runner_hub_token: str | None, view: ProgressView) -> None:
+    groups = {g.group: g for g in scenario.fleet}
+    planned = plan_devices(scenario)
+    missing = [p for p in planned if not is_enrolled(p.state_dir)]
     if not missing:
         return
-    if not args.hub or not args.token:
-        raise AgentError(f"{len(missing)} devices are not enrolled yet: pass --hub and --token")
-
-    def progress(done: int, total: int) -> None:
-        if done == total or done % 10 == 0:
-            status.show(f"enrolling: {done}/{total}")
-
-    report = enroll_missing(
-        hub_url=args.hub,
-        token=args.token,
-        base_dir=args.state_dir,
-        count=args.devices,
-        device_class=args.device_class or "generic",
-        on_progress=progress,
+    token = scenario.hub.enrollment_token or runner_hub_token
+    if not token:
+        raise AgentError(
+            f"{len(missing)} devices are not enrolled yet: give an enrolment token (--token,"
+            " hub.enrollment_token) or the hub's admin token (hub.admin_token_file)"
+        )
+    devices = [
+        DeviceToEnroll(
+            p.state_dir,
+            DeviceRequest(
+                name=p.state_dir.name,
+                device_class=groups[p.group].profile.device_class,
+                tags=groups[p.group].profile.tags,
+            ),
+        )
+        for p in missing
+    ]
+    report = enroll_devices(
+        hub_url=scenario.hub.url,
+        token=token,
+        devices=devices,
+        on_progress=lambda done, total: view.write(f"enrolling: {done}/{total}"),
     )
-    status.done()
+    view.done()
     print(f"enrolled {report.enrolled} devices ({report.skipped} already were)", file=sys.stderr)
 
 
-async def _run_fleet(fleet: Fleet, duration_s: float | None, status: StatusLine) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if duration_s is not None:
-        loop.call_later(duration_s, stop.set)
-
-    async def report() -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), STATUS_INTERVAL_S)
-            except TimeoutError:
-                status.show(fleet.summary().line())
-
-    reporter = asyncio.create_task(report(), name="status")
-    try:
-        await fleet.run(stop)
-    finally:
-        stop.set()
-        await reporter
-        status.done()
+def _write_json(report: RunReport, target: str) -> None:
+    text = json.dumps(report.as_dict(), indent=2, sort_keys=True)
+    if target == "-":
+        print(text)
+    else:
+        Path(target).write_text(text + "\n", encoding="utf-8")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    status = StatusLine(sys.stderr)
-    _enroll(args, status)
-    fleet = Fleet(
-        state_dirs=device_dirs(args.state_dir, args.devices),
-        settings=_settings(args),
-        ramp_s=args.ramp_s,
-        io_threads=args.io_threads,
-    )
-    started = time.monotonic()
-    asyncio.run(_run_fleet(fleet, args.duration_s, status))
-    # What the fleet looked like while running; after shutdown nobody is connected.
-    summary: FleetSummary = fleet.at_stop or fleet.summary()
-    if args.json:
-        out = summary.as_dict()
-        out["elapsed_s"] = round(time.monotonic() - started, 3)
-        out["crashed_devices"] = fleet.crashed
-        print(json.dumps(out, indent=2, sort_keys=True))
+    scenario = _scenario(args)
+    view = ProgressView(sys.stderr)
+    runner_token: str | None = None
+    if not scenario.hub.enrollment_token and scenario.hub.resolved_admin_token():
+        from outpost_sim.hubapi import HubApi
+
+        missing = [p for p in plan_devices(scenario) if not is_enrolled(p.state_dir)]
+        if missing:
+            api = HubApi(scenario.hub.url, scenario.hub.resolved_admin_token())
+            runner_token = api.create_enrollment_token(uses=len(missing))
+    _enroll(scenario, runner_token, view)
+
+    async def main() -> RunReport:
+        runner = ScenarioRunner(
+            scenario, view=view, config_file=args.config, duration_s=args.duration_s
+        )
+        return await runner.run()
+
+    report = asyncio.run(main())
+    if args.json is not None:
+        _write_json(report, args.json)
+        if args.json != "-":
+            print(format_report(report), file=sys.stderr)
     else:
-        print(summary.line())
-        for device_id, why in sorted(fleet.crashed.items()):
-            print(f"crashed {device_id}: {why}")
-    return 1 if fleet.crashed else 0
+        print(format_report(report))
+    return 1 if report.unexpected_errors else 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    scenario = load_scenario(args.scenario)
+    if args.seed is not None:
+        scenario = scenario.model_copy(update={"seed": args.seed})
+    from outpost_sim.faults import DeviceSlot, plan_faults
+
+    planned = plan_devices(scenario)
+    plan = plan_faults(
+        scenario.faults,
+        [DeviceSlot(p.index, p.group) for p in planned],
+        seed=scenario.seed,
+        horizon_s=scenario.horizon_s(),
+    )
+    print(f"scenario {scenario.name}, seed {scenario.seed}, fault plan {plan.fingerprint()}")
+    for kind, devices in plan.counts().items():
+        print(f"  {kind}: {devices} devices")
+    for index, faults in sorted(plan.devices.items()):
+        print(f"  {planned[index].state_dir.name}: {', '.join(faults.kinds)}")
+    return 0
 
 
 def _positive(text: str) -> int:
@@ -146,20 +181,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every device's steps")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="enrol what is missing, then run the fleet until stopped")
-    p.add_argument("--hub", help="hub URL for enrolment, e.g. http://127.0.0.1:8780")
+    p = sub.add_parser("run", help="enrol what is missing, run the fleet and the scenario")
+    p.add_argument("scenario", nargs="?", type=Path, help="scenario file (.yaml or .toml)")
+    p.add_argument("--hub", help="hub URL, e.g. http://127.0.0.1:8780 (overrides the scenario)")
     p.add_argument("--token", help="enrolment token with at least as many uses as new devices")
-    p.add_argument("--devices", type=_positive, required=True, help="number of devices")
-    p.add_argument("--state-dir", type=Path, required=True, help="one subdirectory per device")
+    p.add_argument("--devices", type=_positive, help="number of devices (without a scenario)")
+    p.add_argument("--state-dir", type=Path, help="one subdirectory per device")
+    p.add_argument("--seed", type=int, help="seed for the fault schedule (overrides)")
     p.add_argument("--ramp-s", type=_seconds, default=10.0, help="spread connects over S s")
     p.add_argument("--duration-s", type=_seconds, help="stop after S s (default: Ctrl-C)")
     p.add_argument("--device-class", help="device class to enrol and run as (default generic)")
     p.add_argument("--config", type=Path, help="agent TOML config applied to every device")
+    p.add_argument("--io-threads", type=_positive, default=4, help="install threads")
     p.add_argument(
-        "--io-threads", type=_positive, default=DEFAULT_IO_THREADS, help="install threads"
+        "--json", nargs="?", const="-", metavar="FILE", help="write the report as JSON (- stdout)"
     )
-    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("plan", help="print the fault schedule of a scenario and seed")
+    p.add_argument("scenario", type=Path)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_cmd_plan)
     return parser
 
 
@@ -171,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         code: int = args.func(args)
-    except AgentError as exc:
-        print(f"outpost-sim: {exc.detail}", file=sys.stderr)
+    except (AgentError, ScenarioError) as exc:
+        detail = exc.detail if isinstance(exc, AgentError) else str(exc)
+        print(f"outpost-sim: {detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

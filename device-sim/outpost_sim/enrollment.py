@@ -1,32 +1,39 @@
 """Bulk enrolment: give every simulated device that lacks one an identity from the hub.
 
-It goes through ``agent.enroll.enroll``, the same HTTP exchange a real device makes. The hub's
-enrolment tokens carry a use count, so one token created with ``uses=N`` enrols a fleet of N.
-Devices whose state directory already holds an identity are skipped, so a fleet can be stopped
-and started again, or grown, with the same command.
+It goes through ``agent.enroll.enroll_many``: one request to the hub's bulk endpoint per batch,
+the same identities a real device gets, and one broker reload per batch instead of one per
+device. Devices whose state directory already holds an identity are skipped, so a fleet can be
+stopped and started again, or grown, with the same command.
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from agent.core import utc_now
-from agent.enroll import enroll
+from agent.enroll import DeviceRequest, enroll_many
 from agent.errors import EnrollmentError
 from agent.state import StateDir
 from outpost_sim.fleet import device_dirs
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]  # (devices done, devices in the fleet)
+ProgressCallback = Callable[[int, int], None]  # (devices done, devices to enrol)
+BATCH = 1_000  # devices per request: bounded request bodies, and progress to show
 
 
 @dataclass(frozen=True)
 class EnrollmentReport:
     enrolled: int
     skipped: int
+
+
+@dataclass(frozen=True)
+class DeviceToEnroll:
+    state_dir: Path
+    request: DeviceRequest
 
 
 def is_enrolled(state_dir: Path) -> bool:
@@ -40,37 +47,50 @@ def enroll_missing(
     base_dir: Path,
     count: int,
     device_class: str = "generic",
+    on_progress: ProgressCallback | None = None,
+) -> EnrollmentReport:
+    """Enrol devices 1..``count`` under ``base_dir`` (``sim-00001``...) that lack an identity."""
+    devices = [
+        DeviceToEnroll(d, DeviceRequest(name=d.name, device_class=device_class))
+        for d in device_dirs(base_dir, count)
+    ]
+    return enroll_devices(hub_url=hub_url, token=token, devices=devices, on_progress=on_progress)
+
+
+def enroll_devices(
+    *,
+    hub_url: str,
+    token: str,
+    devices: Sequence[DeviceToEnroll],
     clock: Callable[[], datetime] = utc_now,
     on_progress: ProgressCallback | None = None,
-    timeout_s: float = 30.0,
+    timeout_s: float = 120.0,
 ) -> EnrollmentReport:
-    """Enrol devices 1..``count`` under ``base_dir`` that have no identity yet.
+    """Enrol the ``devices`` that have no identity yet, ``BATCH`` per request.
 
-    Stops at the first refusal (an exhausted token refuses every later device too) and raises
-    ``EnrollmentError`` saying how far it got; the devices enrolled so far keep their identity.
+    Stops at the first refusal and raises ``EnrollmentError`` saying how far it got; the devices
+    enrolled so far keep their identity.
     """
-    enrolled = skipped = 0
-    for index, state_dir in enumerate(device_dirs(base_dir, count), start=1):
-        if is_enrolled(state_dir):
-            skipped += 1
-        else:
-            try:
-                enroll(
-                    hub_url=hub_url,
-                    token=token,
-                    state=StateDir(state_dir),
-                    now=clock(),
-                    device_class=device_class,
-                    name=state_dir.name,
-                    timeout_s=timeout_s,
-                )
-            except EnrollmentError as exc:
-                raise EnrollmentError(
-                    f"enrolment stopped at device {index} of {count}"
-                    f" ({enrolled} enrolled now, {skipped} already were): {exc.detail}"
-                ) from exc
-            enrolled += 1
+    missing = [d for d in devices if not is_enrolled(d.state_dir)]
+    skipped = len(devices) - len(missing)
+    enrolled = 0
+    for start in range(0, len(missing), BATCH):
+        batch = missing[start : start + BATCH]
+        try:
+            enroll_many(
+                hub_url=hub_url,
+                token=token,
+                devices=[(StateDir(d.state_dir), d.request) for d in batch],
+                now=clock(),
+                timeout_s=timeout_s,
+            )
+        except EnrollmentError as exc:
+            raise EnrollmentError(
+                f"enrolment stopped after {enrolled} of {len(missing)} new devices"
+                f" ({skipped} already were): {exc.detail}"
+            ) from exc
+        enrolled += len(batch)
         if on_progress is not None:
-            on_progress(index, count)
+            on_progress(enrolled, len(missing))
     logger.info("enrolment done", extra={"enrolled": enrolled, "skipped": skipped})
     return EnrollmentReport(enrolled=enrolled, skipped=skipped)

@@ -1,0 +1,227 @@
+"""Running a scenario: enrol what is missing, start the fleet, do the steps, report.
+
+The fleet runs on this process's event loop; the steps run beside it on the same loop, so they
+read the agents' state directly. Hub calls (blocking HTTP) go to a thread.
+"""
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.settings import AgentSettings
+from outpost_sim.device import SimulatedDevice
+from outpost_sim.faults import DeviceSlot, plan_faults
+from outpost_sim.fleet import Fleet
+from outpost_sim.hubapi import HubApi
+from outpost_sim.report import (
+    ResourceMeter,
+    RolloutReport,
+    RunReport,
+    rollout_report,
+    run_report,
+)
+from outpost_sim.scenario import (
+    DeployStep,
+    IdleStep,
+    Scenario,
+    Step,
+    TelemetryStep,
+    WaitConnectedStep,
+)
+from outpost_sim.view import ProgressView
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.1  # how often a step looks at the fleet while it waits for something
+
+
+@dataclass(frozen=True)
+class PlannedDevice:
+    index: int
+    group: str
+    state_dir: Path
+
+
+def plan_devices(scenario: Scenario) -> list[PlannedDevice]:
+    """Every device of the scenario with its state directory, ``<base>/<group>-00001``..."""
+    base = scenario.base_dir()
+    planned: list[PlannedDevice] = []
+    for group in scenario.fleet:
+        for n in range(1, group.count + 1):
+            planned.append(
+                PlannedDevice(len(planned), group.group, base / f"{group.group}-{n:05d}")
+            )
+    return planned
+
+
+def agent_settings(scenario: Scenario, config_file: Path | None = None) -> AgentSettings:
+    # Simulated devices serve no scoring endpoint: thousands of them would fight over ports.
+    overrides: dict[str, Any] = dict(scenario.agent)
+    overrides["scoring"] = {**overrides.get("scoring", {}), "enabled": False}
+    overrides["mqtt"] = {"heartbeat_s": scenario.heartbeat_s, **overrides.get("mqtt", {})}
+    return AgentSettings.load(config_file, **overrides)
+
+
+class ScenarioRunner:
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        view: ProgressView,
+        config_file: Path | None = None,
+        duration_s: float | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.view = view
+        self.duration_s = duration_s
+        self.planned = plan_devices(scenario)
+        groups = {g.group: g for g in scenario.fleet}
+        self.plan = plan_faults(
+            scenario.faults,
+            [DeviceSlot(p.index, p.group) for p in self.planned],
+            seed=scenario.seed,
+            horizon_s=scenario.horizon_s() if duration_s is None else duration_s,
+        )
+        self.fleet = Fleet(
+            state_dirs=[p.state_dir for p in self.planned],
+            settings=agent_settings(scenario, config_file),
+            ramp_s=scenario.ramp_s,
+            io_threads=scenario.io_threads,
+            profiles=[groups[p.group].profile for p in self.planned],
+            fault_plan=self.plan,
+        )
+        self.api = HubApi(scenario.hub.url, scenario.hub.resolved_admin_token())
+        self.rollouts: list[RolloutReport] = []
+        self.step_label = "starting"
+        self._stop = asyncio.Event()
+
+    async def run(self) -> RunReport:
+        meter = ResourceMeter()
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        fleet_task = asyncio.create_task(self.fleet.run(self._stop), name="fleet")
+        view_task = asyncio.create_task(self._show_progress(meter), name="progress")
+        try:
+            await self._script()
+        finally:
+            self._stop.set()
+            await fleet_task
+            await view_task
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            self.view.done()
+        return run_report(
+            scenario=self.scenario.name,
+            seed=self.scenario.seed,
+            fleet=self.fleet,
+            rollouts=self.rollouts,
+            meter=meter,
+            elapsed_s=time.monotonic() - started,
+        )
+
+    async def _script(self) -> None:
+        if not self.scenario.steps:
+            self.step_label = "running"
+            await self._until(lambda: False, self.duration_s)
+            return
+        for number, step in enumerate(self.scenario.steps, start=1):
+            if self._stop.is_set():
+                return
+            self.step_label = f"step {number}/{len(self.scenario.steps)} {step.do}"
+            await self._do(step)
+        if self.scenario.linger_s:
+            self.step_label = "lingering"
+            await self._until(lambda: False, self.scenario.linger_s)
+
+    async def _do(self, step: Step) -> None:
+        if isinstance(step, DeployStep):
+            await self._deploy(step)
+        elif isinstance(step, IdleStep):
+            await self._until(lambda: False, step.for_s)
+        elif isinstance(step, TelemetryStep):
+            await self._telemetry(step)
+        else:
+            await self._wait_connected(step)
+
+    async def _until(self, done: Callable[[], bool], timeout_s: float | None) -> bool:
+        """Wait until ``done()``, the timeout or the stop; True when ``done()`` held."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not done():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(
+                    self._stop.wait(), POLL_S if left is None else min(left, POLL_S)
+                )
+                return False
+            except TimeoutError:
+                continue
+        return True
+
+    async def _wait_connected(self, step: WaitConnectedStep) -> None:
+        need = step.fraction * len(self.fleet.devices)
+        await self._until(
+            lambda: sum(a.connected for a in self.fleet.agents) >= need, step.timeout_s
+        )
+
+    def _targets(self, step: DeployStep) -> list[SimulatedDevice]:
+        groups = set(step.groups or [p.group for p in self.planned])
+        return [
+            d for d, p in zip(self.fleet.devices, self.planned, strict=True) if p.group in groups
+        ]
+
+    async def _deploy(self, step: DeployStep) -> None:
+        targets = self._targets(step)
+        started = time.monotonic()
+        deployment = await asyncio.to_thread(
+            self.api.deploy, step.model, step.version, [d.device_id for d in targets]
+        )
+        deployment_id = str(deployment["id"])
+        version = int(deployment["version"])
+        self.step_label = f"deploy {step.model}:{version}"
+
+        def finished() -> bool:
+            return all(
+                deployment_id in d.record.active_at or deployment_id in d.record.failed
+                for d in targets
+            )
+
+        await self._until(finished, step.timeout_s)
+        self.rollouts.append(
+            rollout_report(
+                targets,
+                deployment_id=deployment_id,
+                model=step.model,
+                version=version,
+                started_at=started,
+                ended_at=time.monotonic(),
+            )
+        )
+
+    async def _telemetry(self, step: TelemetryStep) -> None:
+        ends = time.monotonic() + step.for_s
+        beats = 0
+        while not self._stop.is_set() and time.monotonic() < ends:
+            tick = time.monotonic()
+            for device in self.fleet.devices:
+                beats += device.agent.send_heartbeat(
+                    uptime_s=tick - (device.record.started_at or tick)
+                )
+            await self._until(lambda: False, max(0.0, step.interval_s - (time.monotonic() - tick)))
+        logger.info("telemetry step sent %d heartbeats", beats)
+
+    async def _show_progress(self, meter: ResourceMeter) -> None:
+        while not self._stop.is_set():
+            self.view.show(self.step_label, self.fleet, meter)
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.view.interval_s)
+            except TimeoutError:
+                continue
