@@ -16,6 +16,7 @@ from hub.signing.keystore import KeyStore
 
 if TYPE_CHECKING:
     from hub.deployments.desired import Director
+    from hub.messaging.handlers import MessageStats
 
 
 @dataclass
@@ -35,6 +36,8 @@ class HubContext:
     # Serialises sign-and-publish of desired states: a lower counter published after a higher
     # one would stay retained and be rejected by the device as a replay.
     desired_lock: threading.Lock = field(default_factory=threading.Lock)
+    # The message worker's counters, once messaging runs (None in API-only tests).
+    message_stats: "MessageStats | None" = None
 
     def director(self) -> "Director":
         """The desired-state signer and publisher over the current publisher."""

@@ -22,6 +22,7 @@ from hub.devices.router import router as devices_router
 from hub.errors import install_error_handler
 from hub.messaging.client import BrokerAddress, MqttClient
 from hub.messaging.publisher import Publisher
+from hub.messaging.router import router as messaging_router
 from hub.messaging.worker import MessageWorker
 from hub.migrations.runner import upgrade
 from hub.registry.router import router as registry_router
@@ -80,6 +81,7 @@ def _run_messaging(ctx: HubContext) -> Iterator[None]:
                 settings.broker.public_port or address.port,
             )
         worker = MessageWorker(ctx)
+        ctx.message_stats = worker.handlers.stats
         worker.start()
         stack.callback(worker.stop)
         client = MqttClient(address, topics=ctx.topics, on_message=worker.submit)
@@ -125,6 +127,7 @@ def create_app(settings: HubSettings, *, publisher: Publisher | None = None) -> 
     app.include_router(enroll_router)
     app.include_router(devices_router)
     app.include_router(deployments_router)
+    app.include_router(messaging_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

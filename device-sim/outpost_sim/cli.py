@@ -18,11 +18,9 @@ import logging
 import sys
 from pathlib import Path
 
-from agent.enroll import DeviceRequest
 from agent.errors import AgentError
-from outpost_sim.enrollment import DeviceToEnroll, enroll_devices, is_enrolled
 from outpost_sim.report import RunReport, format_report
-from outpost_sim.runner import ScenarioRunner, plan_devices
+from outpost_sim.runner import ScenarioRunner, enroll_scenario, plan_devices
 from outpost_sim.scenario import (
     GroupSpec,
     HubSpec,
@@ -69,39 +67,6 @@ def _scenario(args: argparse.Namespace) -> Scenario:
     )
 
 
-def _enroll(scenario: Scenario, runner_hub_token: str | None, view: ProgressView) -> None:
-    groups = {g.group: g for g in scenario.fleet}
-    planned = plan_devices(scenario)
-    missing = [p for p in planned if not is_enrolled(p.state_dir)]
-    if not missing:
-        return
-    token = scenario.hub.enrollment_token or runner_hub_token
-    if not token:
-        raise AgentError(
-            f"{len(missing)} devices are not enrolled yet: give an enrolment token (--token,"
-            " hub.enrollment_token) or the hub's admin token (hub.admin_token_file)"
-        )
-    devices = [
-        DeviceToEnroll(
-            p.state_dir,
-            DeviceRequest(
-                name=p.state_dir.name,
-                device_class=groups[p.group].profile.device_class,
-                tags=groups[p.group].profile.tags,
-            ),
-        )
-        for p in missing
-    ]
-    report = enroll_devices(
-        hub_url=scenario.hub.url,
-        token=token,
-        devices=devices,
-        on_progress=lambda done, total: view.write(f"enrolling: {done}/{total}"),
-    )
-    view.done()
-    print(f"enrolled {report.enrolled} devices ({report.skipped} already were)", file=sys.stderr)
-
-
 def _write_json(report: RunReport, target: str) -> None:
     text = json.dumps(report.as_dict(), indent=2, sort_keys=True)
     if target == "-":
@@ -113,15 +78,15 @@ def _write_json(report: RunReport, target: str) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     scenario = _scenario(args)
     view = ProgressView(sys.stderr)
-    runner_token: str | None = None
-    if not scenario.hub.enrollment_token and scenario.hub.resolved_admin_token():
-        from outpost_sim.hubapi import HubApi
-
-        missing = [p for p in plan_devices(scenario) if not is_enrolled(p.state_dir)]
-        if missing:
-            api = HubApi(scenario.hub.url, scenario.hub.resolved_admin_token())
-            runner_token = api.create_enrollment_token(uses=len(missing))
-    _enroll(scenario, runner_token, view)
+    enrolled = enroll_scenario(
+        scenario, on_progress=lambda done, total: view.write(f"enrolling: {done}/{total}")
+    )
+    if enrolled is not None:
+        view.done()
+        print(
+            f"enrolled {enrolled.enrolled} devices ({enrolled.skipped} already were)",
+            file=sys.stderr,
+        )
 
     async def main() -> RunReport:
         runner = ScenarioRunner(
@@ -132,8 +97,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     report = asyncio.run(main())
     if args.json is not None:
         _write_json(report, args.json)
-        if args.json != "-":
-            print(format_report(report), file=sys.stderr)
+        print(format_report(report), file=sys.stderr)
     else:
         print(format_report(report))
     return 1 if report.unexpected_errors else 0

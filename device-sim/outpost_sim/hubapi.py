@@ -52,3 +52,7 @@ class HubApi:
             json={"model": model, "version": version, "devices": devices},
         )
         return body
+
+    def message_stats(self) -> dict[str, int]:
+        body: dict[str, int] = self._call("GET", "/api/v1/messages/stats")
+        return body

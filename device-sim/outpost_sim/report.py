@@ -116,6 +116,8 @@ class RunReport:
     messages: dict[str, int]
     simulator: dict[str, float]
     unexpected_errors: dict[str, str]
+    fleet: dict[str, Any]  # the fleet's counts at the moment the run stopped
+    hub_messages: dict[str, int] | None = None  # the hub's counters, when it could be asked
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,6 +212,7 @@ def run_report(
         },
         simulator=meter.read(len(devices)),
         unexpected_errors=dict(fleet.crashed),
+        fleet=(fleet.at_stop or fleet.summary()).as_dict(),
     )
 
 
@@ -242,6 +245,15 @@ def format_report(report: RunReport) -> str:
         f" unconfirmed {m['events_unconfirmed']}, lost in crashes {m['events_lost_in_crashes']};"
         f" heartbeats {m['heartbeats_sent']}"
     )
+    active = report.fleet.get("active", {})
+    lines.append(
+        f"  at the end: connected {report.fleet.get('connected')}, active "
+        + (", ".join(f"{k} {v}" for k, v in sorted(active.items())) or "none")
+    )
+    if report.hub_messages is not None:
+        lines.append(
+            "  hub messages: " + ", ".join(f"{k} {v}" for k, v in report.hub_messages.items())
+        )
     s = report.simulator
     lines.append(
         f"  simulator: cpu {s['cpu_s']} s ({s['cpu_percent']} %), rss {s['rss_mb']} MB"

@@ -7,17 +7,27 @@ read the agents' state directly. Hub calls (blocking HTTP) go to a thread.
 import asyncio
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.enroll import DeviceRequest
+from agent.errors import AgentError
 from agent.settings import AgentSettings
 from outpost_sim.device import SimulatedDevice
+from outpost_sim.enrollment import (
+    DeviceToEnroll,
+    EnrollmentReport,
+    ProgressCallback,
+    enroll_devices,
+    is_enrolled,
+)
 from outpost_sim.faults import DeviceSlot, plan_faults
 from outpost_sim.fleet import Fleet
-from outpost_sim.hubapi import HubApi
+from outpost_sim.hubapi import HubApi, HubApiError
 from outpost_sim.report import (
     ResourceMeter,
     RolloutReport,
@@ -57,6 +67,43 @@ def plan_devices(scenario: Scenario) -> list[PlannedDevice]:
                 PlannedDevice(len(planned), group.group, base / f"{group.group}-{n:05d}")
             )
     return planned
+
+
+def enroll_scenario(
+    scenario: Scenario, *, on_progress: ProgressCallback | None = None
+) -> EnrollmentReport | None:
+    """Enrol the scenario's devices that have no identity yet; None when none was missing.
+
+    The enrolment token is the scenario's, or one made for exactly the missing devices with
+    the hub's admin token.
+    """
+    groups = {g.group: g for g in scenario.fleet}
+    missing = [p for p in plan_devices(scenario) if not is_enrolled(p.state_dir)]
+    if not missing:
+        return None
+    token = scenario.hub.enrollment_token
+    if not token:
+        admin_token = scenario.hub.resolved_admin_token()
+        if not admin_token:
+            raise AgentError(
+                f"{len(missing)} devices are not enrolled yet: give an enrolment token (--token,"
+                " hub.enrollment_token) or the hub's admin token (hub.admin_token_file)"
+            )
+        token = HubApi(scenario.hub.url, admin_token).create_enrollment_token(uses=len(missing))
+    devices = [
+        DeviceToEnroll(
+            p.state_dir,
+            DeviceRequest(
+                name=p.state_dir.name,
+                device_class=groups[p.group].profile.device_class,
+                tags=groups[p.group].profile.tags,
+            ),
+        )
+        for p in missing
+    ]
+    return enroll_devices(
+        hub_url=scenario.hub.url, token=token, devices=devices, on_progress=on_progress
+    )
 
 
 def agent_settings(scenario: Scenario, config_file: Path | None = None) -> AgentSettings:
@@ -104,8 +151,11 @@ class ScenarioRunner:
         meter = ResourceMeter()
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
+        # Signals reach only the main thread's loop; elsewhere (tests) stop() is the way.
+        handles_signals = threading.current_thread() is threading.main_thread()
+        if handles_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._stop.set)
         fleet_task = asyncio.create_task(self.fleet.run(self._stop), name="fleet")
         view_task = asyncio.create_task(self._show_progress(meter), name="progress")
         try:
@@ -114,10 +164,11 @@ class ScenarioRunner:
             self._stop.set()
             await fleet_task
             await view_task
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+            if handles_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
             self.view.done()
-        return run_report(
+        report = run_report(
             scenario=self.scenario.name,
             seed=self.scenario.seed,
             fleet=self.fleet,
@@ -125,6 +176,16 @@ class ScenarioRunner:
             meter=meter,
             elapsed_s=time.monotonic() - started,
         )
+        if self.api.admin_token:
+            try:
+                report.hub_messages = await asyncio.to_thread(self.api.message_stats)
+            except HubApiError as exc:
+                logger.warning("could not read the hub's message counters: %s", exc.detail)
+        return report
+
+    def stop(self) -> None:
+        """Stop the run (from the runner's loop); the report covers what happened so far."""
+        self._stop.set()
 
     async def _script(self) -> None:
         if not self.scenario.steps:

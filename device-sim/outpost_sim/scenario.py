@@ -162,17 +162,14 @@ def parse_scenario(raw: object, *, source: str = "scenario") -> Scenario:
 
 def load_scenario(path: Path) -> Scenario:
     """Read a ``.yaml``/``.yml`` or ``.toml`` scenario file."""
+    if path.suffix not in {".yaml", ".yml", ".toml"}:
+        raise ScenarioError(f"{path}: scenario files end in .yaml, .yml or .toml")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScenarioError(f"cannot read scenario {path}: {exc}") from None
     try:
-        if path.suffix in {".yaml", ".yml"}:
-            raw = yaml.safe_load(text)
-        elif path.suffix == ".toml":
-            raw = tomllib.loads(text)
-        else:
-            raise ScenarioError(f"{path}: scenario files end in .yaml, .yml or .toml")
+        raw = yaml.safe_load(text) if path.suffix in {".yaml", ".yml"} else tomllib.loads(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise ScenarioError(f"{path} is not valid {path.suffix[1:].upper()}: {exc}") from None
     if not isinstance(raw, dict):

@@ -1,0 +1,133 @@
+"""Fault plans and scenario files: pure logic, no broker."""
+
+from pathlib import Path
+
+import pytest
+
+from agent.failpoints import Failpoint
+from outpost_sim.cli import main
+from outpost_sim.faults import DeviceSlot, FaultPlan, plan_faults
+from outpost_sim.scenario import ScenarioError, load_scenario, parse_scenario
+
+SLOTS = [DeviceSlot(i, "a" if i < 60 else "b") for i in range(100)]
+
+FAULTS = [
+    {"kind": "connection_drops", "rate_per_min": 3, "devices": "10%"},
+    {"kind": "offline", "at_s": 5, "for_s": 10, "devices": 4},
+    {"kind": "crash", "at": "after_unpack", "devices": 2, "group": "b"},
+    {"kind": "health_fail", "devices": 3},
+    {"kind": "malformed", "count": 3, "devices": 1},
+]
+
+
+def _plan(seed: int, faults: list[dict[str, object]] = FAULTS) -> FaultPlan:
+    scenario = parse_scenario(
+        {"fleet": [{"group": "a", "count": 60}, {"group": "b", "count": 40}], "faults": faults}
+    )
+    return plan_faults(scenario.faults, SLOTS, seed=seed, horizon_s=120)
+
+
+def test_same_seed_gives_the_same_schedule_and_another_seed_another() -> None:
+    first, again, other = _plan(7), _plan(7), _plan(8)
+    assert first == again
+    assert first.fingerprint() == again.fingerprint()
+    assert first.fingerprint() != other.fingerprint()
+
+
+def test_adding_a_fault_does_not_move_the_faults_before_it() -> None:
+    base = _plan(7)
+    more = _plan(7, [*FAULTS, {"kind": "clock_skew", "offset_s": 3600, "devices": 5}])
+    for index, faults in base.devices.items():
+        assert more.devices[index].drops_at == faults.drops_at
+        assert more.devices[index].offline == faults.offline
+
+
+def test_plan_picks_the_counts_and_groups_asked_for() -> None:
+    plan = _plan(7)
+    assert plan.counts() == {
+        "connection_drops": 10,
+        "crash": 2,
+        "health_fail": 3,
+        "malformed": 1,
+        "offline": 4,
+    }
+    crashed = [i for i, f in plan.devices.items() if f.crash_at]
+    assert all(SLOTS[i].group == "b" for i in crashed)
+    assert all(plan.devices[i].crash_at is Failpoint.AFTER_UNPACK for i in crashed)
+    for faults in plan.devices.values():
+        assert all(0 < t < 120 for t in faults.drops_at), "drops stay inside the horizon"
+        assert faults.drops_at == sorted(faults.drops_at)
+    malformed = [f for f in plan.devices.values() if f.malformed_at]
+    assert [f.malformed_at for f in malformed] == [[0.0, 1.0, 2.0]]
+
+
+def test_yaml_and_toml_scenarios_read_the_same(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "s.yaml"
+    yaml_file.write_text(
+        "name: both\nseed: 3\nfleet:\n  - {group: plant-1, count: 5, profile: {tags: {site: p1}}}\n"
+        "faults:\n  - {kind: slow_link, kbps: 500, devices: 2}\n"
+        "steps:\n  - {do: deploy, model: iris}\n  - {do: idle, for_s: 1}\n"
+    )
+    toml_file = tmp_path / "s.toml"
+    toml_file.write_text(
+        'name = "both"\nseed = 3\n[[fleet]]\ngroup = "plant-1"\ncount = 5\n'
+        '[fleet.profile.tags]\nsite = "p1"\n[[faults]]\nkind = "slow_link"\nkbps = 500\n'
+        'devices = 2\n[[steps]]\ndo = "deploy"\nmodel = "iris"\n[[steps]]\ndo = "idle"\n'
+        "for_s = 1\n"
+    )
+    assert load_scenario(yaml_file) == load_scenario(toml_file)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"fleet": []}, "fleet: List should have at least 1 item"),
+        ({"fleet": [{"count": 0}]}, "fleet.0.count"),
+        ({"fleet": [{"count": 1}], "faults": [{"kind": "meteor"}]}, "faults.0"),
+        ({"fleet": [{"count": 1}], "faults": [{"kind": "crash", "at": "mid_air"}]}, "at"),
+        ({"fleet": [{"count": 1}], "faults": [{"kind": "health_fail", "group": "x"}]}, "'x'"),
+        ({"fleet": [{"count": 1}], "faults": [{"kind": "health_fail", "devices": "120%"}]}, "%"),
+        (
+            {"fleet": [{"count": 1}], "steps": [{"do": "deploy", "model": "m", "groups": ["z"]}]},
+            "z",
+        ),
+        ({"fleet": [{"count": 1}, {"count": 2}]}, "distinct names"),
+        ({"fleet": [{"count": 1}], "surprise": 1}, "surprise"),
+    ],
+)
+def test_bad_scenarios_are_refused_naming_the_field(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ScenarioError, match="scenario: ") as caught:
+        parse_scenario(raw)
+    assert message in str(caught.value)
+
+
+def test_unreadable_scenario_files_get_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fleet: [unclosed")
+    with pytest.raises(ScenarioError, match="not valid YAML"):
+        load_scenario(bad)
+    with pytest.raises(ScenarioError, match=r"end in \.yaml"):
+        load_scenario(tmp_path / "s.json")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ScenarioError, match="mapping"):
+        load_scenario(listed)
+
+
+def test_plan_command_prints_the_same_schedule_for_the_same_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        "name: p\nseed: 11\nfleet: [{count: 30}]\n"
+        "faults: [{kind: connection_drops, rate_per_min: 2, devices: 5}]\n"
+    )
+    assert main(["plan", str(scenario)]) == 0
+    first = capsys.readouterr().out
+    assert main(["plan", str(scenario)]) == 0
+    assert capsys.readouterr().out == first
+    assert "connection_drops: 5 devices" in first
+    assert main(["plan", str(scenario), "--seed", "12"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] != first.splitlines()[0]
+    assert main(["plan", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read scenario" in capsys.readouterr().err

@@ -1,0 +1,134 @@
+"""The real hub in-process (uvicorn, SQLite file, its own embedded Mosquitto) and real agents
+enrolled through its API: the ``live_hub`` fixture of the end-to-end and simulator tests."""
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from click.testing import CliRunner, Result
+
+from agent.core import utc_now
+from agent.enroll import enroll
+from agent.state import StateDir
+from hub.cli import main as hub_cli
+from hub.context import HubContext
+from hub.main import create_app
+from hub.settings import HubSettings
+from tests.support.agents import AgentThread, fast_settings, make_agent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class LiveHub:
+    url: str
+    token: str
+    ctx: HubContext
+    settings: HubSettings
+    tmp: Path
+    agents: list[AgentThread] = field(default_factory=list)
+
+    @property
+    def api(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30
+        )
+
+    def cli(self, *args: str) -> Result:
+        """Run ``outpost-hub`` against this hub, as a user would."""
+        return CliRunner().invoke(
+            hub_cli,
+            ["--hub", self.url, *args],
+            env={"OUTPOST_HUB_TOKEN": self.token},
+            catch_exceptions=False,
+        )
+
+    def message_stats(self) -> dict[str, int]:
+        with self.api as client:
+            response = client.get("/api/v1/messages/stats")
+        assert response.status_code == 200, response.text
+        body: dict[str, int] = response.json()
+        return body
+
+    def register(self, iris: Any, *, name: str = "iris", model_bytes: bytes | None = None) -> int:
+        with self.api as client:
+            response = client.post(
+                "/api/v1/models",
+                data={"name": name, "framework": "onnx"},
+                files=[
+                    ("files", ("model.onnx", model_bytes or iris.model.read_bytes())),
+                    ("sample_input", ("sample_input.json", iris.sample_input.read_bytes())),
+                    (
+                        "expected_output",
+                        ("expected_output.json", iris.expected_output.read_bytes()),
+                    ),
+                ],
+            )
+        assert response.status_code == 201, response.text
+        version: int = response.json()["version"]
+        return version
+
+    def start_agent(self, name: str, **settings: Any) -> AgentThread:
+        """Enrol a fresh device through the API and run its agent."""
+        with self.api as client:
+            token = client.post("/api/v1/enrollment-tokens", json={"uses": 1}).json()["token"]
+        state_dir = self.tmp / f"agent-{name}"
+        enroll(hub_url=self.url, token=token, state=StateDir(state_dir), now=utc_now(), name=name)
+        runner = AgentThread(make_agent(fast_settings(state_dir, **settings)))
+        runner.start()
+        self.agents.append(runner)
+        return runner
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        with self.api as client:
+            response = client.get(f"/api/v1/devices/{device_id}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def wait_until(self, predicate: Any, timeout_s: float = 30.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{what} not met within {timeout_s} s")
+
+
+@pytest.fixture
+def live_hub(tmp_path: Path) -> Iterator[LiveHub]:
+    settings = HubSettings(data_dir=tmp_path / "hub")
+    app = create_app(settings)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name="e2e-hub", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive(), "hub exited during start-up"
+        assert time.monotonic() < deadline, "hub did not start"
+        time.sleep(0.02)
+    ctx: HubContext = app.state.hub
+    hub = LiveHub(f"http://127.0.0.1:{port}", ctx.admin_token, ctx, settings, tmp_path)
+    try:
+        yield hub
+    finally:
+        for runner in hub.agents:
+            runner.stop()
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive(), "hub did not shut down"
