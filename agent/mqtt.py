@@ -93,6 +93,9 @@ class MqttLink:
         self._client.username_pw_set(broker.username, broker.password)
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        # Set once: paho refuses to change it after a lost connection (its state is then
+        # "connection lost", not "closed"), which would stop every reconnect.
+        self._client.connect_timeout = connect_timeout_s
         self._client.max_inflight_messages_set(100)
         self._client.max_queued_messages_set(10_000)
         self._client.on_connect = self._handle_connect
@@ -248,8 +251,7 @@ class MqttLink:
         self._connack = self._loop.create_future()
         try:
             # The TCP connect itself is blocking in paho; on loopback and LANs it takes
-            # microseconds, and the timeout bounds it elsewhere.
-            self._client.connect_timeout = self._connect_timeout_s
+            # microseconds, and the timeout (set once in __init__) bounds it elsewhere.
             self._client.connect(self._broker.host, self._broker.port, self._keepalive_s)
         except (OSError, ValueError) as exc:
             logger.info("cannot reach broker %s:%s: %s", self._broker.host, self._broker.port, exc)

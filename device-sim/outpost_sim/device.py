@@ -104,6 +104,7 @@ class SimulatedDevice:
         self.conditions = LinkConditions(
             profile=faults.link or profile.link,
             corrupt_probability=faults.corrupt_probability,
+            corrupt_limit=faults.corrupt_limit,
             rng=random.Random(self._rng.getrandbits(64)),
         )
         self._clock_offset = timedelta(seconds=profile.clock_offset_s + faults.clock_offset_s)

@@ -77,6 +77,7 @@ class CorruptChunks(_Fault):
 
     kind: Literal["corrupt_chunks"]
     probability: float = Field(gt=0, le=1)
+    limit: int | None = Field(default=None, ge=1)  # at most this many per device
 
 
 class Crash(_Fault):
@@ -159,6 +160,7 @@ class DeviceFaults:
     offline: list[tuple[float, float]] = field(default_factory=list)  # (from, until)
     link: LinkProfile | None = None
     corrupt_probability: float = 0.0
+    corrupt_limit: int | None = None
     crash_at: Failpoint | None = None
     restart_after_s: float = 1.0
     disk_free_bytes: int | None = None
@@ -252,6 +254,7 @@ def _apply(spec: FaultSpec, faults: DeviceFaults, rng: random.Random, horizon_s:
         faults.link = LinkProfile(kbps=spec.kbps, latency_ms=spec.latency_ms)
     elif isinstance(spec, CorruptChunks):
         faults.corrupt_probability = spec.probability
+        faults.corrupt_limit = spec.limit
     elif isinstance(spec, Crash):
         faults.crash_at = spec.at
         faults.restart_after_s = spec.restart_after_s

@@ -33,6 +33,7 @@ class LinkConditions:
 
     profile: LinkProfile = field(default_factory=LinkProfile)
     corrupt_probability: float = 0.0
+    corrupt_limit: int | None = None
     rng: random.Random = field(default_factory=random.Random)
     offline_until: float = 0.0  # time.monotonic() before which no connect is attempted
     stats: LinkStats = field(default_factory=LinkStats)
@@ -53,7 +54,7 @@ class SimulatedLink(MqttLink):
         """Cut the link now and keep it down for ``for_s`` seconds."""
         self.conditions.offline_until = max(self.conditions.offline_until, time.monotonic() + for_s)
         self.conditions.stats.offline_windows += 1
-        self.drop()
+        super().drop()  # counted as the window, not as a drop
 
     def drop(self) -> None:
         if self.connected:
@@ -64,6 +65,8 @@ class SimulatedLink(MqttLink):
         conditions = self.conditions
         conditions.stats.bytes_received += len(payload)
         corrupt = conditions.corrupt_probability and "/pkg/" in topic and payload
+        limit = conditions.corrupt_limit
+        corrupt = corrupt and (limit is None or conditions.stats.corrupted_chunks < limit)
         if corrupt and conditions.rng.random() < conditions.corrupt_probability:
             flipped = bytearray(payload)
             flipped[conditions.rng.randrange(len(flipped))] ^= 0xFF

@@ -4,15 +4,10 @@ The hub is played by the scripted FakeHub and RepositorySimulator, so this needs
 """
 
 import asyncio
-import json
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -190,120 +185,8 @@ def test_shared_runtimes_load_each_model_once_and_not_a_failure(tmp_path: Path) 
     assert (shared.loads, shared.hits, len(shared)) == (2, 2, 2)
 
 
-class EnrollmentServer:
-    """The hub's enrolment endpoint, scripted: hands out prepared identities for one token."""
-
-    def __init__(self, *, token: str, identities: list[dict[str, Any]]) -> None:
-        outer = self
-        self.token = token
-        self.identities = list(identities)
-        self.requests: list[dict[str, Any]] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                outer.requests.append(body)
-                if self.path != "/api/v1/enroll" or body["token"] != outer.token:
-                    self._answer(403, {"detail": "bad token"})
-                elif not outer.identities:
-                    self._answer(403, {"detail": "token used up"})
-                else:
-                    self._answer(200, outer.identities.pop(0))
-
-            def _answer(self, code: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "EnrollmentServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def _sim(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "outpost_sim.cli", "run", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-@pytest.mark.integration
-def test_cli_enrols_runs_until_sigterm_and_restarts_without_enrolling_again(
-    hub: FakeHub, mosquitto: Any, iris_model: Any, tmp_path: Path
-) -> None:
-    repo = RepositorySimulator()
-    package = repo.build_package(iris_files(iris_model.directory))
-    hub.offer(package)
-    device_ids = [f"cli-dev-{i}" for i in range(1, 4)]
-    passwords = mosquitto.add_devices(device_ids)
-    keyring = json.loads(repo.keyring().model_dump_json())
-    identities = [
-        {
-            "device_id": d,
-            "broker": {
-                "host": mosquitto.host,
-                "port": mosquitto.port,
-                "username": d,
-                "password": passwords[d],
-            },
-            "topic_root": "outpost",
-            "root_public_key": repo.root.public_b64,
-            "keyring": keyring,
-        }
-        for d in device_ids
-    ]
-    for device_id in device_ids:
-        hub.desired[device_id] = repo.desired_message([package.ref], device_id=device_id)
-    state_dir = tmp_path / "fleet"
-    common = ["--devices", "3", "--state-dir", str(state_dir), "--json"]
-
-    with EnrollmentServer(token="t-123", identities=identities) as enrolment:
-        proc = _sim("--hub", enrolment.url, "--token", "t-123", "--ramp-s", "0.5", *common)
-        try:
-            hub.wait_for(
-                lambda: {d for d, e in hub.events if e.step is Step.ACTIVE} == set(device_ids),
-                timeout_s=60,
-            )
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err
-        assert [r["name"] for r in enrolment.requests] == ["sim-00001", "sim-00002", "sim-00003"]
-    assert "enrolled 3 devices (0 already were)" in err
-    summary = json.loads(out)
-    assert summary["active"] == {"iris:1": 3}
-    assert (summary["connected"], summary["crashed"], summary["runtimes_loaded"]) == (3, 0, 1)
-
-    # Restarted: every device has an identity, so no hub URL or token is needed, and each
-    # serves its installed model from disk at once.
-    again = _sim("--ramp-s", "0", "--duration-s", "1", *common)
-    out, err = again.communicate(timeout=60)
-    assert again.returncode == 0, err
-    assert "enrolled" not in err
-    summary = json.loads(out)
-    assert summary["active"] == {"iris:1": 3}
-    assert summary["runtimes_loaded"] == 1
-
-
 def test_cli_refuses_to_run_devices_that_are_not_enrolled_without_a_hub(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["run", "--devices", "2", "--state-dir", str(tmp_path)]) == 2
-    assert "2 devices are not enrolled yet: pass --hub and --token" in capsys.readouterr().err
+    assert "2 devices are not enrolled yet: give an enrolment token" in capsys.readouterr().err
