@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
     if args.seed is not None:
         scenario = scenario.model_copy(update={"seed": args.seed})
-    from outpost_sim.faults import DeviceSlot, plan_faults
+    from outpost_sim.faults import DeviceSlot, describe, plan_faults
 
     planned = plan_devices(scenario)
     plan = plan_faults(
@@ -120,7 +121,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     for kind, devices in plan.counts().items():
         print(f"  {kind}: {devices} devices")
     for index, faults in sorted(plan.devices.items()):
-        print(f"  {planned[index].state_dir.name}: {', '.join(faults.kinds)}")
+        print(f"  {planned[index].state_dir.name}: {describe(faults)}")
     return 0
 
 
@@ -183,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`outpost-sim plan ... | head`): not an error of ours.
+        # Point stdout at /dev/null so the interpreter's flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

@@ -170,6 +170,32 @@ class DeviceFaults:
     seed: int = 0  # for the faults decided as messages arrive (which chunk gets corrupted)
 
 
+def describe(faults: DeviceFaults) -> str:
+    """One line for ``outpost-sim plan``: each fault with its times and parameters."""
+    parts: list[str] = []
+    if faults.drops_at:
+        parts.append("drops at " + ", ".join(f"{t:.1f}" for t in faults.drops_at) + " s")
+    parts += [f"offline {start:g}-{until:g} s" for start, until in faults.offline]
+    if faults.link is not None:
+        parts.append(f"link {faults.link.kbps:g} kbit/s +{faults.link.latency_ms:g} ms")
+    if faults.corrupt_probability:
+        limit = f", at most {faults.corrupt_limit}" if faults.corrupt_limit else ""
+        parts.append(f"corrupt chunks p={faults.corrupt_probability:g}{limit}")
+    if faults.crash_at is not None:
+        parts.append(f"crash at {faults.crash_at}, restart after {faults.restart_after_s:g} s")
+    if faults.disk_free_bytes is not None:
+        parts.append(f"disk full ({faults.disk_free_bytes / 1024 / 1024:g} MiB free)")
+    if faults.health_fail:
+        parts.append("health check fails")
+    if faults.clock_offset_s:
+        parts.append(f"clock {faults.clock_offset_s:+g} s")
+    if faults.malformed_at:
+        parts.append(
+            f"{len(faults.malformed_at)} malformed messages from {faults.malformed_at[0]:g} s"
+        )
+    return "; ".join(parts)
+
+
 @dataclass(frozen=True)
 class FaultPlan:
     seed: int

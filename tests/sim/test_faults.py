@@ -9,6 +9,7 @@ from outpost_sim.cli import main
 from outpost_sim.faults import DeviceSlot, FaultPlan, plan_faults
 from outpost_sim.scenario import ScenarioError, load_scenario, parse_scenario
 
+ROOT = Path(__file__).resolve().parents[2]
 SLOTS = [DeviceSlot(i, "a" if i < 60 else "b") for i in range(100)]
 
 FAULTS = [
@@ -131,3 +132,12 @@ def test_plan_command_prints_the_same_schedule_for_the_same_seed(
     assert capsys.readouterr().out.splitlines()[0] != first.splitlines()[0]
     assert main(["plan", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read scenario" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "device-sim" / "scenarios").glob("*.*")), ids=lambda p: p.name
+)
+def test_the_example_scenarios_are_valid(path: Path) -> None:
+    scenario = load_scenario(path)
+    assert scenario.devices > 0
+    assert scenario.steps
