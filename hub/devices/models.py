@@ -27,6 +27,10 @@ class Device(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=63)
     name: str | None = Field(default=None, max_length=255)
     device_class: str = Field(default="generic", max_length=63)
+    # Labels such as site=plant-3 that tag-selector deployments match; checked at enrolment.
+    tags: dict[str, str] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False, server_default="{}")
+    )
     # The mosquitto $7$ hash; the password itself is shown to the device once, at enrolment.
     password_hash: str
     token_id: int | None = Field(default=None, foreign_key="enrollment_token.id")

@@ -1,14 +1,21 @@
 """Device routes: enrolment (authenticated by its token) and the admin device list."""
 
 import logging
+from collections.abc import Sequence
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
+from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from hub.context import HubContext
 from hub.dependencies import AdminDep, ContextDep, SessionDep
 from hub.devices import service
 from hub.devices.schemas import (
+    BulkEnrollRequest,
+    BulkEnrollResponse,
     DevicePublic,
+    DeviceSpec,
     EnrollRequest,
     EnrollResponse,
     TokenCreate,
@@ -27,28 +34,47 @@ def create_token(session: SessionDep, body: TokenCreate) -> TokenCreated:
     return service.create_token(session=session, uses=body.uses, ttl_s=body.ttl_s)
 
 
-@enroll_router.post("/enroll", status_code=201)
-async def enroll(ctx: ContextDep, session: SessionDep, body: EnrollRequest) -> EnrollResponse:
+async def _enroll(
+    ctx: HubContext, session: Session, token: str, devices: Sequence[DeviceSpec]
+) -> list[EnrollResponse]:
     host, port = ctx.broker_public
-    response = await run_in_threadpool(
+    responses = await run_in_threadpool(
         service.enroll,
         session=session,
         keys=ctx.keys,
-        token=body.token,
-        name=body.name,
-        device_class=body.device_class,
+        token=token,
+        devices=devices,
         broker_host=host,
         broker_port=port,
         topic_root=ctx.topics.root,
     )
-    # The broker must know the new password before the device tries it.
+    # The broker must know the new passwords before the devices try them. One reload per
+    # request, however many devices it enrolled: each rewrites the whole password file.
     await run_in_threadpool(ctx.on_credentials_changed)
+    return responses
+
+
+@enroll_router.post("/enroll", status_code=201)
+async def enroll(ctx: ContextDep, session: SessionDep, body: EnrollRequest) -> EnrollResponse:
+    (response,) = await _enroll(ctx, session, body.token, [body])
     return response
 
 
+@enroll_router.post("/enroll/bulk", status_code=201)
+async def enroll_bulk(
+    ctx: ContextDep, session: SessionDep, body: BulkEnrollRequest
+) -> BulkEnrollResponse:
+    """Enrol many devices with one token, spending one use per device, all or none."""
+    return BulkEnrollResponse(devices=await _enroll(ctx, session, body.token, body.devices))
+
+
 @router.get("/devices")
-def list_devices(session: SessionDep) -> list[DevicePublic]:
-    return service.list_devices(session=session)
+def list_devices(
+    session: SessionDep,
+    tag: Annotated[list[str] | None, Query(description="key=value; repeat for several")] = None,
+) -> list[DevicePublic]:
+    """Enrolled devices; ``?tag=site=plant-1&tag=hw=rpi4`` keeps those with both tags."""
+    return service.list_devices(session=session, tags=service.parse_tag_filter(tag or []))
 
 
 @router.get("/devices/{device_id}")

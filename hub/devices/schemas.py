@@ -1,9 +1,48 @@
 """Device and enrolment API shapes."""
 
+import re
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+
+# Tags select devices for deployments (``site=plant-3,hw=rpi4``), so keys and values stay clear
+# of the selector's ``=`` and ``,`` and of anything a shell or URL would need quoting for.
+MAX_TAGS = 16
+TAG_KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
+TAG_VALUE_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+DEVICE_CLASS_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+# One bulk request is one transaction and one response body; the simulator's fleets fit.
+MAX_BULK_DEVICES = 10_000
+
+
+def check_tags(tags: dict[str, str]) -> dict[str, str]:
+    """Refuse more than ``MAX_TAGS`` tags, or a key or value outside its pattern, by name."""
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags per device, got {len(tags)}")
+    for key, value in tags.items():
+        if not TAG_KEY_PATTERN.fullmatch(key):
+            raise ValueError(
+                f"tag key {key!r} must be 1-32 of a-z 0-9 _ . - starting with a letter"
+            )
+        if not TAG_VALUE_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"tag {key!r} has value {value!r}; values must be 1-64 of A-Z a-z 0-9 _ . : -"
+            )
+    return tags
+
+
+Tags = Annotated[dict[str, str], AfterValidator(check_tags)]
+
+
+def check_fleet_size(devices: Any) -> Any:
+    """Refuse an oversized bulk request before validating its devices, saying what to do."""
+    if isinstance(devices, list) and len(devices) > MAX_BULK_DEVICES:
+        raise ValueError(
+            f"at most {MAX_BULK_DEVICES} devices per bulk enrolment, got {len(devices)};"
+            " split them over several requests"
+        )
+    return devices
 
 
 class TokenCreate(BaseModel):
@@ -17,10 +56,23 @@ class TokenCreated(BaseModel):
     uses: int
 
 
-class EnrollRequest(BaseModel):
-    token: str = Field(min_length=1, max_length=256)
+class DeviceSpec(BaseModel):
+    """What a device asks to be enrolled as."""
+
     name: str | None = Field(default=None, max_length=255)
-    device_class: str = "generic"
+    device_class: str = Field(default="generic", pattern=DEVICE_CLASS_PATTERN)
+    tags: Tags = Field(default_factory=dict)
+
+
+class EnrollRequest(DeviceSpec):
+    token: str = Field(min_length=1, max_length=256)
+
+
+class BulkEnrollRequest(BaseModel):
+    token: str = Field(min_length=1, max_length=256)
+    devices: Annotated[list[DeviceSpec], BeforeValidator(check_fleet_size)] = Field(
+        min_length=1, max_length=MAX_BULK_DEVICES
+    )
 
 
 class BrokerCredentials(BaseModel):
@@ -38,10 +90,15 @@ class EnrollResponse(BaseModel):
     keyring: dict[str, Any]  # the root-signed keyring, {"signed": ..., "signatures": [...]}
 
 
+class BulkEnrollResponse(BaseModel):
+    devices: list[EnrollResponse]  # in the order of the request's devices
+
+
 class DevicePublic(BaseModel):
     id: str
     name: str | None
     device_class: str
+    tags: dict[str, str]
     enrolled_at: datetime
     online: bool
     last_seen: datetime | None

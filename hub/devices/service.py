@@ -2,11 +2,12 @@
 
 import hashlib
 import logging
-import re
 import secrets
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlmodel import Session, col, select
 
 from agent.protocol.documents import document_dict
@@ -14,13 +15,18 @@ from agent.protocol.topics import is_valid_device_id
 from hub.broker.passwords import BrokerUser, hash_password
 from hub.database import utcnow
 from hub.devices.models import Device, EnrollmentToken
-from hub.devices.schemas import BrokerCredentials, DevicePublic, EnrollResponse, TokenCreated
+from hub.devices.schemas import (
+    BrokerCredentials,
+    DevicePublic,
+    DeviceSpec,
+    EnrollResponse,
+    TokenCreated,
+    check_tags,
+)
 from hub.errors import InvalidInput, NotFound, Unauthorized
 from hub.signing.keystore import KeyStore
 
 logger = logging.getLogger(__name__)
-
-DEVICE_CLASS_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 def hash_token(token: str) -> str:
@@ -39,11 +45,74 @@ def create_token(*, session: Session, uses: int, ttl_s: int) -> TokenCreated:
     return TokenCreated(token=token, expires_at=row.expires_at, uses=uses)
 
 
-def _new_device_id(session: Session) -> str:
-    while True:
-        device_id = f"dev-{secrets.token_hex(6)}"
-        if session.get(Device, device_id) is None:
-            return device_id
+def _refusal(count: int) -> Unauthorized:
+    # One message for every refusal, so the endpoint does not tell which tokens exist.
+    if count == 1:
+        return Unauthorized("enrolment token is unknown, expired or used up")
+    return Unauthorized(f"enrolment token is unknown, expired or has fewer than {count} uses left")
+
+
+def _usable_token(session: Session, token: str, count: int) -> EnrollmentToken:
+    """The token's row if it can pay for ``count`` devices now.
+
+    Only a pre-check, so that a wrong token costs no password hashing; the conditional update
+    in ``_spend_token`` is what decides.
+    """
+    row = session.exec(
+        select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_token(token))
+    ).first()
+    if row is None or row.expires_at <= utcnow() or row.max_uses - row.uses < count:
+        raise _refusal(count)
+    return row
+
+
+def _spend_token(session: Session, token_id: int, count: int) -> None:
+    """Take ``count`` uses of the token in the session's transaction, all or none."""
+    # One conditional UPDATE: enrolments racing for the last uses cannot together overspend.
+    spent = session.execute(
+        update(EnrollmentToken)
+        .where(col(EnrollmentToken.id) == token_id)
+        .where(col(EnrollmentToken.uses) + count <= col(EnrollmentToken.max_uses))
+        .where(col(EnrollmentToken.expires_at) > utcnow())
+        .values(uses=col(EnrollmentToken.uses) + count)
+    )
+    if spent.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        raise _refusal(count)
+
+
+# Well under SQLite's host-parameter limit, so looking ids up never needs a larger IN list.
+_ID_QUERY_BATCH = 500
+
+
+def _taken_ids(session: Session, ids: list[str]) -> set[str]:
+    taken: set[str] = set()
+    for start in range(0, len(ids), _ID_QUERY_BATCH):
+        batch = ids[start : start + _ID_QUERY_BATCH]
+        taken.update(session.exec(select(Device.id).where(col(Device.id).in_(batch))).all())
+    return taken
+
+
+def _new_device_ids(session: Session, count: int) -> list[str]:
+    """``count`` random device ids, distinct from each other and from every enrolled device."""
+    ids: set[str] = set()
+    while len(ids) < count:
+        fresh = {f"dev-{secrets.token_hex(6)}" for _ in range(count - len(ids))} - ids
+        ids |= fresh - _taken_ids(session, sorted(fresh))
+    assert all(is_valid_device_id(i) for i in ids)
+    return sorted(ids)
+
+
+def _device_row(device_id: str, spec: DeviceSpec, password: str, token_id: int) -> dict[str, Any]:
+    """The values of one new device row; the broker password is only kept hashed."""
+    return {
+        "id": device_id,
+        "name": spec.name,
+        "device_class": spec.device_class,
+        "tags": dict(spec.tags),
+        "password_hash": hash_password(password),
+        "token_id": token_id,
+    }
 
 
 def enroll(
@@ -51,53 +120,56 @@ def enroll(
     session: Session,
     keys: KeyStore,
     token: str,
-    name: str | None,
-    device_class: str,
+    devices: Sequence[DeviceSpec],
     broker_host: str,
     broker_port: int,
     topic_root: str,
-) -> EnrollResponse:
-    """Spend one use of ``token`` on a new device identity with broker credentials."""
-    if not DEVICE_CLASS_PATTERN.fullmatch(device_class):
-        raise InvalidInput(f"invalid device class {device_class!r}")
-    row = session.exec(
-        select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_token(token))
-    ).first()
-    # One message for every refusal, so the endpoint does not tell which tokens exist.
-    refused = Unauthorized("enrolment token is unknown, expired or used up")
-    if row is None or row.expires_at <= utcnow():
-        raise refused
-    # Conditional update: two devices racing for the last use cannot both get it.
-    spent = session.execute(
-        update(EnrollmentToken)
-        .where(col(EnrollmentToken.id) == row.id)
-        .where(col(EnrollmentToken.uses) < col(EnrollmentToken.max_uses))
-        .values(uses=EnrollmentToken.uses + 1)
-    )
-    if spent.rowcount != 1:  # type: ignore[attr-defined]
-        session.rollback()
-        raise refused
-    password = secrets.token_urlsafe(24)
-    device = Device(
-        id=_new_device_id(session),
-        name=name,
-        device_class=device_class,
-        password_hash=hash_password(password),
-        token_id=row.id,
-    )
-    assert is_valid_device_id(device.id)
-    session.add(device)
+) -> list[EnrollResponse]:
+    """Spend ``len(devices)`` uses of ``token`` on new device identities, all or none.
+
+    The answers are in the order of ``devices``. Callers run this off the event loop: it hashes
+    one password per device. The broker learns the new credentials only when the caller calls
+    ``on_credentials_changed``, once for the whole batch.
+    """
+    count = len(devices)
+    token_id = _usable_token(session, token, count).id
+    assert token_id is not None
+    # Read the trust root before spending anything, so a missing key costs no token uses.
+    root_public_key = keys.root_public_b64()
+    keyring = document_dict(keys.keyring())
+    ids = _new_device_ids(session, count)
+    passwords = [secrets.token_urlsafe(24) for _ in ids]
+    # Hashing happens before the token is spent so that the write transaction (which holds
+    # SQLite's single writer lock) is just the UPDATE and the INSERTs.
+    rows = [
+        _device_row(device_id, spec, password, token_id)
+        for device_id, spec, password in zip(ids, devices, passwords, strict=True)
+    ]
+    _spend_token(session, token_id, count)
+    # A Core-style bulk insert: building thousands of ORM objects costs more than the hashing.
+    session.execute(insert(Device), rows)
     session.commit()
-    logger.info("enrolled device", extra={"device_id": device.id, "device_class": device_class})
-    return EnrollResponse(
-        device_id=device.id,
-        broker=BrokerCredentials(
-            host=broker_host, port=broker_port, username=device.id, password=password
-        ),
-        topic_root=topic_root,
-        root_public_key=keys.root_public_b64(),
-        keyring=document_dict(keys.keyring()),
-    )
+    _log_enrolled(rows, token_id)
+    return [
+        EnrollResponse(
+            device_id=device_id,
+            broker=BrokerCredentials(
+                host=broker_host, port=broker_port, username=device_id, password=password
+            ),
+            topic_root=topic_root,
+            root_public_key=root_public_key,
+            keyring=keyring,
+        )
+        for device_id, password in zip(ids, passwords, strict=True)
+    ]
+
+
+def _log_enrolled(rows: list[dict[str, Any]], token_id: int) -> None:
+    if len(rows) == 1:
+        extra = {"device_id": rows[0]["id"], "device_class": rows[0]["device_class"]}
+        logger.info("enrolled device", extra=extra)
+    else:
+        logger.info("enrolled devices", extra={"count": len(rows), "token_id": token_id})
 
 
 def broker_users(*, session: Session) -> list[BrokerUser]:
@@ -118,6 +190,7 @@ def to_public(device: Device) -> DevicePublic:
         id=device.id,
         name=device.name,
         device_class=device.device_class,
+        tags=device.tags,
         enrolled_at=device.enrolled_at,
         online=device.online,
         last_seen=device.last_seen,
@@ -126,6 +199,24 @@ def to_public(device: Device) -> DevicePublic:
     )
 
 
-def list_devices(*, session: Session) -> list[DevicePublic]:
-    rows = session.exec(select(Device).order_by(col(Device.enrolled_at))).all()
-    return [to_public(d) for d in rows]
+def parse_tag_filter(selectors: Sequence[str]) -> list[tuple[str, str]]:
+    """``["site=plant-1", "hw=rpi4"]`` as (key, value) pairs, each checked like a device's tag."""
+    pairs: list[tuple[str, str]] = []
+    for selector in selectors:
+        key, sep, value = selector.partition("=")
+        if not sep:
+            raise InvalidInput(f"tag filter {selector!r} is not key=value")
+        try:
+            check_tags({key: value})
+        except ValueError as exc:
+            raise InvalidInput(f"tag filter {selector!r}: {exc}") from None
+        pairs.append((key, value))
+    return pairs
+
+
+def list_devices(*, session: Session, tags: Sequence[tuple[str, str]] = ()) -> list[DevicePublic]:
+    """Enrolled devices, oldest first; with ``tags``, only those carrying every one of them."""
+    query = select(Device).order_by(col(Device.enrolled_at))
+    for key, value in tags:
+        query = query.where(col(Device.tags)[key].as_string() == value)
+    return [to_public(d) for d in session.exec(query).all()]

@@ -2,14 +2,18 @@
 
 import re
 from datetime import timedelta
+from pathlib import Path
 
+from alembic import command
+from sqlalchemy import text
 from sqlmodel import Session, select
 
 from agent.protocol.documents import Keyring
 from agent.protocol.keys import verify_signature
 from hub.broker.passwords import verify_password
-from hub.database import utcnow
+from hub.database import make_engine, utcnow
 from hub.devices.models import Device, EnrollmentToken
+from hub.migrations.runner import alembic_config, upgrade
 
 from .conftest import RunningHub
 
@@ -85,3 +89,39 @@ def test_device_list_and_show(running_hub: RunningHub) -> None:
     shown = running_hub.client.get(f"/api/v1/devices/{a}").json()
     assert (shown["name"], shown["online"], shown["last_seen"]) == ("a", False, None)
     assert running_hub.client.get("/api/v1/devices/dev-000000000000").status_code == 404
+
+
+def test_single_enrolment_stores_and_shows_tags(running_hub: RunningHub) -> None:
+    token = running_hub.client.post("/api/v1/enrollment-tokens", json={}).json()["token"]
+    tags = {"site": "plant-3", "hw": "rpi4", "zone.a": "A_1:b"}
+    response = running_hub.client.post("/api/v1/enroll", json={"token": token, "tags": tags})
+    assert response.status_code == 201, response.text
+    device_id = response.json()["device_id"]
+    assert running_hub.client.get(f"/api/v1/devices/{device_id}").json()["tags"] == tags
+
+
+def test_devices_enrolled_before_tags_existed_get_none_and_the_migration_reverts(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    upgrade(url, "0001")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO device (id, device_class, password_hash, enrolled_at,"
+                " desired_counter, online, evt_acked_seq)"
+                " VALUES ('dev-000000000001', 'generic', 'x', '2026-01-01 00:00:00', 0, 0, 0)"
+            )
+        )
+    upgrade(url)
+    with Session(engine) as s:
+        device = s.get(Device, "dev-000000000001")
+        assert device is not None
+        assert device.tags == {}
+    command.downgrade(alembic_config(url), "0001")
+    with engine.connect() as conn:
+        columns = {row[1] for row in conn.execute(text("PRAGMA table_info(device)"))}
+    assert "tags" not in columns
+    assert "password_hash" in columns
+    engine.dispose()
