@@ -60,17 +60,34 @@ class MessageWorker:
         self._thread = None
 
     def _run(self) -> None:
+        heartbeats = self.handlers.heartbeats
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=heartbeats.flush_every_s)
+            except queue.Empty:
+                item = None
+            if item is not None and item is not _STOP:
+                self._handle(*item)
+            if heartbeats.due() or item is _STOP:
+                self._flush_heartbeats()
             if item is _STOP:
                 return
-            topic, payload = item
-            try:
-                with Session(self._ctx.engine, expire_on_commit=False) as session:
-                    handle_message(
-                        session=session, handlers=self.handlers, topic=topic, payload=payload
-                    )
-            except Exception:
-                # A bug or a database hiccup must not end message handling for every device.
-                self.handlers.stats.bump("failed")
-                logger.exception("handling a message failed", extra={"topic": topic})
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        try:
+            with Session(self._ctx.engine, expire_on_commit=False) as session:
+                handle_message(
+                    session=session, handlers=self.handlers, topic=topic, payload=payload
+                )
+        except Exception:
+            # A bug or a database hiccup must not end message handling for every device.
+            self.handlers.stats.bump("failed")
+            logger.exception("handling a message failed", extra={"topic": topic})
+
+    def _flush_heartbeats(self) -> None:
+        try:
+            with Session(self._ctx.engine, expire_on_commit=False) as session:
+                self.handlers.heartbeats.flush(session)
+        except Exception:
+            self.handlers.stats.bump("failed")
+            logger.exception("writing heartbeats failed")
