@@ -165,6 +165,11 @@ class Agent:
         return self._link.connected
 
     @property
+    def bad_versions(self) -> int:
+        """Package digests marked bad on this device (failed here; not retried)."""
+        return len(self._progress.bad)
+
+    @property
     def unconfirmed_events(self) -> int:
         """Events sent but not yet acknowledged as stored by the hub."""
         return len(self._pending_events)
