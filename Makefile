@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: all test lint typecheck unit demo mosquitto clean bench
+.PHONY: all test lint typecheck unit demo mosquitto clean bench bench-rollout bench-scale bench-storm
 
 all: test
 
@@ -32,6 +32,20 @@ test: $(STAMP) mosquitto lint typecheck
 ## make demo: hub + its Mosquitto, three agents, the example model deployed and scored.
 demo: $(STAMP) mosquitto
 	$(BIN)/python -m examples.demo
+
+## make bench-rollout / bench-scale / bench-storm: one benchmark at the issue's sizes, printed
+## with its floor and ratio and appended to bench/RESULTS.md (see bench/README.md).
+bench-rollout: $(STAMP) mosquitto
+	$(BIN)/python -m bench.rollout
+
+bench-scale: $(STAMP) mosquitto
+	$(BIN)/python -m bench.scale
+
+bench-storm: $(STAMP) mosquitto
+	$(BIN)/python -m bench.storm
+
+## make bench: the three, one after the other (the machine is small: never at once).
+bench: bench-rollout bench-scale bench-storm
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache examples/build

@@ -1,0 +1,50 @@
+"""Waiting for conditions with deadlines, and turning event times into rates and percentiles."""
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+
+class BenchTimeout(TimeoutError):
+    """A condition a benchmark waits for did not come true within its deadline."""
+
+
+async def wait_until(
+    predicate: Callable[[], bool], *, timeout_s: float, poll_s: float, what: str
+) -> float:
+    """Poll ``predicate`` on the running loop until it holds; returns when (monotonic).
+
+    Polling instead of callbacks keeps the agents untouched; ``poll_s`` bounds the error.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return time.monotonic()
+        if time.monotonic() >= deadline:
+            raise BenchTimeout(f"{what}: not within {timeout_s:g} s")
+        await asyncio.sleep(poll_s)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The value below which ``fraction`` of ``values`` lie (nearest rank)."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def peak_rate(times: Sequence[float], start: float, *, bin_s: float = 1.0) -> float:
+    """The highest event rate (per second) in any ``bin_s`` bin counted from ``start``."""
+    bins = Counter(int((t - start) // bin_s) for t in times)
+    return max(bins.values(), default=0) / bin_s
+
+
+def span_rate(times: Sequence[float]) -> float:
+    """Events per second between the first and the last event."""
+    if len(times) < 2:
+        return 0.0
+    span = max(times) - min(times)
+    return (len(times) - 1) / span if span > 0 else math.inf

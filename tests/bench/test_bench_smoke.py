@@ -1,0 +1,96 @@
+"""Each benchmark's main run at tiny sizes, so the benches cannot rot.
+
+These check that a bench runs end to end and that its figures are sane (every device got there,
+ratios are positive), never how fast anything was: benchmarks print figures, tests do not time.
+Nothing is written to bench/RESULTS.md (``--no-record``, and the results path points at a
+temporary file that must stay absent).
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import rollout, scale, storm
+from bench.results import RESULTS_PATH, Report
+from hub.broker import MosquittoNotFoundError, find_mosquitto
+
+
+@pytest.fixture(autouse=True)
+def _needs_mosquitto() -> None:
+    try:
+        find_mosquitto()
+    except MosquittoNotFoundError as exc:
+        pytest.skip(f"mosquitto is not installed: {exc}")
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    return tmp_path / "RESULTS.md"
+
+
+def _unrecorded(report: Report, results: Path, before: str | None) -> Report:
+    assert not results.exists()
+    after = RESULTS_PATH.read_text(encoding="utf-8") if RESULTS_PATH.exists() else None
+    assert after == before, "a smoke run must not touch bench/RESULTS.md"
+    return report
+
+
+def _results_now() -> str | None:
+    return RESULTS_PATH.read_text(encoding="utf-8") if RESULTS_PATH.exists() else None
+
+
+@pytest.mark.integration
+def test_scale_connects_every_device_on_both_sides_and_measures_heartbeats(
+    results: Path, tmp_path: Path
+) -> None:
+    before = _results_now()
+    argv = ["--devices", "20", "--duration-s", "2.5", "--heartbeat-s", "1", "--no-record"]
+    report = _unrecorded(
+        scale.main([*argv, "--work-dir", str(tmp_path)], results_path=results), results, before
+    )
+    connected = report.figure("devices connected")
+    assert (connected.project, connected.floor) == (20, 20)
+    for name in ("connect rate", "memory per device", "CPU per heartbeat"):
+        figure = report.figure(name)
+        assert (figure.ratio or 0) > 0, name
+    beats = report.figure("heartbeats in the window")
+    assert beats.project > 0
+    assert (beats.floor or 0) > 0
+    assert report.figure("disconnects in the window").project == 0
+
+
+@pytest.mark.integration
+def test_storm_brings_every_device_back_with_and_without_jitter(
+    results: Path, tmp_path: Path
+) -> None:
+    before = _results_now()
+    argv = ["--devices", "20", "--settle-s", "0", "--reconnect-timeout-s", "30", "--no-record"]
+    report = _unrecorded(
+        storm.main([*argv, "--work-dir", str(tmp_path)], results_path=results), results, before
+    )
+    back = report.figure("devices reconnected")
+    assert (back.project, back.floor) == (20, 20)
+    peak = report.figure("peak reconnects per second")
+    assert (peak.ratio or 0) > 0
+    t99 = report.figure("time to 99 % reconnected")
+    assert not math.isnan(t99.project)
+    assert not math.isnan(t99.floor if t99.floor is not None else math.nan)
+    assert report.figure("broker outage").project > 0
+
+
+@pytest.mark.e2e
+def test_rollout_activates_every_device_and_times_the_fanout_floor(
+    results: Path, tmp_path: Path
+) -> None:
+    before = _results_now()
+    argv = ["--devices", "20", "--mib", "0.25", "--rollout-timeout-s", "90", "--no-record"]
+    report = _unrecorded(
+        rollout.main([*argv, "--work-dir", str(tmp_path)], results_path=results), results, before
+    )
+    active = report.figure("devices active / copies hashed")
+    assert (active.project, active.floor) == (20, 20)
+    assert report.figure("devices failed").project == 0
+    total = report.figure("time until every device is active")
+    assert (total.ratio or 0) > 0
+    assert any(f.name.startswith("download: median") for f in report.figures)
