@@ -45,6 +45,9 @@ MALFORMED_PAYLOADS: tuple[tuple[Channel, bytes], ...] = (
 )
 
 
+CONNECTED_POLL_S = 0.1
+
+
 @dataclass
 class DeviceRecord:
     """What happened on one device, in ``time.monotonic()`` seconds."""
@@ -199,16 +202,20 @@ class SimulatedDevice:
             (start, functools.partial(self._go_offline, until - start))
             for start, until in self.faults.offline
         ]
-        schedule += [
+        malformed: list[tuple[float, Callable[[], None]]] = [
             (t, functools.partial(self._send_malformed, n))
             for n, t in enumerate(self.faults.malformed_at)
         ]
         self.record.drops_scheduled = len(self.faults.drops_at)
-        for offset, action in sorted(schedule, key=lambda item: item[0]):
+        for offset, action in sorted(schedule + malformed, key=lambda item: item[0]):
             # The schedule is the fault: waiting for its time is what it means.
             delay = fleet_started_at + offset - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if (offset, action) in malformed:
+                # A device sends its garbage when it has a connection to send it on.
+                while not self.agent.connected:  # noqa: ASYNC110 - the link has no event
+                    await asyncio.sleep(CONNECTED_POLL_S)
             action()
 
     def _drop(self) -> None:

@@ -128,6 +128,8 @@ def _fault_counts(fleet: Fleet) -> dict[str, dict[str, int]]:
     plan = fleet.fault_plan
     hit = plan.counts()
     stats = [d.conditions.stats for d in devices]
+    corrupted = sum(s.corrupted_chunks for s in stats)
+    caught = sum(a.corrupt_chunks_received for a in fleet.agents)
     counts: dict[str, dict[str, int]] = {
         "connection_drops": {
             "devices": hit.get("connection_drops", 0),
@@ -143,10 +145,13 @@ def _fault_counts(fleet: Fleet) -> dict[str, dict[str, int]]:
             "devices": hit.get("slow_link", 0),
             "delayed_messages": sum(s.delayed_messages for s in stats),
         },
+        # A corrupted copy of a chunk the device already holds is ignored unread (it is a
+        # duplicate); every other one must be caught by the chunk's signed hash.
         "corrupt_chunks": {
             "devices": hit.get("corrupt_chunks", 0),
-            "injected": sum(s.corrupted_chunks for s in stats),
-            "detected_by_agents": sum(a.corrupt_chunks_received for a in fleet.agents),
+            "injected": corrupted,
+            "caught_by_hash_check": caught,
+            "ignored_as_duplicates": corrupted - caught,
         },
         "crash": {
             "devices": hit.get("crash", 0),

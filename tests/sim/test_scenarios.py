@@ -167,7 +167,7 @@ def test_every_named_fault_is_injected_and_counted(
     # Slow links delayed every message to those devices and still got there.
     assert f["slow_link"]["delayed_messages"] >= 5
     # Corruption: exactly one chunk per device flipped, each caught by the agent's hash check.
-    assert f["corrupt_chunks"]["injected"] == f["corrupt_chunks"]["detected_by_agents"] == 5
+    assert f["corrupt_chunks"]["injected"] == f["corrupt_chunks"]["caught_by_hash_check"] == 5
     # Crashes: once each at the named step, restarted, and then installed.
     assert (f["crash"]["crashes"], f["crash"]["restarts"]) == (5, 5)
     # Malformed: the hub counted exactly what the noisy devices sent.
