@@ -30,6 +30,7 @@ from bench.isolation import run_isolated
 from bench.machine import Machine, cpu_seconds, raise_fd_limit, rss_bytes
 from bench.results import RESULTS_PATH, Figure, Report, command_line, record
 from bench.testbed import (
+    DEFAULT_RAMP_PER_S,
     DEVICE_SCRATCH_BYTES,
     MEMORY_DIR,
     Testbed,
@@ -43,10 +44,6 @@ from bench.timing import span_rate, wait_until
 from outpost_sim.fleet import Fleet
 
 DEFAULT_DEVICES = 10_000
-# The agent's connect path (CONNACK handling, subscribe, a state publish with an fsync'd
-# progress file) is far slower than bare paho's, so the fleet is ramped at a rate it can keep
-# without piling connects up behind Mosquitto's listen backlog of 100.
-DEFAULT_RAMP_PER_S = 1000.0
 FLOOR_IN_FLIGHT = 100
 POLL_S = 0.1
 SAMPLE_S = 1.0

@@ -31,6 +31,7 @@ from bench.isolation import run_isolated
 from bench.machine import Machine, cpu_seconds, raise_fd_limit
 from bench.results import RESULTS_PATH, Figure, Report, command_line, record
 from bench.testbed import (
+    DEFAULT_RAMP_PER_S,
     DEVICE_SCRATCH_BYTES,
     MEMORY_DIR,
     Testbed,
@@ -44,7 +45,6 @@ from bench.timing import BenchTimeout, peak_rate, wait_until
 from outpost_sim.fleet import Fleet
 
 DEFAULT_DEVICES = 10_000
-DEFAULT_RAMP_PER_S = 1000.0  # what the agents keep up with; see bench/scale.py
 POLL_S = 0.05
 CPU_SAMPLE_S = 0.25
 SIGNALS = {"term": signal.SIGTERM, "kill": signal.SIGKILL}

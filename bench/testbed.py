@@ -18,6 +18,11 @@ from bench.devices import device_id_of, planned_dirs, provision
 from outpost_sim.fleet import Fleet
 
 FLEET_STOP_S = 120.0
+# Agents started per second by default. The agent's connect path (tasks, CONNACK handling,
+# subscribe, a state publish with an fsync'd progress file) tops out at ~1,500-1,700 a second
+# in one process here; starting them faster only piles connects up behind Mosquitto's listen
+# backlog of 100, where a dropped SYN stalls a blocking connect, and the whole loop, for 1 s.
+DEFAULT_RAMP_PER_S = 1500.0
 DEVICE_SCRATCH_BYTES = 64 * 1024  # an idle device's state directory, generously
 # Simulated devices' disks live in memory by default: a real fleet's devices do not share one
 # disk, and thousands of them fsyncing on one would time the host's disk, not the project.
