@@ -23,7 +23,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bench.timing import BenchTimeout
 
-MessageSink = Callable[[int, bytes | bytearray], None]  # (client index, payload)
+MessageSink = Callable[[int, str, bytes | bytearray], None]  # (client index, topic, payload)
 _MISC_PERIOD_S = 1.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -117,7 +117,7 @@ class BareClients:
 
     def _on_message(self, client: paho.Client, index: int, msg: paho.MQTTMessage) -> None:
         assert self._sink is not None
-        self._sink(index, msg.payload)
+        self._sink(index, msg.topic, msg.payload)
 
     # -- driving them ----------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ class _Round:
         self.wrong = 0
         self.finished = asyncio.Event()
 
-    def hashed(self, index: int, data: bytes | bytearray) -> None:
+    def hashed(self, index: int, topic: str, data: bytes | bytearray) -> None:
         if hashlib.sha256(data).hexdigest() == self.expected:
             self.done_at.append(time.monotonic())
         else:
@@ -122,8 +122,8 @@ async def _deliver(
 async def _fanout(cfg: FanoutConfig) -> FanoutRun:
     current: list[_Round] = [_Round(0, b"")]
 
-    def hashed(index: int, data: bytes | bytearray) -> None:
-        current[0].hashed(index, data)
+    def hashed(index: int, topic: str, data: bytes | bytearray) -> None:
+        current[0].hashed(index, topic, data)
 
     subscribers = BareClients(
         host=cfg.host,

@@ -13,6 +13,7 @@ from pathlib import Path
 from hub.broker import MosquittoNotFoundError, find_mosquitto
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_CODE = ("agent", "hub", "device-sim", "bench")  # what a benchmark's figures depend on
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -113,7 +114,17 @@ def _git_commit() -> str:
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return done.stdout.strip()
+    commit = done.stdout.strip()
+    # Others' work in progress changes what was measured; say so rather than name a commit
+    # that does not describe the code that ran.
+    status = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", *_CODE],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    return f"{commit} + uncommitted changes" if status.stdout.strip() else commit
 
 
 @dataclass(frozen=True)

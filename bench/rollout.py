@@ -34,6 +34,7 @@ from bench.hub import HubProcess
 from bench.isolation import run_isolated
 from bench.machine import Machine, peak_rss_bytes, raise_fd_limit
 from bench.model import ModelFiles, build_mlp
+from bench.observer import ChunkObserver
 from bench.results import RESULTS_PATH, Figure, Report, command_line, record
 from bench.testbed import (
     DEFAULT_RAMP_PER_S,
@@ -45,11 +46,13 @@ from bench.testbed import (
 )
 from bench.timeline import Phase, first_steps, phases
 from bench.timing import BenchTimeout, percentile, wait_until
+from hub.broker import DEFAULT_HUB_USERNAME
 from outpost_sim.enrollment import enroll_missing
 from outpost_sim.fleet import Fleet, device_dirs
 
 MIB = 1024 * 1024
 MODEL_NAME = "bench-mlp"
+HUB_USERNAME = DEFAULT_HUB_USERNAME  # the embedded broker's account for the hub
 POLL_S = 0.05
 
 
@@ -73,6 +76,9 @@ class ProjectRun:
     median_s: float
     last_s: float  # from the request until the last device was active (or the timeout)
     request_s: float  # how long POST /api/v1/deployments itself took
+    chunks: int  # distinct package chunks the hub published
+    chunk_publishes: int  # how many times it published them
+    last_publish_s: float  # from the request until the hub's last chunk publish
     deployment_id: str
     requested_at: datetime
 
@@ -106,6 +112,13 @@ async def _project(
 ) -> ProjectRun:
     fleet = Fleet(state_dirs=state_dirs, settings=bench_settings(), ramp_s=cfg.ramp_s)
     agents = fleet.agents
+    broker = agents[0].identity.broker
+    observer = ChunkObserver(
+        host=broker.host,
+        port=broker.port,
+        account=Account("bench-chunk-observer", HUB_USERNAME, hub.broker_password),
+        topic_root=agents[0].identity.topic_root,
+    )
     device_ids = [a.device_id for a in agents]
     loop = asyncio.get_running_loop()
     async with running(fleet):
@@ -117,6 +130,7 @@ async def _project(
             poll_s=0.2,
             what=f"{cfg.devices} agents connected and idle",
         )
+        await observer.start(cfg.connect_timeout_s)
         done_at: list[float | None] = [None] * len(agents)
 
         def all_active() -> bool:
@@ -151,6 +165,7 @@ async def _project(
             except BenchTimeout:
                 ended = time.monotonic()  # reported as the share that made it
             deployment, answered = await pending
+        observer.stop()
         summary = fleet.summary()
     times = [t - started for t in done_at if t is not None]
     return ProjectRun(
@@ -161,6 +176,9 @@ async def _project(
         median_s=percentile(times, 0.5) if times else float("nan"),
         last_s=ended - started,
         request_s=answered - started,
+        chunks=observer.distinct,
+        chunk_publishes=observer.total,
+        last_publish_s=max(observer.times, default=started) - started,
         deployment_id=deployment["id"],
         requested_at=requested_at,
     )
@@ -201,7 +219,7 @@ def measure(cfg: RolloutConfig) -> Measured:
                     host=broker.host,
                     port=broker.port,
                     subscribers=_accounts(state_dirs),
-                    publisher=Account("bench-floor-publisher", "outpost_hub", hub.broker_password),
+                    publisher=Account("bench-floor-publisher", HUB_USERNAME, hub.broker_password),
                     payload_bytes=model.size_bytes,
                     timeout_s=cfg.rollout_timeout_s,
                     rounds=cfg.floor_rounds,
@@ -238,6 +256,14 @@ def build_report(cfg: RolloutConfig, m: Measured) -> Report:
         Figure("devices failed", "", p.failed),
         Figure("floor: first (cold) delivery, last subscriber done", "s", f.cold.last_s),
         Figure("deployment request (POST) answered after", "s", p.request_s),
+        Figure(
+            "package chunk publishes by the hub",
+            "",
+            p.chunk_publishes,
+            None,
+            f"{p.chunks} (one per chunk)",
+        ),
+        Figure("last chunk published at", "s", p.last_publish_s),
     ]
     for phase in m.phases:
         figures.append(Figure(f"{phase.name}: median per device", "s", phase.median_s))
