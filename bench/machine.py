@@ -13,7 +13,8 @@ from pathlib import Path
 from hub.broker import MosquittoNotFoundError, find_mosquitto
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-_CODE = ("agent", "hub", "device-sim", "bench")  # what a benchmark's figures depend on
+# The code a benchmark's figures depend on (git pathspecs: ``*`` crosses directories).
+_CODE = ("agent/*.py", "hub/*.py", "device-sim/*.py", "bench/*.py")
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 

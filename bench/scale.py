@@ -241,7 +241,7 @@ def build_report(cfg: ScaleConfig, project: ScaleRun, floor: ScaleRun) -> Report
             Figure("disconnects in the window", "", project.disconnects, floor.disconnects),
         ],
         notes=[
-            f"project: the agents are started over a {cfg.ramp_s:g} s ramp "
+            f"project: the agents are started over a {cfg.ramp_s:.1f} s ramp "
             f"({cfg.devices / cfg.ramp_s if cfg.ramp_s else float('inf'):,.0f} starts/s); the "
             f"floor keeps {FLOOR_IN_FLIGHT} connects in flight. The connect rate is CONNACKs per "
             "second from the first to the last.",

@@ -41,7 +41,7 @@ from bench.testbed import (
     running,
     scratch_parent,
 )
-from bench.timing import BenchTimeout, peak_rate, wait_until
+from bench.timing import BenchTimeout, peak_rate, per_bin, wait_until
 from outpost_sim.fleet import Fleet
 
 DEFAULT_DEVICES = 10_000
@@ -79,6 +79,7 @@ class StormRun:
     broker_cpu_s: float
     broker_peak_cpu_percent: float
     process_cpu_s: float
+    per_second: list[int]  # reconnects in each second after the broker accepted again
 
 
 async def _sample_cpu(pid: int, samples: list[tuple[float, float]]) -> None:
@@ -174,6 +175,7 @@ async def _storm(cfg: StormConfig, bed: Testbed, jitter: bool) -> StormRun:
         broker_cpu_s=broker_cpu,
         broker_peak_cpu_percent=_peak_percent(samples),
         process_cpu_s=process_cpu,
+        per_second=per_bin(times, start),
     )
 
 
@@ -189,6 +191,10 @@ def run_storm(cfg: StormConfig, jitter: bool) -> StormRun:
 def _seconds(value: float | None) -> float:
     # A share that never came back within the timeout shows as the timeout's worth of nothing.
     return float("nan") if value is None else value
+
+
+def _histogram(counts: list[int]) -> str:
+    return " ".join(f"{n:,}" for n in counts) or "none"
 
 
 def build_report(cfg: StormConfig, jitter: StormRun, plain: StormRun) -> Report:
@@ -225,10 +231,15 @@ def build_report(cfg: StormConfig, jitter: StormRun, plain: StormRun) -> Report:
             "project = the agent's full-jitter backoff (default); floor = the same agents with "
             "backoff_jitter=False (paho-style doubling, no jitter), the B10 baseline. Times run "
             "from the moment the restarted broker accepted connections again.",
-            f"each run: the fleet started over a {cfg.ramp_s:g} s ramp, then held connected "
+            f"each run: the fleet started over a {cfg.ramp_s:.1f} s ramp, then held connected "
             f"for {cfg.settle_s:g} s (a link counts as stable after "
             f"{MqttLink.STABLE_AFTER_S:g} s, and then starts its backoff from the first step).",
             f"broker and device state directories under {cfg.work_dir}.",
+            "reconnects in each second after the broker accepted again, with jitter: "
+            + _histogram(jitter.per_second)
+            + "; without: "
+            + _histogram(plain.per_second)
+            + ".",
         ],
     )
 

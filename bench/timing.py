@@ -42,6 +42,15 @@ def peak_rate(times: Sequence[float], start: float, *, bin_s: float = 1.0) -> fl
     return max(bins.values(), default=0) / bin_s
 
 
+def per_bin(times: Sequence[float], start: float, *, bin_s: float = 1.0) -> list[int]:
+    """Events in each ``bin_s`` bin from ``start`` to the last event (events before ``start``
+    count in the first bin)."""
+    if not times:
+        return []
+    bins = Counter(max(0, int((t - start) // bin_s)) for t in times)
+    return [bins.get(i, 0) for i in range(max(bins) + 1)]
+
+
 def span_rate(times: Sequence[float]) -> float:
     """Events per second between the first and the last event."""
     if len(times) < 2:
