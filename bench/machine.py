@@ -68,6 +68,17 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def listen_overflows() -> int:
+    """Connections the kernel dropped at a full listen queue, machine-wide (TcpExt
+    ListenOverflows). Each one stalls a blocking connect for a SYN retransmit (1 s, then 3 s)."""
+    lines = Path("/proc/net/netstat").read_text(encoding="ascii").splitlines()
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        if header.startswith("TcpExt:"):
+            fields = dict(zip(header.split()[1:], values.split()[1:], strict=False))
+            return int(fields.get("ListenOverflows", 0))
+    return 0
+
+
 def find_pid(cmdline_part: str) -> int | None:
     """The first process whose command line contains ``cmdline_part``."""
     for entry in Path("/proc").iterdir():

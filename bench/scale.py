@@ -27,7 +27,7 @@ from agent.protocol.messages import StatusBody, encode
 from agent.protocol.topics import Channel, Topics
 from bench.bare import BareClients
 from bench.isolation import run_isolated
-from bench.machine import Machine, cpu_seconds, raise_fd_limit, rss_bytes
+from bench.machine import Machine, cpu_seconds, listen_overflows, raise_fd_limit, rss_bytes
 from bench.results import RESULTS_PATH, Figure, Report, command_line, record
 from bench.testbed import (
     DEFAULT_RAMP_PER_S,
@@ -74,6 +74,7 @@ class ScaleRun:
     broker_cpu_s: float
     min_connected: int  # lowest count seen during the window
     disconnects: int
+    listen_overflows: int  # connects dropped at a full listen queue while connecting
 
     @property
     def kb_per_device(self) -> float:
@@ -127,6 +128,7 @@ async def _agents(cfg: ScaleConfig, bed: Testbed) -> ScaleRun:
     def connected() -> int:
         return sum(1 for link in links if link.connected)
 
+    overflows_before = listen_overflows()
     async with running(fleet):
         started = time.monotonic()
         all_in = await wait_until(
@@ -135,6 +137,7 @@ async def _agents(cfg: ScaleConfig, bed: Testbed) -> ScaleRun:
             poll_s=POLL_S,
             what=f"{cfg.devices} agents connected",
         )
+        overflows = listen_overflows() - overflows_before
         gc.collect()
         rss1 = rss_bytes()
         times = [link.connected_at for link in links if link.connected_at is not None]
@@ -155,6 +158,7 @@ async def _agents(cfg: ScaleConfig, bed: Testbed) -> ScaleRun:
         broker_cpu_s=broker_cpu,
         min_connected=lowest,
         disconnects=drops,
+        listen_overflows=overflows,
     )
 
 
@@ -175,9 +179,11 @@ async def _bare(cfg: ScaleConfig, bed: Testbed) -> ScaleRun:
     rss0 = rss_bytes()
     clients = BareClients(host=bed.broker.host, port=bed.broker.port, accounts=bed.accounts())
     started = time.monotonic()
+    overflows_before = listen_overflows()
     try:
         await clients.connect_all(in_flight=FLOOR_IN_FLIGHT, timeout_s=cfg.connect_timeout_s)
         all_in = time.monotonic()
+        overflows = listen_overflows() - overflows_before
         gc.collect()
         rss1 = rss_bytes()
         topics = Topics("outpost")
@@ -207,6 +213,7 @@ async def _bare(cfg: ScaleConfig, bed: Testbed) -> ScaleRun:
         broker_cpu_s=broker_cpu,
         min_connected=lowest,
         disconnects=0,
+        listen_overflows=overflows,
     )
 
 
@@ -233,6 +240,12 @@ def build_report(cfg: ScaleConfig, project: ScaleRun, floor: ScaleRun) -> Report
                 "connect rate", "connects/s", project.connect_rate_per_s, floor.connect_rate_per_s
             ),
             Figure("time until all connected", "s", project.connect_s, floor.connect_s),
+            Figure(
+                "connects dropped at the full listen queue",
+                "",
+                project.listen_overflows,
+                floor.listen_overflows,
+            ),
             Figure("memory per device", "KB", project.kb_per_device, floor.kb_per_device),
             Figure("CPU per heartbeat", "µs", project.us_per_heartbeat, floor.us_per_heartbeat),
             Figure("CPU while heartbeating", "% of a core", project.cpu_percent, floor.cpu_percent),

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from agent.mqtt import MqttLink
 from bench.isolation import run_isolated
-from bench.machine import Machine, cpu_seconds, raise_fd_limit
+from bench.machine import Machine, cpu_seconds, listen_overflows, raise_fd_limit
 from bench.results import RESULTS_PATH, Figure, Report, command_line, record
 from bench.testbed import (
     DEFAULT_RAMP_PER_S,
@@ -80,6 +80,7 @@ class StormRun:
     broker_peak_cpu_percent: float
     process_cpu_s: float
     per_second: list[int]  # reconnects in each second after the broker accepted again
+    listen_overflows: int  # SYNs dropped at a full listen queue during the storm (machine-wide)
 
 
 async def _sample_cpu(pid: int, samples: list[tuple[float, float]]) -> None:
@@ -133,6 +134,7 @@ async def _storm(cfg: StormConfig, bed: Testbed, jitter: bool) -> StormRun:
         before = [link.connects for link in links]
         failures_before = sum(link.connect_failures for link in links)
         cpu_before = cpu_seconds()
+        overflows_before = listen_overflows()
         restart = await asyncio.to_thread(bed.broker.restart, SIGNALS[cfg.signal_name])
         pid = bed.broker.pid
         samples: list[tuple[float, float]] = []
@@ -155,6 +157,7 @@ async def _storm(cfg: StormConfig, bed: Testbed, jitter: bool) -> StormRun:
             )
         times = back()
         process_cpu = cpu_seconds() - cpu_before
+        overflows = listen_overflows() - overflows_before
         broker_cpu = cpu_seconds(pid) if pid else 0.0
         if sampler is not None:
             sampler.cancel()
@@ -176,6 +179,7 @@ async def _storm(cfg: StormConfig, bed: Testbed, jitter: bool) -> StormRun:
         broker_peak_cpu_percent=_peak_percent(samples),
         process_cpu_s=process_cpu,
         per_second=per_bin(times, start),
+        listen_overflows=overflows,
     )
 
 
@@ -218,6 +222,12 @@ def build_report(cfg: StormConfig, jitter: StormRun, plain: StormRun) -> Report:
             Figure("devices reconnected", "", jitter.reconnected, plain.reconnected),
             Figure("failed connect attempts", "", jitter.failed_attempts, plain.failed_attempts),
             Figure("broker outage", "s", jitter.outage_s, plain.outage_s),
+            Figure(
+                "connects dropped at the full listen queue",
+                "",
+                jitter.listen_overflows,
+                plain.listen_overflows,
+            ),
             Figure("Mosquitto CPU over the storm", "s", jitter.broker_cpu_s, plain.broker_cpu_s),
             Figure(
                 "Mosquitto peak CPU",
