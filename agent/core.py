@@ -483,8 +483,11 @@ class Agent:
         timeout = base_timeout
         next_report = 0.25
         while not assembler.done:
+            await self._listen(assembler, wakeup)
             if assembler.failure is not None:
                 raise assembler.failure
+            if assembler.done:
+                break
             if not self._still_wanted(ref):
                 return False
             window = assembler.missing()[: self.settings.download.window_chunks]
@@ -505,6 +508,25 @@ class Agent:
                 self._report(ref, Step.DOWNLOADING, progress=round(assembler.progress, 3))
                 next_report = assembler.progress + 0.25
         return True
+
+    async def _listen(self, assembler: ChunkAssembler, wakeup: asyncio.Event) -> None:
+        """Wait while chunks keep arriving; return after a random quiet period without any.
+
+        Every device downloading a package is subscribed to its chunks, so the chunks another
+        device asked for arrive here too. Asking only after a quiet period, of a random length
+        so that a fleet does not ask all at once, suppresses the duplicate requests that would
+        make the hub publish, and the broker fan out to every device, the same chunk again
+        (the NACK suppression of reliable multicast, as in SRM).
+        """
+        listen_s = self.settings.download.listen_s
+        if listen_s <= 0:
+            return
+        while not assembler.done and assembler.failure is None:
+            wakeup.clear()
+            try:
+                await asyncio.wait_for(wakeup.wait(), self._rng.uniform(listen_s, 2 * listen_s))
+            except TimeoutError:
+                return
 
     def _still_wanted(self, ref: PackageRef) -> bool:
         return self._desired is not None and ref in self._desired.packages

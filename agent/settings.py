@@ -40,6 +40,9 @@ class MqttSettings(_Section):
 
 class DownloadSettings(_Section):
     window_chunks: int = Field(default=16, ge=1)
+    # Before asking for missing chunks, wait this long (to twice it) for chunks other devices
+    # asked for: a fleet downloading one package then asks for each chunk about once.
+    listen_s: float = Field(default=0.5, ge=0)
     chunk_timeout_s: float = Field(default=5.0, gt=0)
     max_package_bytes: int = 512 * 1024 * 1024
     max_archive_entries: int = 10_000

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from sqlmodel import Session
 
-from hub.messaging.handlers import Handlers, handle_message
+from hub.messaging.handlers import Handlers, handle_message, publish_chunks
 
 if TYPE_CHECKING:
     from hub.context import HubContext
@@ -61,17 +61,35 @@ class MessageWorker:
 
     def _run(self) -> None:
         heartbeats = self.handlers.heartbeats
+        chunks = self.handlers.pending_chunks
         while True:
+            # Wake up in time for the pending chunks' publish, or else the heartbeats' flush.
+            timeout = chunks.gather_s if chunks.waiting else heartbeats.flush_every_s
             try:
-                item = self._queue.get(timeout=heartbeats.flush_every_s)
+                item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 item = None
             if item is not None and item is not _STOP:
                 self._handle(*item)
+            if chunks.due():
+                self._publish_chunks()
             if heartbeats.due() or item is _STOP:
                 self._flush_heartbeats()
             if item is _STOP:
                 return
+
+    def _publish_chunks(self) -> None:
+        handlers = self.handlers
+        try:
+            publish_chunks(
+                chunks=handlers.pending_chunks.take(),
+                publisher=handlers.publisher,
+                topics=handlers.topics,
+                packages_dir=handlers.packages_dir,
+            )
+        except Exception:
+            handlers.stats.bump("failed")
+            logger.exception("publishing chunks failed")
 
     def _handle(self, topic: str, payload: bytes) -> None:
         try:

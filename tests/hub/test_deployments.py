@@ -1,6 +1,7 @@
 """Deployments end to end through the API with a recording publisher, and the MQTT handlers
 called as plain functions on a Session (no broker)."""
 
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,13 @@ from agent.protocol.messages import (
 from agent.protocol.topics import Channel
 from hub.deployments.models import DeviceEvent
 from hub.devices.models import Device
-from hub.messaging.handlers import Handlers, RecentChunks, handle_message
+from hub.messaging.handlers import (
+    ChunkWanted,
+    Handlers,
+    PendingChunks,
+    handle_message,
+    publish_chunks,
+)
 from hub.packages.service import package_path
 
 from .conftest import RunningHub
@@ -68,7 +75,6 @@ def _handlers(hub: RunningHub) -> Handlers:
         publisher=hub.publisher,
         topics=hub.ctx.topics,
         packages_dir=hub.settings.packages_dir,
-        recent_chunks=RecentChunks(),
     )
 
 
@@ -210,7 +216,7 @@ def test_desired_request_republishes_with_a_new_counter_even_when_empty(
     assert all(s.packages == [] for s in states)
 
 
-def test_chunk_requests_publish_raw_chunks_once_per_window(
+def test_chunk_requests_gathered_before_a_publish_share_it_and_later_ones_get_another(
     running_hub: RunningHub, deployed: dict[str, Any]
 ) -> None:
     dep = deployed["deployment"]
@@ -218,6 +224,7 @@ def test_chunk_requests_publish_raw_chunks_once_per_window(
     digest = dep["package_digest"]
     archive = package_path(running_hub.settings.packages_dir, digest).read_bytes()
     handlers = _handlers(running_hub)
+    topic = running_hub.ctx.topics.chunk(digest, 0)
 
     def request(device_id: str, chunks: list[int], digest: str = digest) -> None:
         with Session(running_hub.ctx.engine) as session:
@@ -228,27 +235,49 @@ def test_chunk_requests_publish_raw_chunks_once_per_window(
                 payload=encode(ChunkRequestBody(digest=digest, chunks=chunks)),
             )
 
+    def publish() -> int:
+        return publish_chunks(
+            chunks=handlers.pending_chunks.take(),
+            publisher=running_hub.publisher,
+            topics=running_hub.ctx.topics,
+            packages_dir=running_hub.settings.packages_dir,
+        )
+
     request(a, [0, 999_999])  # the out-of-range index is ignored
-    request(b, [0])  # within 0.5 s of the last publish of chunk 0: the broker fans that out
-    topic = running_hub.ctx.topics.chunk(digest, 0)
+    request(b, [0])  # while chunk 0 is pending: folded into the same publish
+    assert running_hub.publisher.on(topic) == [], "nothing goes out before the gather window"
+    assert handlers.pending_chunks.waiting
+    assert publish() == 1
     published = running_hub.publisher.on(topic)
     assert len(published) == 1
     assert published[0].payload == archive[: 256 * 1024]
     assert published[0].retain is False
     assert running_hub.publisher.on(running_hub.ctx.topics.chunk(digest, 999_999)) == []
+    assert (handlers.pending_chunks.requested, handlers.pending_chunks.folded) == (2, 1)
+
+    # Asked again after the publish (that device subscribed too late to see it): another one.
+    request(b, [0])
+    assert publish() == 1
+    assert len(running_hub.publisher.on(topic)) == 2
 
     # A digest the device was not told to fetch gets nothing.
     before = len(running_hub.publisher.messages)
     request(a, [0], digest="0" * 64)
+    assert publish() == 0
     assert len(running_hub.publisher.messages) == before
 
 
-def test_recent_chunks_window() -> None:
-    recent = RecentChunks(window_s=0.5)
-    assert recent.should_send("d", 0, now=10.0)
-    assert not recent.should_send("d", 0, now=10.4)
-    assert recent.should_send("d", 1, now=10.4)
-    assert recent.should_send("d", 0, now=10.6)
+def test_pending_chunks_are_due_after_the_gather_window() -> None:
+    pending = PendingChunks(gather_s=0.05)
+    assert not pending.due(now=time.monotonic() + 10)
+    pending.add(ChunkWanted("d", 0, 1024))
+    pending.add(ChunkWanted("d", 1, 1024))
+    pending.add(ChunkWanted("d", 0, 1024))
+    assert not pending.due(now=time.monotonic())
+    assert pending.due(now=time.monotonic() + 0.06)
+    assert [(c.digest, c.index) for c in pending.take()] == [("d", 0), ("d", 1)]
+    assert not pending.waiting
+    assert (pending.requested, pending.folded, pending.published) == (3, 1, 2)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST_AGENT = {
     "event_resend_s": 1.0,
     "mqtt": {"backoff_base_s": 0.05, "backoff_cap_s": 0.5, "keepalive_s": 5},
-    "download": {"chunk_timeout_s": 0.5, "window_chunks": 8},
+    "download": {"chunk_timeout_s": 0.5, "window_chunks": 8, "listen_s": 0.1},
 }
 
 

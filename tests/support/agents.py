@@ -45,7 +45,7 @@ def fast_settings(state_dir: Path, **overrides: Any) -> AgentSettings:
         "event_resend_s": 1.0,
         "scoring": {"enabled": False},
         "mqtt": {"backoff_base_s": 0.05, "backoff_cap_s": 0.5, "keepalive_s": 5},
-        "download": {"chunk_timeout_s": 0.5, "window_chunks": 8},
+        "download": {"chunk_timeout_s": 0.5, "window_chunks": 8, "listen_s": 0.05},
     }
     values.update(overrides)
     return AgentSettings(**values)
