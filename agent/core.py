@@ -113,7 +113,8 @@ class Agent:
         self._active: dict[str, ActiveModel] = {}
         self._reported_active: dict[str, str | None] = {}
         self._downloads: dict[str, ChunkAssembler] = {}
-        self._chunk_wakeups: dict[str, asyncio.Event] = {}
+        self._chunk_wakeups: dict[str, asyncio.Event] = {}  # a new chunk arrived
+        self._chunk_activity: dict[str, asyncio.Event] = {}  # any chunk arrived, even a copy
         self._pending_events: dict[int, bytes] = {}
         self._wake = asyncio.Event()
         self.last_rejection = ""
@@ -355,6 +356,7 @@ class Agent:
         assembler = self._downloads.get(chunk.digest)
         if assembler is None:
             return
+        self._chunk_activity[chunk.digest].set()
         try:
             if assembler.add(chunk.index, payload):
                 self._chunk_wakeups[chunk.digest].set()
@@ -464,6 +466,7 @@ class Agent:
             wakeup = asyncio.Event()
             self._downloads[ref.digest] = assembler
             self._chunk_wakeups[ref.digest] = wakeup
+            self._chunk_activity[ref.digest] = asyncio.Event()
             wildcard = self._topics.package_wildcard(ref.digest)
             self._link.subscribe([(wildcard, 1)])
             try:
@@ -474,6 +477,7 @@ class Agent:
                 self._link.unsubscribe(wildcard)
                 del self._downloads[ref.digest]
                 del self._chunk_wakeups[ref.digest]
+                del self._chunk_activity[ref.digest]
         return await asyncio.to_thread(assembler.finish)
 
     async def _fetch_chunks(
@@ -483,7 +487,7 @@ class Agent:
         timeout = base_timeout
         next_report = 0.25
         while not assembler.done:
-            await self._listen(assembler, wakeup)
+            await self._listen(assembler, self._chunk_activity[ref.digest])
             if assembler.failure is not None:
                 raise assembler.failure
             if assembler.done:
@@ -509,22 +513,24 @@ class Agent:
                 next_report = assembler.progress + 0.25
         return True
 
-    async def _listen(self, assembler: ChunkAssembler, wakeup: asyncio.Event) -> None:
-        """Wait while chunks keep arriving; return after a random quiet period without any.
+    async def _listen(self, assembler: ChunkAssembler, activity: asyncio.Event) -> None:
+        """Wait while chunks of the package keep arriving; return after a random quiet period.
 
         Every device downloading a package is subscribed to its chunks, so the chunks another
         device asked for arrive here too. Asking only after a quiet period, of a random length
         so that a fleet does not ask all at once, suppresses the duplicate requests that would
         make the hub publish, and the broker fan out to every device, the same chunk again
-        (the NACK suppression of reliable multicast, as in SRM).
+        (the NACK suppression of reliable multicast, as in SRM). Copies of chunks this device
+        already holds count as arrivals too: while the broker is still draining its queues,
+        what is missing here may be on its way.
         """
         listen_s = self.settings.download.listen_s
         if listen_s <= 0:
             return
         while not assembler.done and assembler.failure is None:
-            wakeup.clear()
+            activity.clear()
             try:
-                await asyncio.wait_for(wakeup.wait(), self._rng.uniform(listen_s, 2 * listen_s))
+                await asyncio.wait_for(activity.wait(), self._rng.uniform(listen_s, 2 * listen_s))
             except TimeoutError:
                 return
 

@@ -4,7 +4,9 @@ Each chunk is checked against the hash the director signed before it is written 
 in ``<digest>.part``. What has been received is not kept in a separate record: on resume (after
 a reconnect or a restart) each chunk's region of the part file is hashed again, so the file is
 its own journal and a torn write only costs that chunk. The finished archive is checked against
-the package digest, then renamed into place; a half-written file is never promoted.
+the package digest, then renamed into place; a half-written file is never promoted. The digest
+is computed as the chunks arrive (they mostly come in order), so checking it does not read the
+whole archive again.
 """
 
 import errno
@@ -47,6 +49,9 @@ class ChunkAssembler:
         self.failure: AgentError | None = None
         self._corrupt_by_index: dict[int, int] = {}
         self._missing: set[int] = set(range(len(ref.chunks)))
+        # The package digest over the leading chunks held so far (chunks 0 .. _hashed - 1).
+        self._digest = hashlib.sha256()
+        self._hashed = 0
         directory.mkdir(parents=True, exist_ok=True)
         if self.final_path.exists():
             self._missing.clear()
@@ -127,7 +132,22 @@ class ChunkAssembler:
                 raise NoSpaceError("disk full while writing a chunk") from None
             raise
         self._missing.discard(index)
+        if index == self._hashed:
+            self._digest.update(data)
+            self._hashed += 1
+            self._hash_held_chunks()
         return True
+
+    def _hash_held_chunks(self) -> None:
+        """Extend the running digest over the chunks after it that are already on disk."""
+        if self._hashed >= len(self.ref.chunks) or self._hashed in self._missing:
+            return
+        with self.part_path.open("rb") as part:
+            while self._hashed < len(self.ref.chunks) and self._hashed not in self._missing:
+                start, end = self._range(self._hashed)
+                part.seek(start)
+                self._digest.update(part.read(end - start))
+                self._hashed += 1
 
     def finish(self) -> Path:
         """Check the whole archive against its digest and move it into place."""
@@ -135,13 +155,11 @@ class ChunkAssembler:
             return self.final_path
         if self._missing:
             raise IntegrityError(f"{len(self._missing)} chunks still missing")
-        digest = hashlib.sha256()
+        self._hash_held_chunks()
         with self.part_path.open("rb") as part:
-            while block := part.read(1024 * 1024):
-                digest.update(block)
-            size = part.tell()
+            size = os.fstat(part.fileno()).st_size
             os.fsync(part.fileno())
-        if size != self.ref.size or digest.hexdigest() != self.ref.digest:
+        if size != self.ref.size or self._digest.hexdigest() != self.ref.digest:
             self.discard()
             raise IntegrityError("assembled package does not match its digest")
         self.part_path.replace(self.final_path)
@@ -152,3 +170,5 @@ class ChunkAssembler:
         for path in (self.part_path, self.final_path):
             path.unlink(missing_ok=True)
         self._missing = set(range(len(self.ref.chunks)))
+        self._digest = hashlib.sha256()
+        self._hashed = 0

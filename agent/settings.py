@@ -39,7 +39,7 @@ class MqttSettings(_Section):
 
 
 class DownloadSettings(_Section):
-    window_chunks: int = Field(default=16, ge=1)
+    window_chunks: int = Field(default=64, ge=1)
     # Before asking for missing chunks, wait this long (to twice it) for chunks other devices
     # asked for: a fleet downloading one package then asks for each chunk about once.
     listen_s: float = Field(default=0.5, ge=0)

@@ -90,15 +90,14 @@ def create_deployment(
             "devices": len(device_ids),
         },
     )
-    for device_id in device_ids:
-        try:
-            director.publish(session=session, device_id=device_id)
-        except HubError as exc:
-            # The device asks for its desired state on every connect, so it still gets it.
-            logger.warning(
-                "could not publish desired state",
-                extra={"device_id": device_id, "error": exc.detail},
-            )
+    try:
+        director.publish_many(session=session, device_ids=device_ids)
+    except HubError as exc:
+        # Each device asks for its desired state on every connect, so it still gets it.
+        logger.warning(
+            "could not publish desired states",
+            extra={"deployment_id": deployment.id, "error": exc.detail},
+        )
     return deployment
 
 

@@ -33,14 +33,12 @@ from hub.deployments.desired import Director
 from hub.deployments.models import Deployment, DeploymentDevice, DeviceDesired, DeviceEvent
 from hub.devices.models import Device
 from hub.errors import HubError
+from hub.messaging.chunks import ChunkScheduler, ChunkWanted
 from hub.messaging.publisher import Publisher
 from hub.packages.models import Package
-from hub.packages.service import package_path
 
 logger = logging.getLogger(__name__)
 
-# Chunk requests are gathered this long before one publish serves them all.
-CHUNK_GATHER_S = 0.05
 _TERMINAL = frozenset(str(s) for s in TERMINAL_STEPS)
 # Which body kinds may arrive on which channel; anything else is dropped as malformed.
 _KINDS_BY_CHANNEL: dict[Channel, frozenset[str]] = {
@@ -65,78 +63,6 @@ class MessageStats:
     def bump(self, name: str) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
-
-
-@dataclass(frozen=True)
-class ChunkWanted:
-    digest: str
-    index: int
-    chunk_bytes: int
-
-
-class PendingChunks:
-    """Chunks asked for and not yet published: gathered for ``gather_s``, then published once.
-
-    Every device downloading a package is subscribed to its chunks, so one publish reaches all
-    of them through the broker's fan-out. Requests that arrive while a chunk is pending fold
-    into its one publish. A request that arrives after the publish gets another one: that
-    device subscribed too late to see the last, and nothing else would ever reach it. (Agents
-    listen for a quiet moment before asking, so a fleet asks about once per chunk.)
-    """
-
-    def __init__(self, gather_s: float = CHUNK_GATHER_S) -> None:
-        self.gather_s = gather_s
-        self._pending: dict[tuple[str, int], ChunkWanted] = {}
-        self._since = 0.0
-        self.requested = 0
-        self.folded = 0
-        self.published = 0
-
-    def add(self, wanted: ChunkWanted) -> None:
-        self.requested += 1
-        key = (wanted.digest, wanted.index)
-        if key in self._pending:
-            self.folded += 1
-            return
-        if not self._pending:
-            self._since = time.monotonic()
-        self._pending[key] = wanted
-
-    @property
-    def waiting(self) -> bool:
-        return bool(self._pending)
-
-    def due(self, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        return bool(self._pending) and now - self._since >= self.gather_s
-
-    def take(self) -> list[ChunkWanted]:
-        """Everything pending, in the order first asked for; pending is then empty."""
-        taken = list(self._pending.values())
-        self._pending.clear()
-        self.published += len(taken)
-        return taken
-
-
-def publish_chunks(
-    *, chunks: list[ChunkWanted], publisher: Publisher, topics: Topics, packages_dir: Path
-) -> int:
-    """Read each chunk from its package file and publish it; returns how many went out."""
-    sent = 0
-    for digest in dict.fromkeys(c.digest for c in chunks):
-        path = package_path(packages_dir, digest)
-        try:
-            with path.open("rb") as fh:
-                for chunk in (c for c in chunks if c.digest == digest):
-                    fh.seek(chunk.index * chunk.chunk_bytes)
-                    data = fh.read(chunk.chunk_bytes)
-                    publisher.publish(topics.chunk(digest, chunk.index), data, qos=1, retain=False)
-                    sent += 1
-        except FileNotFoundError:
-            logger.error("package file missing", extra={"digest": digest, "path": str(path)})
-        except HubError as exc:
-            logger.warning("could not publish chunks", extra={"error": exc.detail})
-    return sent
 
 
 class Heartbeats:
@@ -194,7 +120,7 @@ class Handlers:
     publisher: Publisher
     topics: Topics
     packages_dir: Path
-    pending_chunks: PendingChunks = field(default_factory=PendingChunks)
+    chunks: ChunkScheduler = field(default_factory=ChunkScheduler)
     stats: MessageStats = field(default_factory=MessageStats)
     heartbeats: Heartbeats = field(default_factory=Heartbeats)
 
@@ -213,6 +139,9 @@ def handle_message(*, session: Session, handlers: Handlers, topic: str, payload:
         logger.warning("dropped malformed message", extra={"topic": topic, "reason": str(exc)})
         return
     device_id = where.device_id
+    if isinstance(envelope.body, StatusBody) and envelope.body.uptime_s is None:
+        # Sent on every (re)connect: the device's old subscriptions are gone.
+        handlers.chunks.forget_device(device_id)
     if isinstance(envelope.body, StatusBody) and handlers.heartbeats.absorb(
         device_id, envelope.body
     ):
@@ -227,7 +156,7 @@ def handle_message(*, session: Session, handlers: Handlers, topic: str, payload:
         handle_desired_request(session=session, director=handlers.director, device_id=device_id)
     elif isinstance(body, ChunkRequestBody):
         handle_chunk_request(
-            session=session, pending=handlers.pending_chunks, device_id=device_id, body=body
+            session=session, chunks=handlers.chunks, device_id=device_id, body=body
         )
     elif isinstance(body, EventBody):
         handle_event(
@@ -257,10 +186,10 @@ def handle_desired_request(*, session: Session, director: Director, device_id: s
 
 
 def handle_chunk_request(
-    *, session: Session, pending: PendingChunks, device_id: str, body: ChunkRequestBody
+    *, session: Session, chunks: ChunkScheduler, device_id: str, body: ChunkRequestBody
 ) -> int:
-    """Queue the requested chunks of a package in this device's desired state for the next
-    publish; returns how many were asked for validly."""
+    """Schedule the requested chunks of a package in this device's desired state; returns how
+    many need a publish (the rest are pending already or on their way to the device)."""
     wanted = session.exec(
         select(DeviceDesired).where(
             DeviceDesired.device_id == device_id, DeviceDesired.package_digest == body.digest
@@ -282,9 +211,10 @@ def handle_chunk_request(
             "ignored out-of-range chunk indexes",
             extra={"device_id": device_id, "digest": body.digest, "chunks": count},
         )
-    for index in valid:
-        pending.add(ChunkWanted(body.digest, index, package.chunk_bytes))
-    return len(valid)
+    return sum(
+        chunks.request(device_id, ChunkWanted(body.digest, index, package.chunk_bytes))
+        for index in valid
+    )
 
 
 def _advance_ack(session: Session, device: Device) -> int:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from sqlmodel import Session
 
-from hub.messaging.handlers import Handlers, handle_message, publish_chunks
+from hub.messaging.chunks import publish_chunks
+from hub.messaging.handlers import Handlers, handle_message
 
 if TYPE_CHECKING:
     from hub.context import HubContext
@@ -61,10 +62,12 @@ class MessageWorker:
 
     def _run(self) -> None:
         heartbeats = self.handlers.heartbeats
-        chunks = self.handlers.pending_chunks
+        chunks = self.handlers.chunks
         while True:
             # Wake up in time for the pending chunks' publish, or else the heartbeats' flush.
-            timeout = chunks.gather_s if chunks.waiting else heartbeats.flush_every_s
+            timeout = heartbeats.flush_every_s
+            if chunks.waiting:
+                timeout = min(timeout, chunks.seconds_until_due())
             try:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
@@ -82,7 +85,7 @@ class MessageWorker:
         handlers = self.handlers
         try:
             publish_chunks(
-                chunks=handlers.pending_chunks.take(),
+                chunks=handlers.chunks.take(),
                 publisher=handlers.publisher,
                 topics=handlers.topics,
                 packages_dir=handlers.packages_dir,

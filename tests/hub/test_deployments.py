@@ -1,7 +1,6 @@
 """Deployments end to end through the API with a recording publisher, and the MQTT handlers
 called as plain functions on a Session (no broker)."""
 
-import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,13 +26,8 @@ from agent.protocol.messages import (
 from agent.protocol.topics import Channel
 from hub.deployments.models import DeviceEvent
 from hub.devices.models import Device
-from hub.messaging.handlers import (
-    ChunkWanted,
-    Handlers,
-    PendingChunks,
-    handle_message,
-    publish_chunks,
-)
+from hub.messaging.chunks import ChunkScheduler, publish_chunks
+from hub.messaging.handlers import Handlers, handle_message
 from hub.packages.service import package_path
 
 from .conftest import RunningHub
@@ -75,6 +69,8 @@ def _handlers(hub: RunningHub) -> Handlers:
         publisher=hub.publisher,
         topics=hub.ctx.topics,
         packages_dir=hub.settings.packages_dir,
+        # No waiting: these tests publish by hand (test_chunks.py covers the timing).
+        chunks=ChunkScheduler(gather_s=0, first_gather_max_s=0, min_interval_s=0),
     )
 
 
@@ -216,7 +212,7 @@ def test_desired_request_republishes_with_a_new_counter_even_when_empty(
     assert all(s.packages == [] for s in states)
 
 
-def test_chunk_requests_gathered_before_a_publish_share_it_and_later_ones_get_another(
+def test_chunk_requests_share_one_publish_and_a_device_that_missed_it_gets_another(
     running_hub: RunningHub, deployed: dict[str, Any]
 ) -> None:
     dep = deployed["deployment"]
@@ -226,18 +222,21 @@ def test_chunk_requests_gathered_before_a_publish_share_it_and_later_ones_get_an
     handlers = _handlers(running_hub)
     topic = running_hub.ctx.topics.chunk(digest, 0)
 
-    def request(device_id: str, chunks: list[int], digest: str = digest) -> None:
+    def send(device_id: str, channel: Channel, body: Any) -> None:
         with Session(running_hub.ctx.engine) as session:
             handle_message(
                 session=session,
                 handlers=handlers,
-                topic=running_hub.ctx.topics.device(device_id, Channel.REQ),
-                payload=encode(ChunkRequestBody(digest=digest, chunks=chunks)),
+                topic=running_hub.ctx.topics.device(device_id, channel),
+                payload=encode(body),
             )
+
+    def request(device_id: str, chunks: list[int], digest: str = digest) -> None:
+        send(device_id, Channel.REQ, ChunkRequestBody(digest=digest, chunks=chunks))
 
     def publish() -> int:
         return publish_chunks(
-            chunks=handlers.pending_chunks.take(),
+            chunks=handlers.chunks.take(),
             publisher=running_hub.publisher,
             topics=running_hub.ctx.topics,
             packages_dir=running_hub.settings.packages_dir,
@@ -246,38 +245,30 @@ def test_chunk_requests_gathered_before_a_publish_share_it_and_later_ones_get_an
     request(a, [0, 999_999])  # the out-of-range index is ignored
     request(b, [0])  # while chunk 0 is pending: folded into the same publish
     assert running_hub.publisher.on(topic) == [], "nothing goes out before the gather window"
-    assert handlers.pending_chunks.waiting
+    assert handlers.chunks.waiting
     assert publish() == 1
     published = running_hub.publisher.on(topic)
     assert len(published) == 1
     assert published[0].payload == archive[: 256 * 1024]
     assert published[0].retain is False
     assert running_hub.publisher.on(running_hub.ctx.topics.chunk(digest, 999_999)) == []
-    assert (handlers.pending_chunks.requested, handlers.pending_chunks.folded) == (2, 1)
 
-    # Asked again after the publish (that device subscribed too late to see it): another one.
+    # Both were subscribed before that publish: asking again changes nothing, it is on its way.
+    request(b, [0])
+    assert not handlers.chunks.waiting
+    # After a reconnect (an online status without uptime) b's subscription is new: it missed
+    # the publish, so it gets another one.
+    send(b, Channel.STATUS, StatusBody(online=True))
     request(b, [0])
     assert publish() == 1
     assert len(running_hub.publisher.on(topic)) == 2
+    assert (handlers.chunks.requested, handlers.chunks.folded) == (4, 2)
 
     # A digest the device was not told to fetch gets nothing.
     before = len(running_hub.publisher.messages)
     request(a, [0], digest="0" * 64)
     assert publish() == 0
     assert len(running_hub.publisher.messages) == before
-
-
-def test_pending_chunks_are_due_after_the_gather_window() -> None:
-    pending = PendingChunks(gather_s=0.05)
-    assert not pending.due(now=time.monotonic() + 10)
-    pending.add(ChunkWanted("d", 0, 1024))
-    pending.add(ChunkWanted("d", 1, 1024))
-    pending.add(ChunkWanted("d", 0, 1024))
-    assert not pending.due(now=time.monotonic())
-    assert pending.due(now=time.monotonic() + 0.06)
-    assert [(c.digest, c.index) for c in pending.take()] == [("d", 0), ("d", 1)]
-    assert not pending.waiting
-    assert (pending.requested, pending.folded, pending.published) == (3, 1, 2)
 
 
 @pytest.mark.parametrize(
