@@ -49,7 +49,9 @@ def _run_messaging(ctx: HubContext) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if settings.broker.url is None:
             broker = EmbeddedBroker(
-                data_dir=settings.broker_dir, topic_root=settings.broker.topic_root
+                data_dir=settings.broker_dir,
+                topic_root=settings.broker.topic_root,
+                port=settings.broker.port,
             )
             password = read_or_create_token(settings.hub_broker_password_path, nbytes=24)
             hub_hash = hash_password(password)

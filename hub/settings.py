@@ -26,6 +26,8 @@ class ApiSettings(_Frozen):
 class BrokerSettings(_Frozen):
     # None: start the embedded Mosquitto in data_dir/broker.
     url: str | None = None
+    # The embedded Mosquitto's port; None: a free one at the first start, kept from then on.
+    port: int | None = Field(default=None, ge=1, le=65535)
     # What enrolment tells devices, when they reach the broker by another name than the hub does.
     public_host: str | None = None
     public_port: int | None = Field(default=None, ge=1, le=65535)

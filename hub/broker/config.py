@@ -10,7 +10,12 @@ from pathlib import Path
 from agent.protocol.topics import DEVICE_TO_HUB, HUB_TO_DEVICE, Topics
 from hub.broker.passwords import check_hub_username
 
-MAX_QUEUED_MESSAGES = 1000
+# Past these, Mosquitto silently drops QoS 1 messages for a client. The hub's one connection
+# takes every device's traffic: a fleet reconnecting after a broker restart sends it several
+# messages per device at once (status, state, a desired-state request), which a queue of 1,000
+# (Mosquitto's default) lost. The byte bound keeps a slow client from holding unbounded memory.
+MAX_QUEUED_MESSAGES = 100_000
+MAX_QUEUED_BYTES = 256 * 1024 * 1024
 MAX_INFLIGHT_MESSAGES = 100
 
 
@@ -55,6 +60,7 @@ def render_config(
             "log_type information",
             "connection_messages true",
             f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+            f"max_queued_bytes {MAX_QUEUED_BYTES}",
             f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
             "",
         ]

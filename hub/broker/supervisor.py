@@ -124,6 +124,11 @@ class EmbeddedBroker:
         return self._data_dir / "acl"
 
     @property
+    def port_file(self) -> Path:
+        """The port picked at the first start: devices are enrolled with it, so it stays."""
+        return self._data_dir / "port"
+
+    @property
     def log_file(self) -> Path:
         return self._data_dir / "mosquitto.log"
 
@@ -168,10 +173,12 @@ class EmbeddedBroker:
             write_atomic(self.password_file, passwords.encode(), mode=0o600)
             acl = render_acl(self._topic_root, self.hub_username)
             write_atomic(self.acl_file, acl.encode(), mode=0o600)
+            # Enrolled devices know the port: a restart must come back on the same one.
+            kept = self._fixed_port or self._remembered_port()
             # A port we picked may be taken between picking and binding; pick again then.
-            attempts = 1 if self._fixed_port is not None else 3
+            attempts = 1 if kept is not None else 3
             for attempt in range(1, attempts + 1):
-                port = self._fixed_port or free_loopback_port(self._bind)
+                port = kept or free_loopback_port(self._bind)
                 self._port = port
                 config = render_config(
                     bind=self._bind,
@@ -184,15 +191,32 @@ class EmbeddedBroker:
                 try:
                     self._launch(mosquitto)
                     break
-                except BrokerError:
+                except BrokerError as exc:
+                    if kept is not None:
+                        raise BrokerError(
+                            f"mosquitto could not start on port {port}, the port enrolled devices"
+                            f" use (kept in {self.port_file}); free it, or move every device:"
+                            f" {exc}"
+                        ) from exc
                     if attempt == attempts:
                         raise
                     logger.warning("mosquitto failed to start on port %d, retrying", port)
+            if self._fixed_port is None:
+                write_atomic(self.port_file, f"{port}\n".encode(), mode=0o600)
         self._supervisor = threading.Thread(
             target=self._supervise, name="mosquitto-supervisor", daemon=True
         )
         self._supervisor.start()
         logger.info("embedded broker listening", extra={"url": self.url, "pid": self.pid})
+
+    def _remembered_port(self) -> int | None:
+        try:
+            text = self.port_file.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise BrokerError(f"{self.port_file} holds {text!r}, not a port number")
+        return int(text)
 
     def update_users(self, users: Iterable[BrokerUser], *, timeout_s: float = 5.0) -> None:
         """Rewrite the password file and make mosquitto reload it, without dropping clients.

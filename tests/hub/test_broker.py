@@ -399,3 +399,25 @@ def test_missing_binary_says_how_to_install(tmp_path: Path) -> None:
     broker = EmbeddedBroker(data_dir=tmp_path, mosquitto_bin=str(tmp_path / "nope"))
     with pytest.raises(MosquittoNotFoundError):
         broker.start([])
+
+
+def test_a_restarted_broker_comes_back_on_the_port_devices_were_enrolled_with(
+    tmp_path: Path,
+) -> None:
+    users = [BrokerUser("outpost_hub", hash_password("x"))]
+    with EmbeddedBroker(data_dir=tmp_path) as broker:
+        broker.start(users)
+        first = broker.port
+    assert broker.port_file.read_text().strip() == str(first)
+    with EmbeddedBroker(data_dir=tmp_path) as again:
+        again.start(users)
+        assert again.port == first
+    # Taken by something else: a clear refusal, not a silent move to another port.
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", first))
+        squatter.listen()
+        blocked = EmbeddedBroker(data_dir=tmp_path, start_timeout_s=3)
+        with pytest.raises(BrokerError, match=f"port {first}, the port enrolled devices use"):
+            blocked.start(users)
+        blocked.stop()
