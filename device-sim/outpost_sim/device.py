@@ -103,12 +103,13 @@ class SimulatedDevice:
         )
         self._runtimes = runtimes
         self._check_health = failing_health_check if faults.health_fail else check_health
+        # One random stream per device (its state is 2.5 KB; 10,000 devices notice three).
         self._rng = random.Random(faults.seed)
         self.conditions = LinkConditions(
             profile=faults.link or profile.link,
             corrupt_probability=faults.corrupt_probability,
             corrupt_limit=faults.corrupt_limit,
-            rng=random.Random(self._rng.getrandbits(64)),
+            rng=self._rng,
         )
         self._clock_offset = timedelta(seconds=profile.clock_offset_s + faults.clock_offset_s)
         self.agent = self._new_agent(first=True)
@@ -129,7 +130,7 @@ class SimulatedDevice:
             load_runtime=self._runtimes,
             check_health=self._check_health,
             clock=self._clock,
-            rng=random.Random(self._rng.getrandbits(64)),
+            rng=self._rng,
             failpoints=failpoints,
             disk_free=self._disk_free,
             link_factory=functools.partial(SimulatedLink, conditions=self.conditions),
