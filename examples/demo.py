@@ -141,7 +141,7 @@ def demo(base: Path, processes: Processes, exit_after: bool) -> None:
         state_dir = base / f"agent-{i + 1}"
         run(
             [agent_cli, "--state-dir", str(state_dir), "enroll", "--hub", hub_url,
-             "--token", token, "--name", f"demo-{i + 1}"],
+             f"--token={token}", "--name", f"demo-{i + 1}"],
             env,
         )  # fmt: skip
         device_id = json.loads((state_dir / "identity.json").read_text())["device_id"]

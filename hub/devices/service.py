@@ -35,7 +35,8 @@ def hash_token(token: str) -> str:
 
 def create_token(*, session: Session, uses: int, ttl_s: int) -> TokenCreated:
     """A new enrolment token; the plain token is returned here and never again."""
-    token = secrets.token_urlsafe(24)
+    # A prefix, so a token never starts with '-' and is never taken for a command-line option.
+    token = f"et_{secrets.token_urlsafe(24)}"
     row = EnrollmentToken(
         token_hash=hash_token(token), expires_at=utcnow() + timedelta(seconds=ttl_s), max_uses=uses
     )

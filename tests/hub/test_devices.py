@@ -125,3 +125,10 @@ def test_devices_enrolled_before_tags_existed_get_none_and_the_migration_reverts
     assert "tags" not in columns
     assert "password_hash" in columns
     engine.dispose()
+
+
+def test_enrolment_tokens_never_look_like_command_line_options(running_hub: RunningHub) -> None:
+    # A token starting with "-" made `outpost-agent enroll --token <it>` fail (seen in the demo).
+    for _ in range(50):
+        body = running_hub.client.post("/api/v1/enrollment-tokens", json={"uses": 1}).json()
+        assert body["token"].startswith("et_")
