@@ -44,12 +44,15 @@ from agent.protocol.messages import (
 from agent.protocol.topics import Channel, TopicError, Topics
 from agent.runtimes.base import ActiveModel
 from agent.settings import AgentSettings
-from agent.state import BadVersion, StateDir
+from agent.state import BadVersion, InstallAttempt, StateDir
 from agent.trust import DesiredVerdict, verify_desired, verify_keyring
 
 logger = logging.getLogger(__name__)
 
 MAX_PENDING_EVENTS = 10_000
+# An install that kills the agent this many times in a row is given up (Mender breaks its state
+# loops the same way): the version is marked bad instead of crashing the device forever.
+MAX_INSTALL_ATTEMPTS = 3
 MIB = 1024 * 1024
 # Room for the state files and logs written while installing, beyond the package's two copies.
 SPACE_MARGIN_BYTES = 4 * MIB
@@ -204,6 +207,7 @@ class Agent:
 
     def load_installed(self) -> None:
         """Serve what was active before the restart, without the hub."""
+        completed = self._recover_interrupted_install()
         if self._keyring is None:
             return
         for model in self._store.models():
@@ -212,6 +216,51 @@ class Agent:
                 self._active[model] = active
                 self._reported_active[model] = self._store_deployment(model)
                 logger.info("serving %s v%s", model, active.version)
+        if completed is not None:
+            # It stopped after the switch but before saying so: the reconcile loop reports it.
+            self._reported_active.pop(completed, None)
+
+    def _recover_interrupted_install(self) -> str | None:
+        """After a crash mid-install: clear what it left, and stop a crash loop.
+
+        The pointer switch is atomic, so the model is on the old or the new version already;
+        only staging and unreferenced version directories remain to remove. The attempt stays
+        in the journal, so the reconcile loop retries it, until it has crashed the agent
+        ``MAX_INSTALL_ATTEMPTS`` times.
+        """
+        attempt = self._progress.installing
+        if attempt is None:
+            return None
+        self._store.remove_leftovers(attempt.ref.model)
+        pointer = self._store.pointer(attempt.ref.model)
+        if pointer is not None and pointer.digest == attempt.ref.digest:
+            # It stopped after the switch: the install is complete.
+            self._progress.installing = None
+            self.state.save_progress(self._progress)
+            return attempt.ref.model
+        logger.warning(
+            "the agent stopped while installing %s v%s (attempt %d)",
+            attempt.ref.model,
+            attempt.ref.version,
+            attempt.attempts,
+        )
+        if attempt.attempts >= MAX_INSTALL_ATTEMPTS:
+            self._progress.installing = None
+            self._fail(
+                attempt.ref,
+                InstallError(
+                    f"installing it stopped the agent {attempt.attempts} times in a row",
+                    reason=Reason.CRASH_LOOP,
+                ),
+            )
+        return None
+
+    def _journal_install(self, ref: PackageRef) -> None:
+        """Write down that an install starts, before it changes anything on the device."""
+        previous = self._progress.installing
+        attempts = previous.attempts + 1 if previous and previous.ref.digest == ref.digest else 1
+        self._progress.installing = InstallAttempt(ref=ref, attempts=attempts)
+        self.state.save_progress(self._progress)
 
     def _store_deployment(self, model: str) -> str | None:
         pointer = self._store.pointer(model)
@@ -397,6 +446,7 @@ class Agent:
                 return
             self._failpoints.hit(Failpoint.AFTER_DOWNLOAD)
             self._report(ref, Step.DOWNLOADED, progress=1.0)
+            self._journal_install(ref)
             loop = asyncio.get_running_loop()
 
             def report_from_thread(step: Step) -> None:
@@ -420,6 +470,7 @@ class Agent:
         self._active[ref.model] = model
         self._reported_active[ref.model] = ref.deployment_id
         self._progress.bad.pop(ref.digest, None)
+        self._progress.installing = None
         self.state.save_progress(self._progress)
         archive.unlink(missing_ok=True)
         self._report(ref, Step.ACTIVE)
@@ -452,6 +503,8 @@ class Agent:
         self._progress.bad[ref.digest] = BadVersion(
             deployment_id=ref.deployment_id, reason=str(exc.reason)
         )
+        if self._progress.installing and self._progress.installing.ref.digest == ref.digest:
+            self._progress.installing = None
         self.state.save_progress(self._progress)
         self._report(ref, Step.FAILED, reason=exc.reason, detail=exc.detail[:500])
         self._publish_state()

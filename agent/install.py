@@ -232,6 +232,23 @@ class ModelStore:
                 raise IntegrityError(f"{entry.path} changed on disk since it was installed")
         return manifest
 
+    def remove_leftovers(self, model: str) -> None:
+        """Remove what an interrupted install left: staging directories and version
+        directories the pointer names as neither active nor the rollback target."""
+        model_dir = self.root / model
+        if not model_dir.is_dir():
+            return
+        pointer = self.pointer(model)
+        keep = set()
+        if pointer is not None:
+            keep.add(pointer.directory)
+            if pointer.previous is not None:
+                keep.add(pointer.previous.directory)
+        for child in model_dir.iterdir():
+            if child.is_dir() and child.name.startswith(".staging-"):
+                shutil.rmtree(child, ignore_errors=True)
+        self._prune(model_dir, keep)
+
     def _prune(self, model_dir: Path, keep: set[str]) -> None:
         for child in model_dir.iterdir():
             if child.is_dir() and child.name not in keep and not child.name.startswith("."):

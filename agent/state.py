@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.atomic import write_atomic
 from agent.errors import AgentError
-from agent.protocol.documents import Signed
+from agent.protocol.documents import PackageRef, Signed
 
 SECRET_MODE = 0o600
 _M = TypeVar("_M", bound=BaseModel)
@@ -52,12 +52,21 @@ class BadVersion(BaseModel):
     reason: str
 
 
+class InstallAttempt(BaseModel):
+    """The journal entry written before an install starts changing the device, and cleared
+    when it ends either way: found on start-up, it means the agent died mid-install."""
+
+    ref: PackageRef
+    attempts: int = Field(ge=1)
+
+
 class Progress(BaseModel):
     desired_counter: int = 0
     desired_fingerprint: str | None = None
     evt_seq: int = 0
     state_seq: int = 0
     bad: dict[str, BadVersion] = Field(default_factory=dict)  # digest -> why
+    installing: InstallAttempt | None = None
 
 
 class ScoringKeys(BaseModel):

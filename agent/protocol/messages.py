@@ -60,6 +60,7 @@ class Reason(StrEnum):
     HEALTH_CHECK = "E_HEALTH_CHECK"  # sample input did not give the expected output
     NO_SPACE = "E_NO_SPACE"  # the disk is full
     MARKED_BAD = "E_MARKED_BAD"  # this version failed here before
+    CRASH_LOOP = "E_CRASH_LOOP"  # installing this version crashed the agent again and again
     INTERNAL = "E_INTERNAL"  # a bug or an unexpected condition on the device
 
 

@@ -95,6 +95,14 @@ class AgentThread:
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout_s)
 
+    def join(self, timeout_s: float = 20.0) -> None:
+        """Wait for the agent to stop by itself; raise what stopped it."""
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError("agent did not stop by itself")
+        if self.error is not None:
+            raise self.error
+
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
