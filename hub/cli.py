@@ -422,8 +422,9 @@ def _progress_line(dep: dict[str, Any]) -> str:
 
 def _print_failures(dep: dict[str, Any]) -> None:
     for d in dep["devices"]:
-        if d["step"] == "failed":
-            click.echo(f"  {d['device_id']}: {d['reason'] or 'failed'} {d['detail']}".rstrip())
+        if d["step"] in ("failed", "timed_out"):
+            why = d["reason"] or d["step"]
+            click.echo(f"  {d['device_id']}: {why} {d['detail']}".rstrip())
 
 
 def _wait(client: HubClient, deployment_id: str, timeout_s: float) -> int:
@@ -445,14 +446,20 @@ def _wait(client: HubClient, deployment_id: str, timeout_s: float) -> int:
             if dep["ok"]:
                 click.echo(f"deployment {deployment_id}: all {len(dep['devices'])} active")
                 return 0
-            click.echo(f"deployment {deployment_id}: {dep['counts'].get('failed', 0)} failed")
+            counts = dep["counts"]
+            click.echo(
+                f"deployment {deployment_id}: {counts.get('failed', 0)} failed,"
+                f" {counts.get('timed_out', 0)} timed out"
+            )
             _print_failures(dep)
             return EXIT_FAILED
         if time.monotonic() > deadline:
             if interactive:
                 click.echo()
             pending = [
-                d["device_id"] for d in dep["devices"] if d["step"] not in ("active", "failed")
+                d["device_id"]
+                for d in dep["devices"]
+                if d["step"] not in ("active", "failed", "timed_out")
             ]
             click.echo(
                 f"timed out after {timeout_s:g}s waiting for {deployment_id}; "
@@ -471,6 +478,14 @@ def _wait(client: HubClient, deployment_id: str, timeout_s: float) -> int:
 )
 @click.option("--wait", is_flag=True, help="follow the rollout until every device is done")
 @click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True)
+@click.option(
+    "--device-timeout",
+    "device_timeout_s",
+    type=click.IntRange(1),
+    default=3600,
+    show_default=True,
+    help="seconds after which a device that is not active or failed ends timed_out",
+)
 @click.pass_context
 def deploy(
     ctx: click.Context,
@@ -479,6 +494,7 @@ def deploy(
     devices: Sequence[str],
     wait: bool,
     timeout_s: float,
+    device_timeout_s: int,
 ) -> None:
     """Deploy NAME[:VERSION] to devices: `deploy iris:2 --device ID [ID]...`."""
     # `--device a b c`, `--device a --device b` and `--device a,b` all name the same devices.
@@ -496,6 +512,7 @@ def deploy(
             "model": name,
             "version": None if version == "latest" else int(version),
             "devices": list(devices),
+            "device_timeout_s": device_timeout_s,
         },
     )
     click.echo(

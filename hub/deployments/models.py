@@ -17,6 +17,13 @@ class Deployment(SQLModel, table=True):
     version: int
     package_digest: str = Field(foreign_key="package.digest", max_length=64)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # A device that is neither active nor failed this long after the deployment started ends
+    # timed_out: no device stays "in progress" forever (hawkBit #693, Greengrass #1203).
+    device_timeout_s: int = Field(default=3600, sa_column_kwargs={"server_default": "3600"})
+
+
+# Set by the hub, not sent by devices: the device never answered in time.
+TIMED_OUT = "timed_out"
 
 
 class DeploymentDevice(SQLModel, table=True):

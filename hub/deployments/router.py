@@ -24,6 +24,7 @@ async def create(ctx: ContextDep, session: SessionDep, body: DeploymentCreate) -
         model=body.model,
         version=body.version,
         devices=body.devices,
+        device_timeout_s=body.device_timeout_s,
     )
     return service.get_deployment(session=session, deployment_id=deployment.id)
 

@@ -9,6 +9,8 @@ class DeploymentCreate(BaseModel):
     model: str
     version: int | None = Field(default=None, ge=1)  # None: the latest version
     devices: list[str] = Field(min_length=1, max_length=10_000)
+    # Devices not active or failed this long after the start end timed_out.
+    device_timeout_s: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
 
 
 class DeploymentDevicePublic(BaseModel):

@@ -3,6 +3,7 @@
 import logging
 import secrets
 from collections import Counter
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlmodel import Session, col, select
@@ -11,7 +12,7 @@ from agent.protocol.messages import TERMINAL_STEPS, Step
 from hub.blobs import BlobStore
 from hub.database import utcnow
 from hub.deployments.desired import Director
-from hub.deployments.models import Deployment, DeploymentDevice, DeviceDesired
+from hub.deployments.models import TIMED_OUT, Deployment, DeploymentDevice, DeviceDesired
 from hub.deployments.schemas import DeploymentDevicePublic, DeploymentPublic
 from hub.devices.models import Device
 from hub.errors import HubError, InvalidInput, NotFound
@@ -21,7 +22,7 @@ from hub.signing.keystore import KeyStore
 
 logger = logging.getLogger(__name__)
 
-_TERMINAL = frozenset(str(s) for s in TERMINAL_STEPS)
+_TERMINAL = frozenset({*(str(s) for s in TERMINAL_STEPS), TIMED_OUT})
 
 
 def create_deployment(
@@ -35,6 +36,7 @@ def create_deployment(
     model: str,
     version: int | None,
     devices: list[str],
+    device_timeout_s: int = 3600,
 ) -> Deployment:
     """Point ``devices`` at a package of ``model`` and publish their new desired states."""
     device_ids = list(dict.fromkeys(devices))
@@ -62,6 +64,7 @@ def create_deployment(
         version=model_version.version,
         package_digest=package.digest,
         created_at=now,
+        device_timeout_s=device_timeout_s,
     )
     session.add(deployment)
     session.flush()
@@ -152,3 +155,27 @@ def get_deployment(*, session: Session, deployment_id: str) -> DeploymentPublic:
         done=done,
         ok=done and all(r.step == Step.ACTIVE for r in rows),
     )
+
+
+def expire_overdue_devices(*, session: Session, now: datetime | None = None) -> int:
+    """Mark devices of every deployment that are still not done past its device timeout as
+    timed out; returns how many. A device that reports later still ends active or failed."""
+    now = now or utcnow()
+    overdue = session.exec(
+        select(DeploymentDevice, Deployment)
+        .join(Deployment, col(Deployment.id) == col(DeploymentDevice.deployment_id))
+        .where(col(DeploymentDevice.step).not_in(list(_TERMINAL)))
+    ).all()
+    expired = 0
+    for row, deployment in overdue:
+        if now - deployment.created_at < timedelta(seconds=deployment.device_timeout_s):
+            continue
+        row.step = TIMED_OUT
+        row.detail = f"not active or failed {deployment.device_timeout_s} s after the start"
+        row.updated_at = now
+        session.add(row)
+        expired += 1
+    if expired:
+        session.commit()
+        logger.warning("devices timed out", extra={"devices": expired})
+    return expired

@@ -8,10 +8,12 @@ message with a count (devices resend: events until acked, requests after a timeo
 import logging
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from sqlmodel import Session
 
+from hub.deployments.service import expire_overdue_devices
 from hub.messaging.chunks import publish_chunks
 from hub.messaging.handlers import Handlers, handle_message
 
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 10_000
+# How often deployments are checked for devices past their timeout.
+EXPIRY_EVERY_S = 5.0
 _STOP = ("", b"")
 
 
@@ -29,6 +33,7 @@ class MessageWorker:
         self._ctx = ctx
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
+        self._next_expiry = 0.0
         self.handlers = Handlers(
             director=ctx.director(),
             publisher=ctx.publisher,
@@ -78,6 +83,8 @@ class MessageWorker:
                 self._publish_chunks()
             if heartbeats.due() or item is _STOP:
                 self._flush_heartbeats()
+            if time.monotonic() >= self._next_expiry:
+                self._expire_overdue()
             if item is _STOP:
                 return
 
@@ -104,6 +111,15 @@ class MessageWorker:
             # A bug or a database hiccup must not end message handling for every device.
             self.handlers.stats.bump("failed")
             logger.exception("handling a message failed", extra={"topic": topic})
+
+    def _expire_overdue(self) -> None:
+        self._next_expiry = time.monotonic() + EXPIRY_EVERY_S
+        try:
+            with Session(self._ctx.engine, expire_on_commit=False) as session:
+                expire_overdue_devices(session=session)
+        except Exception:
+            self.handlers.stats.bump("failed")
+            logger.exception("expiring overdue deployment devices failed")
 
     def _flush_heartbeats(self) -> None:
         try:

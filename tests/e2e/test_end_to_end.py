@@ -204,3 +204,18 @@ def test_make_demo_path_runs_and_leaves_no_process_behind(tmp_path: Path) -> Non
         ["pgrep", "-f", str(tmp_path / "demo")], capture_output=True, text=True, check=False
     )
     assert leftover.stdout.strip() == "", f"stray processes: {leftover.stdout}"
+
+
+def test_a_device_that_never_answers_ends_timed_out_and_deploy_wait_says_so(
+    live_hub: LiveHub, iris_model: Any
+) -> None:
+    live_hub.register(iris_model)
+    with live_hub.api as client:
+        token = client.post("/api/v1/enrollment-tokens", json={"uses": 1}).json()["token"]
+        enrolled = client.post("/api/v1/enroll", json={"token": token, "name": "silent"})
+    assert enrolled.status_code == 201, enrolled.text
+    silent = enrolled.json()["device_id"]  # enrolled, but no agent ever runs for it
+    result = live_hub.cli("deploy", "iris", "--device", silent, "--device-timeout", "2", "--wait")
+    assert result.exit_code == 1, result.output
+    assert "0 failed, 1 timed out" in result.output
+    assert f"{silent}: timed_out not active or failed 2 s after the start" in result.output

@@ -1,7 +1,7 @@
 """Deployments end to end through the API with a recording publisher, and the MQTT handlers
 called as plain functions on a Session (no broker)."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -25,6 +25,7 @@ from agent.protocol.messages import (
 )
 from agent.protocol.topics import Channel
 from hub.deployments.models import DeviceEvent
+from hub.deployments.service import expire_overdue_devices
 from hub.devices.models import Device
 from hub.messaging.chunks import ChunkScheduler, publish_chunks
 from hub.messaging.handlers import Handlers, handle_message
@@ -311,3 +312,43 @@ def test_event_times_are_stored_utc(running_hub: RunningHub, deployed: dict[str,
         row = session.exec(select(DeviceEvent)).one()
         assert row.received_at.tzinfo is not None
         assert row.received_at <= datetime.now(UTC)
+
+
+def test_devices_not_done_by_the_device_timeout_end_timed_out_not_in_progress(
+    running_hub: RunningHub, iris_model: "IrisModel"
+) -> None:
+    assert running_hub.register_iris(iris_model).status_code == 201
+    silent, answering = (running_hub.enroll()["device_id"] for _ in range(2))
+    created = running_hub.client.post(
+        "/api/v1/deployments",
+        json={"model": "iris", "devices": [silent, answering], "device_timeout_s": 60},
+    )
+    assert created.status_code == 201, created.text
+    dep = created.json()
+    started = datetime.fromisoformat(dep["created_at"])
+    _send(running_hub, answering, Channel.EVT, _event(dep, 1, Step.DOWNLOADING))
+
+    with Session(running_hub.ctx.engine) as session:
+        assert expire_overdue_devices(session=session, now=started + timedelta(seconds=59)) == 0
+        assert expire_overdue_devices(session=session, now=started + timedelta(seconds=61)) == 2
+    body = running_hub.client.get(f"/api/v1/deployments/{dep['id']}").json()
+    assert body["counts"] == {"timed_out": 2}
+    assert (body["done"], body["ok"]) == (True, False)
+    assert "60 s" in body["devices"][0]["detail"]
+
+    # A device that does finish later is recorded as it ended, not left timed out.
+    _send(running_hub, answering, Channel.EVT, _event(dep, 2, Step.ACTIVE))
+    body = running_hub.client.get(f"/api/v1/deployments/{dep['id']}").json()
+    assert body["counts"] == {"timed_out": 1, "active": 1}
+
+
+def test_device_timeout_is_checked(running_hub: RunningHub, iris_model: "IrisModel") -> None:
+    assert running_hub.register_iris(iris_model).status_code == 201
+    device = running_hub.enroll()["device_id"]
+    for bad in (0, -5, 31 * 24 * 3600):
+        response = running_hub.client.post(
+            "/api/v1/deployments",
+            json={"model": "iris", "devices": [device], "device_timeout_s": bad},
+        )
+        assert response.status_code == 422, response.text
+        assert "device_timeout_s" in response.text
