@@ -219,3 +219,22 @@ def test_a_device_that_never_answers_ends_timed_out_and_deploy_wait_says_so(
     assert result.exit_code == 1, result.output
     assert "0 failed, 1 timed out" in result.output
     assert f"{silent}: timed_out not active or failed 2 s after the start" in result.output
+
+
+def test_several_models_on_one_device_are_updated_each_on_its_own(
+    live_hub: LiveHub, iris_model: Any
+) -> None:
+    live_hub.register(iris_model, name="iris")
+    live_hub.register(iris_model, name="flowers")
+    runner = live_hub.start_agent("multi")
+    assert _deploy(live_hub, "iris:1", runner).exit_code == 0
+    assert _deploy(live_hub, "flowers:1", runner).exit_code == 0
+    assert (_active_version(runner, "iris"), _active_version(runner, "flowers")) == (1, 1)
+    flowers_before = runner.call(lambda: runner.agent.get("flowers"))  # type: ignore[union-attr]
+
+    live_hub.register(iris_model, name="iris")
+    assert _deploy(live_hub, "iris:2", runner).exit_code == 0
+    assert (_active_version(runner, "iris"), _active_version(runner, "flowers")) == (2, 1)
+    # The other model was not touched: the same loaded runtime object still serves it.
+    assert runner.call(lambda: runner.agent.get("flowers")) is flowers_before  # type: ignore[union-attr]
+    assert runner.call(lambda: runner.agent.names()) == ["flowers", "iris"]  # type: ignore[union-attr]
