@@ -486,6 +486,7 @@ def _wait(client: HubClient, deployment_id: str, timeout_s: float) -> int:
     show_default=True,
     help="seconds after which a device that is not active or failed ends timed_out",
 )
+@click.option("--dry-run", is_flag=True, help="show what it would do (targets, skips, bytes)")
 @click.pass_context
 def deploy(
     ctx: click.Context,
@@ -495,6 +496,7 @@ def deploy(
     wait: bool,
     timeout_s: float,
     device_timeout_s: int,
+    dry_run: bool,
 ) -> None:
     """Deploy NAME[:VERSION] to devices: `deploy iris:2 --device ID [ID]...`."""
     # `--device a b c`, `--device a --device b` and `--device a,b` all name the same devices.
@@ -505,21 +507,40 @@ def deploy(
     name, version = _split_ref(ref)
     if version != "latest" and not version.isdigit():
         _fail(f"version must be a number, not {version!r}")
-    body = client.json(
-        "POST",
-        "/api/v1/deployments",
-        json={
-            "model": name,
-            "version": None if version == "latest" else int(version),
-            "devices": list(devices),
-            "device_timeout_s": device_timeout_s,
-        },
-    )
+    request = {
+        "model": name,
+        "version": None if version == "latest" else int(version),
+        "devices": list(devices),
+        "device_timeout_s": device_timeout_s,
+    }
+    if dry_run:
+        _print_dry_run(client.json("POST", "/api/v1/deployments/dry-run", json=request))
+        return
+    body = client.json("POST", "/api/v1/deployments", json=request)
     click.echo(
         f"deployment {body['id']}: {body['model']}:{body['version']} to {len(devices)} device(s)"
     )
     if wait:
         ctx.exit(_wait(client, body["id"], timeout_s))
+
+
+def _print_dry_run(plan: dict[str, Any]) -> None:
+    targeted, skipped = plan["targeted"], plan["skipped"]
+    built = "" if plan["package_digest"] else " (estimated: not packaged yet)"
+    click.echo(
+        f"dry run {plan['model']}:{plan['version']}: {len(targeted)} targeted,"
+        f" {len(skipped)} skipped; package {_mib(plan['package_bytes'])}{built},"
+        f" {_mib(plan['bytes_from_hub'])} from the hub, {_mib(plan['bytes_to_devices'])}"
+        " to devices"
+    )
+    for d in targeted:
+        click.echo(f"  + {d['device_id']}  {d['why']}".rstrip())
+    for d in skipped:
+        click.echo(f"  - {d['device_id']}  {d['why']}")
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.2f} MiB"
 
 
 @main.group()

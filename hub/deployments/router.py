@@ -4,8 +4,8 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from hub.dependencies import AdminDep, ContextDep, SessionDep
-from hub.deployments import service
-from hub.deployments.schemas import DeploymentCreate, DeploymentPublic
+from hub.deployments import dryrun, service
+from hub.deployments.schemas import DeploymentCreate, DeploymentPublic, DryRunPublic
 
 router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"], dependencies=[AdminDep])
 
@@ -27,6 +27,14 @@ async def create(ctx: ContextDep, session: SessionDep, body: DeploymentCreate) -
         device_timeout_s=body.device_timeout_s,
     )
     return service.get_deployment(session=session, deployment_id=deployment.id)
+
+
+@router.post("/dry-run")
+def dry_run(session: SessionDep, body: DeploymentCreate) -> DryRunPublic:
+    """What ``POST /api/v1/deployments`` with this body would do; changes nothing."""
+    return dryrun.dry_run(
+        session=session, model=body.model, version=body.version, devices=body.devices
+    )
 
 
 @router.get("/{deployment_id}")

@@ -32,3 +32,21 @@ class DeploymentPublic(BaseModel):
     counts: dict[str, int]  # devices per step
     done: bool  # every device is active or failed
     ok: bool  # done and every device is active
+
+
+class DryRunDevice(BaseModel):
+    device_id: str
+    why: str  # for a skipped device, the reason; for a targeted one, anything to know
+
+
+class DryRunPublic(BaseModel):
+    """What a deployment would do, without doing it."""
+
+    model: str
+    version: int
+    package_digest: str | None  # None: the version has no package yet (built on deploy)
+    package_bytes: int  # the package's size, or an estimate from its files before it is built
+    targeted: list[DryRunDevice]
+    skipped: list[DryRunDevice]
+    bytes_from_hub: int  # each chunk published once; the broker fans it out
+    bytes_to_devices: int  # what the targeted devices download between them

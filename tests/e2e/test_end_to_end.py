@@ -238,3 +238,39 @@ def test_several_models_on_one_device_are_updated_each_on_its_own(
     # The other model was not touched: the same loaded runtime object still serves it.
     assert runner.call(lambda: runner.agent.get("flowers")) is flowers_before  # type: ignore[union-attr]
     assert runner.call(lambda: runner.agent.names()) == ["flowers", "iris"]  # type: ignore[union-attr]
+
+
+def test_dry_run_shows_targets_skips_and_bytes_and_changes_nothing(
+    live_hub: LiveHub, iris_model: Any
+) -> None:
+    live_hub.register(iris_model)
+    runner = live_hub.start_agent("runs-v1")
+    assert _deploy(live_hub, "iris:1", runner).exit_code == 0
+    with live_hub.api as client:
+        token = client.post("/api/v1/enrollment-tokens", json={"uses": 1}).json()["token"]
+        silent = client.post("/api/v1/enroll", json={"token": token}).json()["device_id"]
+        counter_before = client.get(f"/api/v1/devices/{silent}").json()["desired_counter"]
+        request = {"model": "iris", "version": 1, "devices": [_device_id(runner), silent, "nope-1"]}
+        plan = client.post("/api/v1/deployments/dry-run", json=request).json()
+        live_hub.register(iris_model)
+        unbuilt = client.post(
+            "/api/v1/deployments/dry-run", json={"model": "iris", "devices": [silent]}
+        ).json()
+        counter_after = client.get(f"/api/v1/devices/{silent}").json()["desired_counter"]
+
+    assert [d["device_id"] for d in plan["targeted"]] == [silent]
+    assert "offline" in plan["targeted"][0]["why"]
+    assert {d["device_id"]: d["why"] for d in plan["skipped"]} == {
+        _device_id(runner): "already runs v1",
+        "nope-1": "unknown device",
+    }
+    assert plan["package_digest"] is not None
+    assert plan["bytes_to_devices"] == plan["package_bytes"] == plan["bytes_from_hub"] > 0
+    assert (unbuilt["version"], unbuilt["package_digest"]) == (2, None)
+    assert unbuilt["package_bytes"] > iris_model.model.stat().st_size
+    assert counter_after == counter_before, "a dry run publishes nothing"
+
+    result = live_hub.cli("deploy", "iris:1", "--device", silent, _device_id(runner), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "1 targeted, 1 skipped" in result.output
+    assert f"- {_device_id(runner)}  already runs v1" in result.output
