@@ -487,6 +487,7 @@ def _wait(client: HubClient, deployment_id: str, timeout_s: float) -> int:
     help="seconds after which a device that is not active or failed ends timed_out",
 )
 @click.option("--dry-run", is_flag=True, help="show what it would do (targets, skips, bytes)")
+@click.option("--select", "selector", help="devices with all these tags, e.g. site=plant-3,hw=rpi4")
 @click.pass_context
 def deploy(
     ctx: click.Context,
@@ -497,12 +498,13 @@ def deploy(
     timeout_s: float,
     device_timeout_s: int,
     dry_run: bool,
+    selector: str | None,
 ) -> None:
     """Deploy NAME[:VERSION] to devices: `deploy iris:2 --device ID [ID]...`."""
     # `--device a b c`, `--device a --device b` and `--device a,b` all name the same devices.
     devices = [d for item in (*devices, *more_devices) for d in item.split(",") if d]
-    if not devices:
-        _fail("name at least one device with --device ID")
+    if not devices and not selector:
+        _fail("name the devices with --device ID, or select them with --select key=value,...")
     client = _client(ctx)
     name, version = _split_ref(ref)
     if version != "latest" and not version.isdigit():
@@ -511,6 +513,7 @@ def deploy(
         "model": name,
         "version": None if version == "latest" else int(version),
         "devices": list(devices),
+        "selector": selector,
         "device_timeout_s": device_timeout_s,
     }
     if dry_run:
@@ -518,7 +521,8 @@ def deploy(
         return
     body = client.json("POST", "/api/v1/deployments", json=request)
     click.echo(
-        f"deployment {body['id']}: {body['model']}:{body['version']} to {len(devices)} device(s)"
+        f"deployment {body['id']}: {body['model']}:{body['version']}"
+        f" to {len(body['devices'])} device(s)"
     )
     if wait:
         ctx.exit(_wait(client, body["id"], timeout_s))

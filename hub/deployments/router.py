@@ -6,6 +6,7 @@ from starlette.concurrency import run_in_threadpool
 from hub.dependencies import AdminDep, ContextDep, SessionDep
 from hub.deployments import dryrun, service
 from hub.deployments.schemas import DeploymentCreate, DeploymentPublic, DryRunPublic
+from hub.deployments.targets import resolve_targets
 
 router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"], dependencies=[AdminDep])
 
@@ -23,7 +24,7 @@ async def create(ctx: ContextDep, session: SessionDep, body: DeploymentCreate) -
         max_package_bytes=ctx.settings.registry.max_package_bytes,
         model=body.model,
         version=body.version,
-        devices=body.devices,
+        devices=resolve_targets(session=session, body=body),
         device_timeout_s=body.device_timeout_s,
     )
     return service.get_deployment(session=session, deployment_id=deployment.id)
@@ -32,9 +33,8 @@ async def create(ctx: ContextDep, session: SessionDep, body: DeploymentCreate) -
 @router.post("/dry-run")
 def dry_run(session: SessionDep, body: DeploymentCreate) -> DryRunPublic:
     """What ``POST /api/v1/deployments`` with this body would do; changes nothing."""
-    return dryrun.dry_run(
-        session=session, model=body.model, version=body.version, devices=body.devices
-    )
+    devices = resolve_targets(session=session, body=body)
+    return dryrun.dry_run(session=session, model=body.model, version=body.version, devices=devices)
 
 
 @router.get("/{deployment_id}")

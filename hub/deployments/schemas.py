@@ -2,15 +2,24 @@
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class DeploymentCreate(BaseModel):
     model: str
     version: int | None = Field(default=None, ge=1)  # None: the latest version
-    devices: list[str] = Field(min_length=1, max_length=10_000)
+    devices: list[str] = Field(default_factory=list, max_length=10_000)
+    # Tag selector, e.g. "site=plant-3,hw=rpi4": every device carrying all of them (and the
+    # devices named in ``devices``).
+    selector: str | None = Field(default=None, max_length=1000)
     # Devices not active or failed this long after the start end timed_out.
     device_timeout_s: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _has_a_target(self) -> "DeploymentCreate":
+        if not self.devices and not self.selector:
+            raise ValueError("name the target: devices, a tag selector, or both")
+        return self
 
 
 class DeploymentDevicePublic(BaseModel):

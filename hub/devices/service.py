@@ -215,6 +215,14 @@ def parse_tag_filter(selectors: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def select_device_ids(*, session: Session, tags: Sequence[tuple[str, str]]) -> list[str]:
+    """Ids of the devices carrying every one of ``tags``, oldest first."""
+    query = select(Device.id).order_by(col(Device.enrolled_at))
+    for key, value in tags:
+        query = query.where(col(Device.tags)[key].as_string() == value)
+    return list(session.exec(query).all())
+
+
 def list_devices(*, session: Session, tags: Sequence[tuple[str, str]] = ()) -> list[DevicePublic]:
     """Enrolled devices, oldest first; with ``tags``, only those carrying every one of them."""
     query = select(Device).order_by(col(Device.enrolled_at))

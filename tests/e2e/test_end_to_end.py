@@ -274,3 +274,20 @@ def test_dry_run_shows_targets_skips_and_bytes_and_changes_nothing(
     assert result.exit_code == 0, result.output
     assert "1 targeted, 1 skipped" in result.output
     assert f"- {_device_id(runner)}  already runs v1" in result.output
+
+
+def test_deploy_select_by_tags_from_the_cli(live_hub: LiveHub, iris_model: Any) -> None:
+    live_hub.register(iris_model)
+    with live_hub.api as client:
+        token = client.post("/api/v1/enrollment-tokens", json={"uses": 2}).json()["token"]
+        body = {"token": token, "devices": [{"tags": {"site": "lab"}}, {"tags": {"site": "x"}}]}
+        lab, _ = (
+            d["device_id"] for d in client.post("/api/v1/enroll/bulk", json=body).json()["devices"]
+        )
+    result = live_hub.cli("deploy", "iris", "--select", "site=lab", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"+ {lab}" in result.output
+    assert "1 targeted, 0 skipped" in result.output
+    result = live_hub.cli("deploy", "iris")
+    assert result.exit_code != 0
+    assert "--select" in result.output

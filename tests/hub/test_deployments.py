@@ -352,3 +352,44 @@ def test_device_timeout_is_checked(running_hub: RunningHub, iris_model: "IrisMod
         )
         assert response.status_code == 422, response.text
         assert "device_timeout_s" in response.text
+
+
+def test_a_tag_selector_targets_every_device_with_all_the_tags(
+    running_hub: RunningHub, iris_model: "IrisModel"
+) -> None:
+    assert running_hub.register_iris(iris_model).status_code == 201
+    token = running_hub.client.post("/api/v1/enrollment-tokens", json={"uses": 4}).json()["token"]
+    tags = [
+        {"site": "plant-3", "hw": "rpi4"},
+        {"site": "plant-3", "hw": "jetson"},
+        {"site": "plant-1", "hw": "rpi4"},
+        {"site": "plant-3", "hw": "rpi4"},
+    ]
+    response = running_hub.client.post(
+        "/api/v1/enroll/bulk",
+        json={"token": token, "devices": [{"tags": t} for t in tags]},
+    )
+    assert response.status_code == 201, response.text
+    ids = [d["device_id"] for d in response.json()["devices"]]
+
+    dry = running_hub.client.post(
+        "/api/v1/deployments/dry-run", json={"model": "iris", "selector": "site=plant-3,hw=rpi4"}
+    )
+    assert [d["device_id"] for d in dry.json()["targeted"]] == [ids[0], ids[3]]
+    created = running_hub.client.post(
+        "/api/v1/deployments",
+        json={"model": "iris", "selector": "site=plant-3, hw=rpi4", "devices": [ids[2]]},
+    )
+    assert created.status_code == 201, created.text
+    assert sorted(d["device_id"] for d in created.json()["devices"]) == sorted(
+        [ids[0], ids[2], ids[3]]
+    )
+
+    for body, status, message in [
+        ({"model": "iris", "selector": "site=mars"}, 422, "matches no device"),
+        ({"model": "iris", "selector": "site"}, 422, "not key=value"),
+        ({"model": "iris"}, 422, "name the target"),
+    ]:
+        refused = running_hub.client.post("/api/v1/deployments", json=body)
+        assert refused.status_code == status, refused.text
+        assert message in refused.text
