@@ -13,11 +13,13 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlmodel import Session, select
 
 from agent.protocol.documents import Signed
 from agent.protocol.keys import SigningKey
 from agent.protocol.messages import DesiredBody, decode, encode
 from agent.protocol.topics import Channel
+from hub.deployments.models import DeviceEvent
 from tests.e2e.conftest import LiveHub
 from tests.support.agents import AgentThread
 
@@ -291,3 +293,33 @@ def test_deploy_select_by_tags_from_the_cli(live_hub: LiveHub, iris_model: Any) 
     result = live_hub.cli("deploy", "iris")
     assert result.exit_code != 0
     assert "--select" in result.output
+
+
+def test_the_hub_restarted_mid_rollout_finishes_it_with_no_double_installs(
+    live_hub: LiveHub, iris_model: Any
+) -> None:
+    live_hub.register(iris_model)
+    runners = [live_hub.start_agent(f"restart-{i}") for i in range(4)]
+    ids = [_device_id(r) for r in runners]
+    with live_hub.api as client:
+        created = client.post("/api/v1/deployments", json={"model": "iris", "devices": ids})
+    assert created.status_code == 201, created.text
+    deployment_id = created.json()["id"]
+    # Hub and its broker go down right after the request and come back (the broker on the
+    # same port, which the devices were enrolled with).
+    live_hub.restart()
+
+    def finished() -> bool:
+        with live_hub.api as client:
+            body: dict[str, Any] = client.get(f"/api/v1/deployments/{deployment_id}").json()
+        return bool(body["ok"])
+
+    live_hub.wait_until(finished, timeout_s=60, what="the rollout to finish after the restart")
+    assert all(_active_version(r) == 1 for r in runners)
+    with Session(live_hub.ctx.engine) as session:
+        active_events = session.exec(
+            select(DeviceEvent.device_id).where(
+                DeviceEvent.deployment_id == deployment_id, DeviceEvent.step == "active"
+            )
+        ).all()
+    assert sorted(active_events) == sorted(ids), "each device installed and reported once"

@@ -39,6 +39,19 @@ class LiveHub:
     settings: HubSettings
     tmp: Path
     agents: list[AgentThread] = field(default_factory=list)
+    served: "ServedHub | None" = None
+
+    def restart(self) -> None:
+        """Stop the hub and start it again on the same data directory, as after a crash.
+
+        The API comes back on another port; the broker keeps its port (devices know it).
+        """
+        assert self.served is not None
+        self.served.stop()
+        self.served = ServedHub(self.settings)
+        self.url = self.served.url
+        self.ctx = self.served.ctx
+        self.token = self.served.ctx.admin_token
 
     @property
     def api(self) -> httpx.Client:
@@ -107,28 +120,46 @@ class LiveHub:
         raise AssertionError(f"{what} not met within {timeout_s} s")
 
 
+class ServedHub:
+    """One hub process's worth of hub: the app served by uvicorn in a thread."""
+
+    def __init__(self, settings: HubSettings) -> None:
+        self.app = create_app(settings)
+        self.port = _free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, name="e2e-hub", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive(), "hub exited during start-up"
+            assert time.monotonic() < deadline, "hub did not start"
+            time.sleep(0.02)
+        self.ctx: HubContext = self.app.state.hub
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "hub did not shut down"
+
+
 @pytest.fixture
 def live_hub(tmp_path: Path) -> Iterator[LiveHub]:
     settings = HubSettings(data_dir=tmp_path / "hub")
-    app = create_app(settings)
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, name="e2e-hub", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive(), "hub exited during start-up"
-        assert time.monotonic() < deadline, "hub did not start"
-        time.sleep(0.02)
-    ctx: HubContext = app.state.hub
-    hub = LiveHub(f"http://127.0.0.1:{port}", ctx.admin_token, ctx, settings, tmp_path)
+    served = ServedHub(settings)
+    hub = LiveHub(served.url, served.ctx.admin_token, served.ctx, settings, tmp_path)
+    hub.served = served
     try:
         yield hub
     finally:
         for runner in hub.agents:
             runner.stop()
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "hub did not shut down"
+        assert hub.served is not None
+        hub.served.stop()
