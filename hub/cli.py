@@ -566,5 +566,31 @@ def deployment_show(ctx: click.Context, deployment_id: str) -> None:
         click.echo(f"  {d['device_id']:<18} {d['step']}{pct}{why}")
 
 
+@deployment.command("logs")
+@click.argument("deployment_id")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=1000, show_default=True)
+@click.pass_context
+def deployment_logs(ctx: click.Context, deployment_id: str, limit: int) -> None:
+    """What each device reported for a deployment, in the order the hub received it."""
+    events = _client(ctx).json(
+        "GET", f"/api/v1/deployments/{deployment_id}/events", params={"limit": limit}
+    )
+    for e in events:
+        pct = f" {e['progress'] * 100:.0f}%" if e["progress"] is not None else ""
+        why = f" {e['reason'] or ''} {e['detail']}".rstrip()
+        click.echo(f"{e['received_at']}  {e['device_id']:<18} {e['step']}{pct}{why}")
+    if not events:
+        click.echo(f"no events yet for {deployment_id}")
+
+
+@deployment.command("wait")
+@click.argument("deployment_id")
+@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True)
+@click.pass_context
+def deployment_wait(ctx: click.Context, deployment_id: str, timeout_s: float) -> None:
+    """Follow a deployment until every device is done; exit 1 on failures, 3 on timeout."""
+    ctx.exit(_wait(_client(ctx), deployment_id, timeout_s))
+
+
 if __name__ == "__main__":
     main()

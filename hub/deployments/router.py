@@ -1,11 +1,18 @@
 """Deployment routes under /api/v1/deployments."""
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
 from hub.dependencies import AdminDep, ContextDep, SessionDep
 from hub.deployments import dryrun, service
-from hub.deployments.schemas import DeploymentCreate, DeploymentPublic, DryRunPublic
+from hub.deployments.schemas import (
+    DeploymentCreate,
+    DeploymentEventPublic,
+    DeploymentPublic,
+    DryRunPublic,
+)
 from hub.deployments.targets import resolve_targets
 
 router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"], dependencies=[AdminDep])
@@ -40,3 +47,11 @@ def dry_run(session: SessionDep, body: DeploymentCreate) -> DryRunPublic:
 @router.get("/{deployment_id}")
 def show(session: SessionDep, deployment_id: str) -> DeploymentPublic:
     return service.get_deployment(session=session, deployment_id=deployment_id)
+
+
+@router.get("/{deployment_id}/events")
+def events(
+    session: SessionDep, deployment_id: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000
+) -> list[DeploymentEventPublic]:
+    """The devices' progress events for this deployment, oldest first."""
+    return service.deployment_events(session=session, deployment_id=deployment_id, limit=limit)

@@ -59,3 +59,16 @@ class DryRunPublic(BaseModel):
     skipped: list[DryRunDevice]
     bytes_from_hub: int  # each chunk published once; the broker fans it out
     bytes_to_devices: int  # what the targeted devices download between them
+
+
+class DeploymentEventPublic(BaseModel):
+    """One progress event a device sent for a deployment, as the hub stored it."""
+
+    device_id: str
+    seq: int
+    step: str
+    reason: str | None
+    detail: str
+    progress: float | None
+    sent_at: datetime
+    received_at: datetime

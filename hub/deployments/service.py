@@ -12,8 +12,18 @@ from agent.protocol.messages import TERMINAL_STEPS, Step
 from hub.blobs import BlobStore
 from hub.database import utcnow
 from hub.deployments.desired import Director
-from hub.deployments.models import TIMED_OUT, Deployment, DeploymentDevice, DeviceDesired
-from hub.deployments.schemas import DeploymentDevicePublic, DeploymentPublic
+from hub.deployments.models import (
+    TIMED_OUT,
+    Deployment,
+    DeploymentDevice,
+    DeviceDesired,
+    DeviceEvent,
+)
+from hub.deployments.schemas import (
+    DeploymentDevicePublic,
+    DeploymentEventPublic,
+    DeploymentPublic,
+)
 from hub.devices.models import Device
 from hub.errors import HubError, InvalidInput, NotFound
 from hub.packages.service import ensure_package
@@ -179,3 +189,30 @@ def expire_overdue_devices(*, session: Session, now: datetime | None = None) -> 
         session.commit()
         logger.warning("devices timed out", extra={"devices": expired})
     return expired
+
+
+def deployment_events(
+    *, session: Session, deployment_id: str, limit: int = 1000
+) -> list[DeploymentEventPublic]:
+    """The devices' progress events for a deployment, oldest first (the deployment's log)."""
+    if session.get(Deployment, deployment_id) is None:
+        raise NotFound(f"deployment {deployment_id} not found")
+    rows = session.exec(
+        select(DeviceEvent)
+        .where(DeviceEvent.deployment_id == deployment_id)
+        .order_by(col(DeviceEvent.received_at), col(DeviceEvent.id))
+        .limit(limit)
+    ).all()
+    return [
+        DeploymentEventPublic(
+            device_id=r.device_id,
+            seq=r.seq,
+            step=r.step,
+            reason=r.reason,
+            detail=r.detail,
+            progress=r.progress,
+            sent_at=r.sent_at,
+            received_at=r.received_at,
+        )
+        for r in rows
+    ]

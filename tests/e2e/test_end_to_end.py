@@ -323,3 +323,23 @@ def test_the_hub_restarted_mid_rollout_finishes_it_with_no_double_installs(
             )
         ).all()
     assert sorted(active_events) == sorted(ids), "each device installed and reported once"
+
+
+def test_deployment_logs_and_wait_from_the_cli(live_hub: LiveHub, iris_model: Any) -> None:
+    live_hub.register(iris_model)
+    runner = live_hub.start_agent("logged")
+    result = live_hub.cli("deploy", "iris", "--device", _device_id(runner))
+    assert result.exit_code == 0, result.output
+    deployment_id = result.output.split()[1].rstrip(":")
+    waited = live_hub.cli("deployment", "wait", deployment_id, "--timeout", "60")
+    assert waited.exit_code == 0, waited.output
+    assert "all 1 active" in waited.output
+    logs = live_hub.cli("deployment", "logs", deployment_id)
+    assert logs.exit_code == 0, logs.output
+    steps = [line.split()[2] for line in logs.output.splitlines()]
+    assert steps[0] == "downloading"
+    assert steps[-1] == "active"
+    assert {"downloaded", "verified", "installing", "health_check"} <= set(steps)
+    missing = live_hub.cli("deployment", "logs", "dep-000000000000")
+    assert missing.exit_code != 0
+    assert "not found" in missing.output
