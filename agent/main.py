@@ -12,6 +12,8 @@ from agent import __version__
 from agent.core import Agent, utc_now
 from agent.enroll import enroll
 from agent.errors import AgentError
+from agent.failpoints import ENV_VAR as FAILPOINT_ENV
+from agent.failpoints import FailpointError
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
 from agent.scoring import ScoringServer
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
     except AgentError as exc:
         print(f"outpost-agent: {exc}", file=sys.stderr)
+        return 2
+    except FailpointError as exc:
+        print(f"outpost-agent: {exc} (from {FAILPOINT_ENV})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
