@@ -440,7 +440,6 @@ class Agent:
         if bad is not None and bad.deployment_id == ref.deployment_id:
             return  # failed here for this deployment; only a new deployment retries it
         try:
-            self._check_space(ref)
             archive = await self._download(ref)
             if archive is None:
                 return
@@ -477,13 +476,14 @@ class Agent:
         self._publish_state()
         logger.info("now serving %s v%s", ref.model, ref.version)
 
-    def _check_space(self, ref: PackageRef) -> None:
+    def _check_space(self, ref: PackageRef, assembler: ChunkAssembler) -> None:
         """Refuse before the first byte when the archive and its unpacked copy cannot fit.
 
         A download that fills the disk half-way would leave a partial file that makes every
-        retry fail too (THREATS.md C3); asking first costs one statvfs.
+        retry fail too (THREATS.md C3); asking first costs one statvfs. What is already
+        downloaded (a resumed part file, a finished archive) is already on the disk.
         """
-        need = 2 * ref.size + SPACE_MARGIN_BYTES
+        need = 2 * ref.size + SPACE_MARGIN_BYTES - assembler.bytes_on_disk
         free = self._disk_free(self.state.root)
         if free < need:
             raise NoSpaceError(
@@ -514,6 +514,7 @@ class Agent:
         assembler = ChunkAssembler(
             ref, self.state.downloads, max_package_bytes=self.settings.download.max_package_bytes
         )
+        self._check_space(ref, assembler)
         if not assembler.done:
             self._report(ref, Step.DOWNLOADING, progress=assembler.progress)
             wakeup = asyncio.Event()
