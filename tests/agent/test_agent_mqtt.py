@@ -8,36 +8,11 @@ from typing import Any
 import pytest
 
 from agent.protocol.messages import Reason, Step
-from tests.support.agents import (
-    running_agent,
-    write_identity,
-)
+from tests.support.agents import DEVICE, running_agent
 from tests.support.fake_hub import FakeHub
 from tests.support.repository import ExtraMember, RepositorySimulator, iris_files
 
 pytestmark = pytest.mark.integration
-
-DEVICE = "dev-000000000001"
-
-
-@pytest.fixture
-def repo() -> RepositorySimulator:
-    return RepositorySimulator(device_id=DEVICE)
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path, mosquitto: Any, repo: RepositorySimulator) -> Path:
-    password = mosquitto.add_device(DEVICE)
-    write_identity(
-        tmp_path / "agent",
-        device_id=DEVICE,
-        host=mosquitto.host,
-        port=mosquitto.port,
-        password=password,
-        root_public_key=repo.root.public_b64,
-        keyring=repo.keyring(),
-    )
-    return tmp_path / "agent"
 
 
 def _steps(hub: FakeHub, deployment_id: str) -> list[Step]:

@@ -13,32 +13,11 @@ from agent.protocol.messages import Reason, Step
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
 from agent.state import StateDir
-from tests.support.agents import AgentThread, fast_settings, write_identity
+from tests.support.agents import DEVICE, AgentThread, fast_settings
 from tests.support.fake_hub import FakeHub
 from tests.support.repository import RepositorySimulator, iris_files
 
 pytestmark = pytest.mark.integration
-DEVICE = "dev-000000000002"
-
-
-@pytest.fixture
-def repo() -> RepositorySimulator:
-    return RepositorySimulator(device_id=DEVICE)
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path, mosquitto: Any, repo: RepositorySimulator) -> Path:
-    password = mosquitto.add_device(DEVICE)
-    write_identity(
-        tmp_path / "agent",
-        device_id=DEVICE,
-        host=mosquitto.host,
-        port=mosquitto.port,
-        password=password,
-        root_public_key=repo.root.public_b64,
-        keyring=repo.keyring(),
-    )
-    return tmp_path / "agent"
 
 
 def _run_until_crash(state_dir: Path, point: Failpoint) -> None:

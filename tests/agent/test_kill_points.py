@@ -17,12 +17,11 @@ from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
 from agent.state import StateDir
 from agent.trust import verify_keyring
-from tests.support.agents import running_agent, write_identity
+from tests.support.agents import DEVICE, running_agent
 from tests.support.fake_hub import FakeHub
 from tests.support.repository import NOW, RepositorySimulator, iris_files
 
 pytestmark = pytest.mark.integration
-DEVICE = "dev-000000000003"
 ROOT = Path(__file__).resolve().parents[2]
 # Test-speed timers for the agent process, through its environment.
 FAST_ENV = {
@@ -33,26 +32,6 @@ FAST_ENV = {
     "OUTPOST_AGENT_DOWNLOAD__CHUNK_TIMEOUT_S": "0.5",
     "OUTPOST_AGENT_DOWNLOAD__LISTEN_S": "0.05",
 }
-
-
-@pytest.fixture
-def repo() -> RepositorySimulator:
-    return RepositorySimulator(device_id=DEVICE)
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path, mosquitto: Any, repo: RepositorySimulator) -> Path:
-    password = mosquitto.add_device(DEVICE)
-    write_identity(
-        tmp_path / "agent",
-        device_id=DEVICE,
-        host=mosquitto.host,
-        port=mosquitto.port,
-        password=password,
-        root_public_key=repo.root.public_b64,
-        keyring=repo.keyring(),
-    )
-    return tmp_path / "agent"
 
 
 def _agent_process(state_dir: Path, **env: str) -> subprocess.Popen[str]:

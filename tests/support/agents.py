@@ -13,6 +13,9 @@ from agent.runtimes.health import check_health
 from agent.settings import AgentSettings
 from agent.state import BrokerCredentials, Identity, StateDir
 
+# The device the agent tests enrol on their Mosquitto (tests/agent/conftest.py).
+DEVICE = "dev-000000000001"
+
 
 def write_identity(
     state_dir: Path,
