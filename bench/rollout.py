@@ -35,10 +35,9 @@ from bench.isolation import run_isolated
 from bench.machine import Machine, peak_rss_bytes, raise_fd_limit
 from bench.model import ModelFiles, build_mlp
 from bench.observer import ChunkObserver
-from bench.results import RESULTS_PATH, Figure, Report, command_line, record
+from bench.options import finish, fleet_parser, ramp_s
+from bench.results import RESULTS_PATH, Figure, Report
 from bench.testbed import (
-    DEFAULT_RAMP_PER_S,
-    MEMORY_DIR,
     bench_settings,
     quiet_agents,
     running,
@@ -296,28 +295,13 @@ def build_report(cfg: RolloutConfig, m: Measured) -> Report:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.rollout", description=__doc__)
-    parser.add_argument("--devices", type=int, default=1000)
+    parser = fleet_parser("bench.rollout", __doc__, devices=1000, scratch_for="hub and devices")
     parser.add_argument("--mib", type=float, default=5.0, help="model (and package) size")
-    parser.add_argument(
-        "--ramp-s",
-        type=float,
-        default=None,
-        help=f"start the agents over this long (default: devices / {DEFAULT_RAMP_PER_S:g})",
-    )
-    parser.add_argument("--connect-timeout-s", type=float, default=120.0)
     parser.add_argument("--rollout-timeout-s", type=float, default=600.0)
     parser.add_argument(
         "--floor-rounds", type=int, default=3, help="measured floor deliveries after a warm-up"
     )
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=None,
-        help=f"scratch space for hub and devices (default: {MEMORY_DIR} if it has room)",
-    )
     parser.add_argument("--quick", action="store_true", help="50 devices × 1 MiB")
-    parser.add_argument("--no-record", action="store_true", help="print only")
     return parser.parse_args(argv)
 
 
@@ -329,7 +313,7 @@ def main(argv: Sequence[str] | None = None, *, results_path: Path = RESULTS_PATH
     cfg = RolloutConfig(
         devices=args.devices,
         mib=args.mib,
-        ramp_s=args.ramp_s if args.ramp_s is not None else args.devices / DEFAULT_RAMP_PER_S,
+        ramp_s=ramp_s(args),
         connect_timeout_s=args.connect_timeout_s,
         rollout_timeout_s=args.rollout_timeout_s,
         floor_rounds=args.floor_rounds,
@@ -339,12 +323,14 @@ def main(argv: Sequence[str] | None = None, *, results_path: Path = RESULTS_PATH
     machine = Machine.describe(raise_fd_limit())
     quiet_agents()
     measured = measure(cfg)
-    report = build_report(cfg, measured)
-    print(report.text())
-    if not args.no_record:
-        command = command_line("bench.rollout", argv)
-        record(report, machine=machine, command=command, path=results_path)
-    return report
+    return finish(
+        build_report(cfg, measured),
+        module="bench.rollout",
+        argv=argv,
+        args=args,
+        machine=machine,
+        results_path=results_path,
+    )
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ from agent.protocol.topics import Channel, Topics
 from bench.bare import BareClients
 from bench.isolation import run_isolated
 from bench.machine import Machine, cpu_seconds, listen_overflows, raise_fd_limit, rss_bytes
-from bench.results import RESULTS_PATH, Figure, Report, command_line, record
+from bench.options import finish, fleet_parser, ramp_s
+from bench.results import RESULTS_PATH, Figure, Report
 from bench.testbed import (
-    DEFAULT_RAMP_PER_S,
     DEVICE_SCRATCH_BYTES,
-    MEMORY_DIR,
     Testbed,
     bench_settings,
     open_testbed,
@@ -269,25 +268,12 @@ def build_report(cfg: ScaleConfig, project: ScaleRun, floor: ScaleRun) -> Report
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
-    parser.add_argument("--devices", type=int, default=DEFAULT_DEVICES)
+    parser = fleet_parser(
+        "bench.scale", __doc__, devices=DEFAULT_DEVICES, scratch_for="broker and devices"
+    )
     parser.add_argument("--duration-s", type=float, default=60.0, help="heartbeat window")
     parser.add_argument("--heartbeat-s", type=float, default=10.0)
-    parser.add_argument(
-        "--ramp-s",
-        type=float,
-        default=None,
-        help=f"start the agents over this long (default: devices / {DEFAULT_RAMP_PER_S:g})",
-    )
-    parser.add_argument("--connect-timeout-s", type=float, default=120.0)
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=None,
-        help=f"scratch space for broker and devices (default: {MEMORY_DIR} if it has room)",
-    )
     parser.add_argument("--quick", action="store_true", help="200 devices, 15 s window")
-    parser.add_argument("--no-record", action="store_true", help="print only")
     return parser.parse_args(argv)
 
 
@@ -296,12 +282,11 @@ def main(argv: Sequence[str] | None = None, *, results_path: Path = RESULTS_PATH
     args = parse_args(argv)
     if args.quick:
         args.devices, args.duration_s = 200, 15.0
-    ramp_s = args.ramp_s if args.ramp_s is not None else args.devices / DEFAULT_RAMP_PER_S
     cfg = ScaleConfig(
         devices=args.devices,
         duration_s=args.duration_s,
         heartbeat_s=args.heartbeat_s,
-        ramp_s=ramp_s,
+        ramp_s=ramp_s(args),
         connect_timeout_s=args.connect_timeout_s,
         work_dir=args.work_dir or scratch_parent(args.devices * DEVICE_SCRATCH_BYTES),
     )
@@ -310,13 +295,14 @@ def main(argv: Sequence[str] | None = None, *, results_path: Path = RESULTS_PATH
     budget_s = cfg.ramp_s + cfg.connect_timeout_s + cfg.duration_s + 300.0
     floor = run_isolated(run_floor, cfg, timeout_s=budget_s)
     project = run_isolated(run_agents, cfg, timeout_s=budget_s)
-    report = build_report(cfg, project, floor)
-    print(report.text())
-    if not args.no_record:
-        record(
-            report, machine=machine, command=command_line("bench.scale", argv), path=results_path
-        )
-    return report
+    return finish(
+        build_report(cfg, project, floor),
+        module="bench.scale",
+        argv=argv,
+        args=args,
+        machine=machine,
+        results_path=results_path,
+    )
 
 
 if __name__ == "__main__":

@@ -29,11 +29,10 @@ from pathlib import Path
 from agent.mqtt import MqttLink
 from bench.isolation import run_isolated
 from bench.machine import Machine, cpu_seconds, listen_overflows, raise_fd_limit
-from bench.results import RESULTS_PATH, Figure, Report, command_line, record
+from bench.options import finish, fleet_parser, ramp_s
+from bench.results import RESULTS_PATH, Figure, Report
 from bench.testbed import (
-    DEFAULT_RAMP_PER_S,
     DEVICE_SCRATCH_BYTES,
-    MEMORY_DIR,
     Testbed,
     bench_settings,
     open_testbed,
@@ -255,16 +254,10 @@ def build_report(cfg: StormConfig, jitter: StormRun, plain: StormRun) -> Report:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.storm", description=__doc__)
-    parser.add_argument("--devices", type=int, default=DEFAULT_DEVICES)
-    parser.add_argument("--signal", choices=sorted(SIGNALS), default="term")
-    parser.add_argument(
-        "--ramp-s",
-        type=float,
-        default=None,
-        help=f"start the agents over this long (default: devices / {DEFAULT_RAMP_PER_S:g})",
+    parser = fleet_parser(
+        "bench.storm", __doc__, devices=DEFAULT_DEVICES, scratch_for="broker and devices"
     )
-    parser.add_argument("--connect-timeout-s", type=float, default=120.0)
+    parser.add_argument("--signal", choices=sorted(SIGNALS), default="term")
     parser.add_argument("--reconnect-timeout-s", type=float, default=300.0)
     parser.add_argument(
         "--settle-s",
@@ -272,14 +265,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=MqttLink.STABLE_AFTER_S + 0.5,
         help="hold the fleet connected this long before the restart",
     )
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=None,
-        help=f"scratch space for broker and devices (default: {MEMORY_DIR} if it has room)",
-    )
     parser.add_argument("--quick", action="store_true", help="200 devices")
-    parser.add_argument("--no-record", action="store_true", help="print only")
     return parser.parse_args(argv)
 
 
@@ -290,7 +276,7 @@ def main(argv: Sequence[str] | None = None, *, results_path: Path = RESULTS_PATH
         args.devices = 200
     cfg = StormConfig(
         devices=args.devices,
-        ramp_s=args.ramp_s if args.ramp_s is not None else args.devices / DEFAULT_RAMP_PER_S,
+        ramp_s=ramp_s(args),
         connect_timeout_s=args.connect_timeout_s,
         reconnect_timeout_s=args.reconnect_timeout_s,
         settle_s=args.settle_s,
@@ -301,12 +287,14 @@ def main(argv: Sequence[str] | None = None, *, results_path: Path = RESULTS_PATH
     budget_s = cfg.ramp_s + cfg.connect_timeout_s + cfg.reconnect_timeout_s + 300.0
     plain = run_isolated(run_storm, cfg, False, timeout_s=budget_s)
     jitter = run_isolated(run_storm, cfg, True, timeout_s=budget_s)
-    report = build_report(cfg, jitter, plain)
-    print(report.text())
-    if not args.no_record:
-        command = command_line("bench.storm", argv)
-        record(report, machine=machine, command=command, path=results_path)
-    return report
+    return finish(
+        build_report(cfg, jitter, plain),
+        module="bench.storm",
+        argv=argv,
+        args=args,
+        machine=machine,
+        results_path=results_path,
+    )
 
 
 if __name__ == "__main__":
