@@ -44,10 +44,11 @@ from bench.testbed import (
     scratch_parent,
 )
 from bench.timeline import Phase, first_steps, phases
-from bench.timing import BenchTimeout, percentile, wait_until
+from bench.timing import BenchTimeout, wait_until
 from hub.broker import DEFAULT_HUB_USERNAME
 from outpost_sim.enrollment import enroll_missing
 from outpost_sim.fleet import Fleet, device_dirs
+from outpost_sim.report import percentile
 
 MIB = 1024 * 1024
 MODEL_NAME = "bench-mlp"

@@ -1,4 +1,4 @@
-"""Waiting for conditions with deadlines, and turning event times into rates and percentiles."""
+"""Waiting for conditions with deadlines, and turning event times into rates."""
 
 import asyncio
 import math
@@ -25,15 +25,6 @@ async def wait_until(
         if time.monotonic() >= deadline:
             raise BenchTimeout(f"{what}: not within {timeout_s:g} s")
         await asyncio.sleep(poll_s)
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """The value below which ``fraction`` of ``values`` lie (nearest rank)."""
-    if not values:
-        raise ValueError("no values")
-    ordered = sorted(values)
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return ordered[rank - 1]
 
 
 def peak_rate(times: Sequence[float], start: float, *, bin_s: float = 1.0) -> float:

@@ -1,5 +1,6 @@
 """The end-of-run report: what the fleet did, what was injected, what it cost the simulator."""
 
+import math
 import resource
 import time
 from collections import Counter
@@ -12,17 +13,23 @@ from outpost_sim.device import SimulatedDevice
 from outpost_sim.fleet import Fleet
 
 
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The value below which ``fraction`` of ``values`` lie (nearest rank)."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
+
+
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:
-    """p50 / p95 / max by the nearest-rank method; None for an empty sample."""
+    """p50 / p95 / max, rounded to the millisecond; None for an empty sample."""
     if not values:
         return {"p50": None, "p95": None, "max": None}
-    ordered = sorted(values)
-
-    def rank(p: float) -> float:
-        index = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
-        return round(ordered[index], 3)
-
-    return {"p50": rank(50), "p95": rank(95), "max": round(ordered[-1], 3)}
+    return {
+        "p50": round(percentile(values, 0.50), 3),
+        "p95": round(percentile(values, 0.95), 3),
+        "max": round(max(values), 3),
+    }
 
 
 @dataclass
