@@ -15,6 +15,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -63,6 +64,15 @@ LinkFactory = Callable[..., MqttLink]  # takes MqttLink's keyword arguments
 
 def disk_free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
+
+
+@dataclass
+class Download:
+    """One package being fetched, and what its chunks' arrival wakes."""
+
+    assembler: ChunkAssembler
+    new_chunk: asyncio.Event = field(default_factory=asyncio.Event)  # or the download failed
+    activity: asyncio.Event = field(default_factory=asyncio.Event)  # any chunk, even a copy
 
 
 MAX_CHUNK_TIMEOUT_S = 30.0
@@ -115,9 +125,7 @@ class Agent:
         self._desired: DesiredState | None = None
         self._active: dict[str, ActiveModel] = {}
         self._reported_active: dict[str, str | None] = {}
-        self._downloads: dict[str, ChunkAssembler] = {}
-        self._chunk_wakeups: dict[str, asyncio.Event] = {}  # a new chunk arrived
-        self._chunk_activity: dict[str, asyncio.Event] = {}  # any chunk arrived, even a copy
+        self._downloads: dict[str, Download] = {}  # by package digest
         self._pending_events: dict[int, bytes] = {}
         self._wake = asyncio.Event()
         self.last_rejection = ""
@@ -309,8 +317,8 @@ class Agent:
         )
         for payload in list(self._pending_events.values()):
             self._publish(Channel.EVT, payload)
-        for wakeup in self._chunk_wakeups.values():
-            wakeup.set()
+        for download in self._downloads.values():
+            download.new_chunk.set()
 
     async def _heartbeat_loop(self) -> None:
         started = time.monotonic()
@@ -402,17 +410,17 @@ class Agent:
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         chunk = self._topics.parse_chunk(topic)
-        assembler = self._downloads.get(chunk.digest)
-        if assembler is None:
+        download = self._downloads.get(chunk.digest)
+        if download is None:
             return
-        self._chunk_activity[chunk.digest].set()
+        download.activity.set()
         try:
-            if assembler.add(chunk.index, payload):
-                self._chunk_wakeups[chunk.digest].set()
+            if download.assembler.add(chunk.index, payload):
+                download.new_chunk.set()
         except AgentError as exc:
             # The download task raises it: it owns the event reporting and the cleanup.
-            assembler.failure = exc
-            self._chunk_wakeups[chunk.digest].set()
+            download.assembler.failure = exc
+            download.new_chunk.set()
 
     # -- reconciling ----------------------------------------------------------------------------
 
@@ -517,31 +525,25 @@ class Agent:
         self._check_space(ref, assembler)
         if not assembler.done:
             self._report(ref, Step.DOWNLOADING, progress=assembler.progress)
-            wakeup = asyncio.Event()
-            self._downloads[ref.digest] = assembler
-            self._chunk_wakeups[ref.digest] = wakeup
-            self._chunk_activity[ref.digest] = asyncio.Event()
+            download = self._downloads[ref.digest] = Download(assembler)
             wildcard = self._topics.package_wildcard(ref.digest)
             self._link.subscribe([(wildcard, 1)])
             try:
-                if not await self._fetch_chunks(ref, assembler, wakeup):
+                if not await self._fetch_chunks(ref, download):
                     return None
             finally:
                 self.corrupt_chunks_received += assembler.corrupt_chunks
                 self._link.unsubscribe(wildcard)
                 del self._downloads[ref.digest]
-                del self._chunk_wakeups[ref.digest]
-                del self._chunk_activity[ref.digest]
         return await asyncio.to_thread(assembler.finish)
 
-    async def _fetch_chunks(
-        self, ref: PackageRef, assembler: ChunkAssembler, wakeup: asyncio.Event
-    ) -> bool:
+    async def _fetch_chunks(self, ref: PackageRef, download: Download) -> bool:
+        assembler, wakeup = download.assembler, download.new_chunk
         base_timeout = self.settings.download.chunk_timeout_s
         timeout = base_timeout
         next_report = 0.25
         while not assembler.done:
-            await self._listen(assembler, self._chunk_activity[ref.digest])
+            await self._listen(assembler, download.activity)
             if assembler.failure is not None:
                 raise assembler.failure
             if assembler.done:
