@@ -110,6 +110,7 @@ class MqttLink:
         self._connack: asyncio.Future[bool] | None = None
         self._lost: asyncio.Event | None = None
         self.connected = False
+        self._cut = False  # drop() cut the socket; the loss has not been noticed yet
         self.connects = 0
         self.connected_at: float | None = None  # time.monotonic() of the latest CONNACK
         self.first_connected_at: float | None = None
@@ -158,6 +159,7 @@ class MqttLink:
             logger.warning("broker refused connection: %s", reason)
             return
         self.connected = True
+        self._cut = False
         self.connects += 1
         self.connected_at = time.monotonic()
         if self.first_connected_at is None:
@@ -208,16 +210,20 @@ class MqttLink:
         if self.connected:
             self._client.unsubscribe(topic)
 
-    def drop(self) -> None:
+    def drop(self) -> bool:
         """Cut the connection as a network failure would: no DISCONNECT, so the will fires.
 
-        The link then reconnects with its backoff, as after any other loss.
+        The link then reconnects with its backoff, as after any other loss. False when there
+        was no live connection to cut (not connected, or already cut and not yet noticed).
         """
         sock = self._client.socket()
-        if isinstance(sock, socket.socket):
-            # SO_LINGER 0 makes close send a reset, as a pulled cable looks to the broker.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.shutdown(socket.SHUT_RDWR)
+        if not self.connected or self._cut or not isinstance(sock, socket.socket):
+            return False
+        self._cut = True
+        # SO_LINGER 0 makes close send a reset, as a pulled cable looks to the broker.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+        return True
 
     async def wait_for_network(self) -> None:
         """Called before every connect attempt; a real network is always there.

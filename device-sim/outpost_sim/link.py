@@ -56,10 +56,10 @@ class SimulatedLink(MqttLink):
         self.conditions.stats.offline_windows += 1
         super().drop()  # counted as the window, not as a drop
 
-    def drop(self) -> None:
-        if self.connected:
-            self.conditions.stats.drops += 1
-        super().drop()
+    def drop(self) -> bool:
+        cut = super().drop()
+        self.conditions.stats.drops += cut  # a drop that cut a live connection
+        return cut
 
     def receive(self, topic: str, payload: bytes) -> None:
         conditions = self.conditions
