@@ -62,7 +62,6 @@ class DeviceRecord:
     crashes: int = 0
     restarts: int = 0
     malformed_sent: int = 0
-    drops_scheduled: int = 0
 
 
 def used_bytes(root: Path) -> int:
@@ -197,26 +196,24 @@ class SimulatedDevice:
 
     async def _inject(self, fleet_started_at: float) -> None:
         """Fire the scheduled link faults and malformed messages at their offsets."""
-        schedule: list[tuple[float, Callable[[], None]]] = []
-        schedule += [(t, self._drop) for t in self.faults.drops_at]
+        # (offset, needs a connection, action): garbage goes out on a live connection only.
+        schedule: list[tuple[float, bool, Callable[[], None]]] = []
+        schedule += [(t, False, self._drop) for t in self.faults.drops_at]
         schedule += [
-            (start, functools.partial(self._go_offline, until - start))
+            (start, False, functools.partial(self._go_offline, until - start))
             for start, until in self.faults.offline
         ]
-        malformed: list[tuple[float, Callable[[], None]]] = [
-            (t, functools.partial(self._send_malformed, n))
+        schedule += [
+            (t, True, functools.partial(self._send_malformed, n))
             for n, t in enumerate(self.faults.malformed_at)
         ]
-        self.record.drops_scheduled = len(self.faults.drops_at)
-        for offset, action in sorted(schedule + malformed, key=lambda item: item[0]):
+        for offset, needs_link, action in sorted(schedule, key=lambda item: item[0]):
             # The schedule is the fault: waiting for its time is what it means.
             delay = fleet_started_at + offset - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if (offset, action) in malformed:
-                # A device sends its garbage when it has a connection to send it on.
-                while not self.agent.connected:  # noqa: ASYNC110 - the link has no event
-                    await asyncio.sleep(CONNECTED_POLL_S)
+            while needs_link and not self.agent.connected:  # noqa: ASYNC110 - no link event
+                await asyncio.sleep(CONNECTED_POLL_S)
             action()
 
     def _drop(self) -> None:
