@@ -10,6 +10,7 @@ from sqlalchemy.engine import Engine
 from agent.protocol.topics import Topics
 from hub.blobs import BlobStore
 from hub.broker.supervisor import EmbeddedBroker
+from hub.deployments.engine import default_owner
 from hub.messaging.publisher import Publisher, RecordingPublisher
 from hub.settings import HubSettings
 from hub.signing.keystore import KeyStore
@@ -38,6 +39,8 @@ class HubContext:
     desired_lock: threading.Lock = field(default_factory=threading.Lock)
     # The message worker's counters, once messaging runs (None in API-only tests).
     message_stats: "MessageStats | None" = None
+    # Names this hub as the holder of rollout leases; stable across restarts of the same hub.
+    instance_id: str = "hub"
 
     def director(self) -> "Director":
         """The desired-state signer and publisher over the current publisher."""
@@ -59,6 +62,7 @@ class HubContext:
             keys=KeyStore(settings.keys_dir),
             blobs=BlobStore(settings.models_dir),
             topics=Topics(settings.broker.topic_root),
+            instance_id=settings.instance_id or default_owner(str(settings.data_dir)),
             broker_public=(
                 settings.broker.public_host or "127.0.0.1",
                 settings.broker.public_port or 1883,

@@ -68,6 +68,9 @@ class HubSettings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     # None: a SQLite file in data_dir.
     database_url: str | None = None
+    # This hub's name as the holder of rollout leases, when several replicas share a database.
+    # None: the host name and data directory, which stay the same when the hub restarts.
+    instance_id: str | None = Field(default=None, max_length=64)
     api: ApiSettings = ApiSettings()
     broker: BrokerSettings = BrokerSettings()
     deploy: DeploySettings = DeploySettings()

@@ -1,38 +1,60 @@
-"""Creating deployments and reporting their progress."""
+"""Creating deployments, the operators' actions on them, and reporting their progress."""
 
 import logging
 import secrets
 from collections import Counter
-from datetime import datetime, timedelta
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from agent.protocol.messages import TERMINAL_STEPS, Step
 from hub.blobs import BlobStore
 from hub.database import utcnow
+from hub.deployments import engine
+from hub.deployments.audit import history, record
 from hub.deployments.desired import Director
+from hub.deployments.eligibility import Candidate, judge
 from hub.deployments.models import (
-    TIMED_OUT,
+    ROLLOUT_FINISHED,
     Deployment,
     DeploymentDevice,
-    DeviceDesired,
     DeviceEvent,
+    DeviceState,
+    RolloutState,
 )
+from hub.deployments.policy import RolloutPolicy, assign_waves, order_targets, plan_waves
 from hub.deployments.schemas import (
+    AuditPublic,
+    DeploymentCreate,
     DeploymentDevicePublic,
     DeploymentEventPublic,
     DeploymentPublic,
+    DeploymentSummary,
+    WavePublic,
 )
 from hub.devices.models import Device
-from hub.errors import HubError, InvalidInput, NotFound
+from hub.errors import Conflict, HubError, NotFound
 from hub.packages.service import ensure_package
-from hub.registry.service import get_version
+from hub.registry.service import device_classes_of, get_version
 from hub.signing.keystore import KeyStore
 
 logger = logging.getLogger(__name__)
 
-_TERMINAL = frozenset({*(str(s) for s in TERMINAL_STEPS), TIMED_OUT})
+# Device states that are neither finished nor waiting to be released.
+_MOVING = frozenset({DeviceState.IN_PROGRESS, DeviceState.SOAKING, DeviceState.ROLLING_BACK})
+_NOT_OK = frozenset({DeviceState.FAILED, DeviceState.TIMED_OUT, DeviceState.ROLLED_BACK})
+
+
+def publish(director: Director, session: Session, device_ids: Sequence[str], why: str) -> None:
+    """Publish new desired states after a commit. A failure is logged, not raised: each device
+    asks for its desired state on every connect, so it still gets it."""
+    if not device_ids:
+        return
+    try:
+        director.publish_many(session=session, device_ids=device_ids)
+    except HubError as exc:
+        logger.warning("could not publish desired states", extra={"why": why, "error": exc.detail})
 
 
 def create_deployment(
@@ -43,21 +65,19 @@ def create_deployment(
     director: Director,
     packages_dir: Path,
     max_package_bytes: int,
-    model: str,
-    version: int | None,
+    body: DeploymentCreate,
     devices: list[str],
-    device_timeout_s: int = 3600,
+    actor: str,
 ) -> Deployment:
-    """Point ``devices`` at a package of ``model`` and publish their new desired states."""
+    """Create a deployment of ``body.model`` to ``devices`` and release its first wave."""
     device_ids = list(dict.fromkeys(devices))
-    if not device_ids:
-        raise InvalidInput("a deployment needs at least one device")
-    known = set(session.exec(select(Device.id).where(col(Device.id).in_(device_ids))).all())
-    missing = [d for d in device_ids if d not in known]
+    named = list(dict.fromkeys(body.devices))
+    known = set(session.exec(select(Device.id).where(col(Device.id).in_(named))).all())
+    missing = [d for d in named if d not in known]
     if missing:
         raise NotFound(f"unknown devices: {', '.join(missing)}")
     model_version = get_version(
-        session=session, name=model, version=version if version is not None else "latest"
+        session=session, name=body.model, version=body.version if body.version else "latest"
     )
     package = ensure_package(
         session=session,
@@ -74,25 +94,70 @@ def create_deployment(
         version=model_version.version,
         package_digest=package.digest,
         created_at=now,
-        device_timeout_s=device_timeout_s,
+        updated_at=now,
+        device_timeout_s=body.device_timeout_s,
+        policy=body.policy.model_dump(mode="json", exclude_defaults=True),
+        priority=body.priority,
+        continuous=body.continuous,
+        selector=body.selector,
+        groups=list(body.groups),
+        retry_bad=body.retry_bad,
+        created_by=actor,
     )
+    verdicts = judge(
+        session=session,
+        candidate=Candidate(
+            model=model_version.name,
+            version=model_version.version,
+            digest=package.digest,
+            framework=model_version.framework,
+            device_classes=device_classes_of(model_version),
+            priority=body.priority,
+            retry_bad=body.retry_bad,
+        ),
+        devices=device_ids,
+    )
+    eligible = order_targets(
+        [v.device_id for v in verdicts if v.skip is None], body.policy, seed=deployment.id
+    )
+    sizes = plan_waves(len(eligible), body.policy)
+    deployment.waves = max(1, len(sizes))
     session.add(deployment)
     session.flush()
-    for device_id in device_ids:
-        _supersede(session=session, device_id=device_id, model=deployment.model, by=deployment.id)
+    waves = assign_waves(eligible, sizes)
+    for device_id in eligible:
         session.add(
-            DeploymentDevice(deployment_id=deployment.id, device_id=device_id, updated_at=now)
+            DeploymentDevice(
+                deployment_id=deployment.id,
+                device_id=device_id,
+                wave=waves[device_id],
+                state_changed_at=now,
+                updated_at=now,
+            )
         )
-        want = session.get(DeviceDesired, (device_id, deployment.model)) or DeviceDesired(
-            device_id=device_id,
-            model=deployment.model,
-            package_digest=package.digest,
-            deployment_id=deployment.id,
-        )
-        want.package_digest = package.digest
-        want.deployment_id = deployment.id
-        want.updated_at = now
-        session.add(want)
+    for verdict in verdicts:
+        if verdict.skip is not None:
+            session.add(
+                DeploymentDevice(
+                    deployment_id=deployment.id,
+                    device_id=verdict.device_id,
+                    state=verdict.skip,
+                    detail=verdict.why,
+                    state_changed_at=now,
+                    updated_at=now,
+                )
+            )
+    record(
+        session,
+        deployment.id,
+        actor,
+        "created",
+        f"{deployment.model}:{deployment.version} to {len(eligible)} device(s)"
+        f" in {len(sizes)} wave(s) {sizes}; {len(verdicts) - len(eligible)} skipped",
+        now,
+    )
+    session.flush()
+    published = engine.advance(session, deployment.id, now)
     session.commit()
     logger.info(
         "created deployment",
@@ -100,103 +165,341 @@ def create_deployment(
             "deployment_id": deployment.id,
             "model": deployment.model,
             "version": deployment.version,
-            "devices": len(device_ids),
+            "devices": len(eligible),
+            "waves": sizes,
         },
     )
-    try:
-        director.publish_many(session=session, device_ids=device_ids)
-    except HubError as exc:
-        # Each device asks for its desired state on every connect, so it still gets it.
-        logger.warning(
-            "could not publish desired states",
-            extra={"deployment_id": deployment.id, "error": exc.detail},
-        )
+    publish(director, session, published, f"release of {deployment.id}")
     return deployment
 
 
-def _supersede(*, session: Session, device_id: str, model: str, by: str) -> None:
-    """End unfinished rows of older deployments of the same model on this device.
-
-    The device now works towards the new package, so the old deployment would otherwise wait
-    for it forever.
-    """
-    rows = session.exec(
-        select(DeploymentDevice)
-        .join(Deployment, col(Deployment.id) == col(DeploymentDevice.deployment_id))
-        .where(DeploymentDevice.device_id == device_id, Deployment.model == model)
-        .where(col(DeploymentDevice.step).not_in(list(_TERMINAL)))
-    ).all()
-    for row in rows:
-        row.step = str(Step.FAILED)
-        row.detail = f"superseded by deployment {by}"
-        row.updated_at = utcnow()
-        session.add(row)
+# -- operator actions --------------------------------------------------------------------------
 
 
-def get_deployment(*, session: Session, deployment_id: str) -> DeploymentPublic:
+Action = Callable[[Session, Deployment, str, datetime], list[str]]
+
+
+def _act(
+    *,
+    session: Session,
+    director: Director,
+    deployment_id: str,
+    allowed: Sequence[RolloutState],
+    verb: str,
+    action: Action,
+    reason: str,
+) -> DeploymentPublic:
+    now = utcnow()
+    deployment = engine.lock(session, deployment_id, now)
+    if deployment is None:
+        session.rollback()
+        raise NotFound(f"deployment {deployment_id} not found")
+    if deployment.state not in allowed:
+        session.rollback()
+        raise Conflict(f"cannot {verb} {deployment_id}: it is {deployment.state}")
+    published = action(session, deployment, reason, now)
+    session.commit()
+    publish(director, session, published, f"{verb} of {deployment_id}")
+    return get_deployment(session=session, deployment_id=deployment_id)
+
+
+def pause(
+    *, session: Session, director: Director, deployment_id: str, actor: str, reason: str
+) -> DeploymentPublic:
+    """Release nothing new; devices already released carry on (and are still judged: the
+    failure threshold can still abort a paused rollout)."""
+
+    def act(session: Session, d: Deployment, why: str, now: datetime) -> list[str]:
+        d.state = RolloutState.PAUSED
+        d.state_reason = f"paused by {actor}" + (f": {why}" if why else "")
+        record(session, d.id, actor, "paused", why, now)
+        return []
+
+    return _act(
+        session=session,
+        director=director,
+        deployment_id=deployment_id,
+        allowed=[RolloutState.RUNNING],
+        verb="pause",
+        action=act,
+        reason=reason,
+    )
+
+
+def resume(
+    *, session: Session, director: Director, deployment_id: str, actor: str, reason: str
+) -> DeploymentPublic:
+    def act(session: Session, d: Deployment, why: str, now: datetime) -> list[str]:
+        d.state = RolloutState.RUNNING
+        d.state_reason = ""
+        record(session, d.id, actor, "resumed", why, now)
+        session.flush()
+        return engine.advance(session, d.id, now)
+
+    return _act(
+        session=session,
+        director=director,
+        deployment_id=deployment_id,
+        allowed=[RolloutState.PAUSED],
+        verb="resume",
+        action=act,
+        reason=reason,
+    )
+
+
+def promote(
+    *,
+    session: Session,
+    director: Director,
+    deployment_id: str,
+    actor: str,
+    reason: str,
+    all_waves: bool,
+) -> DeploymentPublic:
+    """Release the next wave now (or every wave left), without waiting for the current one;
+    a paused rollout runs again."""
+
+    def act(session: Session, d: Deployment, why: str, now: datetime) -> list[str]:
+        before = d.current_wave
+        last = d.waves - 1
+        # A rollout paused after its canary already stands at the next wave: promoting it
+        # releases that wave, not the one after.
+        waiting = d.state == RolloutState.PAUSED and _wave_unreleased(session, d.id, before)
+        d.current_wave = last if all_waves else min(last, before if waiting else before + 1)
+        d.state = RolloutState.RUNNING
+        d.state_reason = ""
+        policy = engine.policy_of(d)
+        record(
+            session,
+            d.id,
+            actor,
+            "promoted",
+            f"to {engine.wave_name(d.current_wave, policy)}" + (f": {why}" if why else ""),
+            now,
+        )
+        session.flush()
+        return engine.advance(session, d.id, now)
+
+    return _act(
+        session=session,
+        director=director,
+        deployment_id=deployment_id,
+        allowed=[RolloutState.RUNNING, RolloutState.PAUSED],
+        verb="promote",
+        action=act,
+        reason=reason,
+    )
+
+
+def _wave_unreleased(session: Session, deployment_id: str, wave: int) -> bool:
+    return (
+        session.exec(
+            select(DeploymentDevice.id).where(
+                DeploymentDevice.deployment_id == deployment_id,
+                DeploymentDevice.wave == wave,
+                DeploymentDevice.state != DeviceState.PENDING,
+            )
+        ).first()
+        is None
+    )
+
+
+def abort(
+    *,
+    session: Session,
+    director: Director,
+    deployment_id: str,
+    actor: str,
+    reason: str,
+    rollback: bool | None,
+) -> DeploymentPublic:
+    def act(session: Session, d: Deployment, why: str, now: datetime) -> list[str]:
+        back = engine.policy_of(d).rollback_on_abort if rollback is None else rollback
+        return engine.abort(
+            session=session,
+            deployment=d,
+            actor=actor,
+            why=f"aborted by {actor}" + (f": {why}" if why else ""),
+            rollback=back,
+            now=now,
+        )
+
+    return _act(
+        session=session,
+        director=director,
+        deployment_id=deployment_id,
+        allowed=[RolloutState.RUNNING, RolloutState.PAUSED],
+        verb="abort",
+        action=act,
+        reason=reason,
+    )
+
+
+def rollback(
+    *, session: Session, director: Director, deployment_id: str, actor: str, reason: str
+) -> DeploymentPublic:
+    def act(session: Session, d: Deployment, why: str, now: datetime) -> list[str]:
+        return engine.rollback(
+            session=session,
+            deployment=d,
+            actor=actor,
+            why=f"rolled back by {actor}" + (f": {why}" if why else ""),
+            now=now,
+        )
+
+    return _act(
+        session=session,
+        director=director,
+        deployment_id=deployment_id,
+        allowed=[s for s in RolloutState if s != RolloutState.ROLLED_BACK],
+        verb="roll back",
+        action=act,
+        reason=reason,
+    )
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def _get(session: Session, deployment_id: str) -> Deployment:
     deployment = session.get(Deployment, deployment_id)
     if deployment is None:
         raise NotFound(f"deployment {deployment_id} not found")
+    return deployment
+
+
+def get_deployment(
+    *, session: Session, deployment_id: str, with_devices: bool = True
+) -> DeploymentPublic:
+    deployment = _get(session, deployment_id)
     rows = session.exec(
         select(DeploymentDevice)
         .where(DeploymentDevice.deployment_id == deployment_id)
-        .order_by(col(DeploymentDevice.device_id))
+        .order_by(col(DeploymentDevice.wave), col(DeploymentDevice.device_id))
     ).all()
-    counts = Counter(r.step for r in rows)
-    done = all(r.step in _TERMINAL for r in rows)
+    policy = engine.policy_of(deployment)
+    counts = Counter(r.state for r in rows)
+    settled = not any(r.state in _MOVING or r.state == DeviceState.PENDING for r in rows)
+    # Done: the rollout ended and no device is still on its way (an aborted rollout is done
+    # once the devices it sent back have confirmed, or timed out). A running rollout whose
+    # last wave has settled is done too: the engine marks it completed at its next tick.
+    ended = deployment.state in ROLLOUT_FINISHED or (
+        deployment.state == RolloutState.RUNNING
+        and not deployment.continuous
+        and deployment.current_wave >= deployment.waves - 1
+        and settled
+    )
+    done = ended and not any(r.state in _MOVING for r in rows)
+    failed_rollout = deployment.state in (RolloutState.ABORTED, RolloutState.ROLLED_BACK)
     return DeploymentPublic(
         id=deployment.id,
         model=deployment.model,
         version=deployment.version,
         package_digest=deployment.package_digest,
         created_at=deployment.created_at,
-        devices=[
-            DeploymentDevicePublic(
-                device_id=r.device_id,
-                step=r.step,
-                reason=r.reason,
-                detail=r.detail,
-                progress=r.progress,
-                updated_at=r.updated_at,
-            )
-            for r in rows
-        ],
+        created_by=deployment.created_by,
+        state=deployment.state,
+        state_reason=deployment.state_reason,
+        finished_at=deployment.finished_at,
+        policy=policy,
+        priority=deployment.priority,
+        continuous=deployment.continuous,
+        selector=deployment.selector,
+        groups=deployment.groups,
+        device_timeout_s=deployment.device_timeout_s,
+        current_wave=deployment.current_wave,
+        waves=_waves(deployment, policy, rows),
+        total=len(rows),
         counts=dict(counts),
+        steps=dict(Counter(r.step for r in rows if r.state == DeviceState.IN_PROGRESS)),
+        devices=[_device_public(r) for r in rows] if with_devices else None,
         done=done,
-        ok=done and all(r.step == Step.ACTIVE for r in rows),
+        ok=done and not failed_rollout and not (set(counts) & _NOT_OK),
     )
 
 
-def expire_overdue_devices(*, session: Session, now: datetime | None = None) -> int:
-    """Mark devices of every deployment that are still not done past its device timeout as
-    timed out; returns how many. A device that reports later still ends active or failed."""
-    now = now or utcnow()
-    overdue = session.exec(
-        select(DeploymentDevice, Deployment)
-        .join(Deployment, col(Deployment.id) == col(DeploymentDevice.deployment_id))
-        .where(col(DeploymentDevice.step).not_in(list(_TERMINAL)))
-    ).all()
-    expired = 0
-    for row, deployment in overdue:
-        if now - deployment.created_at < timedelta(seconds=deployment.device_timeout_s):
-            continue
-        row.step = TIMED_OUT
-        row.detail = f"not active or failed {deployment.device_timeout_s} s after the start"
-        row.updated_at = now
-        session.add(row)
-        expired += 1
-    if expired:
-        session.commit()
-        logger.warning("devices timed out", extra={"devices": expired})
-    return expired
+def _waves(
+    deployment: Deployment, policy: RolloutPolicy, rows: Sequence[DeploymentDevice]
+) -> list[WavePublic]:
+    by_wave: dict[int, Counter[str]] = {i: Counter() for i in range(deployment.waves)}
+    for row in rows:
+        if row.state not in (DeviceState.SKIPPED, DeviceState.OVERRIDDEN):
+            by_wave.setdefault(row.wave, Counter())[row.state] += 1
+    return [
+        WavePublic(
+            index=index,
+            name=engine.wave_name(index, policy),
+            devices=sum(counts.values()),
+            counts=dict(counts),
+            released=index <= deployment.current_wave,
+            finished=not any(
+                counts[s]
+                for s in (DeviceState.PENDING, DeviceState.IN_PROGRESS, DeviceState.SOAKING)
+            ),
+        )
+        for index, counts in sorted(by_wave.items())
+    ]
+
+
+def _device_public(r: DeploymentDevice) -> DeploymentDevicePublic:
+    return DeploymentDevicePublic(
+        device_id=r.device_id,
+        state=r.state,
+        wave=r.wave,
+        step=r.step,
+        reason=r.reason,
+        detail=r.detail,
+        progress=r.progress,
+        released_at=r.released_at,
+        activated_at=r.activated_at,
+        state_changed_at=r.state_changed_at,
+        updated_at=r.updated_at,
+    )
+
+
+def list_deployments(
+    *, session: Session, model: str | None = None, state: str | None = None, limit: int = 100
+) -> list[DeploymentSummary]:
+    """Newest first."""
+    query = select(Deployment).order_by(col(Deployment.created_at).desc()).limit(limit)
+    if model:
+        query = query.where(Deployment.model == model)
+    if state:
+        query = query.where(Deployment.state == state)
+    out = []
+    for d in session.exec(query).all():
+        counts = engine.state_counts(session, d.id)
+        out.append(
+            DeploymentSummary(
+                id=d.id,
+                model=d.model,
+                version=d.version,
+                state=d.state,
+                state_reason=d.state_reason,
+                priority=d.priority,
+                continuous=d.continuous,
+                created_at=d.created_at,
+                created_by=d.created_by,
+                total=sum(counts.values()),
+                counts=dict(counts),
+            )
+        )
+    return out
+
+
+def deployment_history(*, session: Session, deployment_id: str) -> list[AuditPublic]:
+    _get(session, deployment_id)
+    return [
+        AuditPublic(at=a.at, actor=a.actor, action=a.action, detail=a.detail)
+        for a in history(session, deployment_id)
+    ]
 
 
 def deployment_events(
     *, session: Session, deployment_id: str, limit: int = 1000
 ) -> list[DeploymentEventPublic]:
     """The devices' progress events for a deployment, oldest first (the deployment's log)."""
-    if session.get(Deployment, deployment_id) is None:
-        raise NotFound(f"deployment {deployment_id} not found")
+    _get(session, deployment_id)
     rows = session.exec(
         select(DeviceEvent)
         .where(DeviceEvent.deployment_id == deployment_id)

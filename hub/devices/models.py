@@ -31,6 +31,8 @@ class Device(SQLModel, table=True):
     tags: dict[str, str] = Field(
         default_factory=dict, sa_column=Column(JSON, nullable=False, server_default="{}")
     )
+    # A named group of devices a deployment can target ("line-4", "pilot"); one per device.
+    group: str | None = Field(default=None, max_length=63, index=True)
     # The mosquitto $7$ hash; the password itself is shown to the device once, at enrolment.
     password_hash: str
     token_id: int | None = Field(default=None, foreign_key="enrollment_token.id")

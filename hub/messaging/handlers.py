@@ -6,6 +6,7 @@ a device id inside a body is never trusted over it.
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,14 +24,14 @@ from agent.protocol.messages import (
     MessageError,
     StateBody,
     StatusBody,
-    Step,
     decode,
     encode,
 )
 from agent.protocol.topics import Channel, TopicError, Topics
 from hub.database import utcnow
 from hub.deployments.desired import Director
-from hub.deployments.models import Deployment, DeploymentDevice, DeviceDesired, DeviceEvent
+from hub.deployments.models import DeviceDesired, DeviceEvent
+from hub.deployments.progress import on_event, on_reported_state
 from hub.devices.models import Device
 from hub.errors import HubError
 from hub.messaging.chunks import ChunkScheduler, ChunkWanted
@@ -38,6 +39,11 @@ from hub.messaging.publisher import Publisher
 from hub.packages.models import Package
 
 logger = logging.getLogger(__name__)
+
+
+def _nothing() -> None:
+    pass
+
 
 _TERMINAL = frozenset(str(s) for s in TERMINAL_STEPS)
 # Which body kinds may arrive on which channel; anything else is dropped as malformed.
@@ -123,6 +129,9 @@ class Handlers:
     chunks: ChunkScheduler = field(default_factory=ChunkScheduler)
     stats: MessageStats = field(default_factory=MessageStats)
     heartbeats: Heartbeats = field(default_factory=Heartbeats)
+    # Called when a device finished or changed state in a deployment, so the rollout engine
+    # looks at it soon instead of at its next regular tick.
+    nudge_rollouts: Callable[[], None] = field(default=lambda: None)
 
 
 def handle_message(*, session: Session, handlers: Handlers, topic: str, payload: bytes) -> None:
@@ -166,9 +175,10 @@ def handle_message(*, session: Session, handlers: Handlers, topic: str, payload:
             device_id=device_id,
             body=body,
             sent_at=envelope.sent_at,
+            nudge=handlers.nudge_rollouts,
         )
     elif isinstance(body, StateBody):
-        handle_state(session=session, device_id=device_id, body=body)
+        handle_state(session=session, device_id=device_id, body=body, nudge=handlers.nudge_rollouts)
     elif isinstance(body, StatusBody):
         handle_status(session=session, device_id=device_id, body=body)
         handlers.heartbeats.status_written(device_id, body.online)
@@ -239,6 +249,7 @@ def handle_event(
     device_id: str,
     body: EventBody,
     sent_at: datetime,
+    nudge: Callable[[], None] = _nothing,
 ) -> int:
     """Store a progress event once, update the deployment, and ack what is stored; returns the
     acked sequence number."""
@@ -266,24 +277,8 @@ def handle_event(
         # QoS 1 redelivery or an outbox resend: stored already, but ack it again.
         session.rollback()
         duplicate = True
-    if not duplicate:
-        row = session.exec(
-            select(DeploymentDevice).where(
-                DeploymentDevice.deployment_id == body.deployment_id,
-                DeploymentDevice.device_id == device_id,
-            )
-        ).first()
-        # A finished row stays finished: a late event must not reopen it.
-        if row is not None and row.step not in _TERMINAL:
-            row.step = str(body.step)
-            row.reason = str(body.reason) if body.reason is not None else None
-            row.detail = body.detail
-            if body.progress is not None:
-                row.progress = body.progress
-            elif body.step == Step.ACTIVE:
-                row.progress = 1.0
-            row.updated_at = now
-            session.add(row)
+    if not duplicate and on_event(session=session, device_id=device_id, body=body, now=now):
+        nudge()
     device = session.get(Device, device_id)
     assert device is not None
     device.evt_acked_seq = _advance_ack(session, device)
@@ -299,30 +294,21 @@ def handle_event(
     return device.evt_acked_seq
 
 
-def handle_state(*, session: Session, device_id: str, body: StateBody) -> None:
-    """Store the reported state; a model reported active completes its deployment even when the
-    event saying so was lost."""
+def handle_state(
+    *, session: Session, device_id: str, body: StateBody, nudge: Callable[[], None] = _nothing
+) -> None:
+    """Store the reported state and apply it to the device's deployments (see
+    ``progress.on_reported_state``)."""
     now = utcnow()
     device = session.get(Device, device_id)
     assert device is not None
     device.reported_state = body.model_dump(mode="json")
     device.last_seen = now
     session.add(device)
-    active_digests = {m.digest for m in body.active}
-    if active_digests:
-        rows = session.exec(
-            select(DeploymentDevice)
-            .join(Deployment, col(Deployment.id) == col(DeploymentDevice.deployment_id))
-            .where(DeploymentDevice.device_id == device_id)
-            .where(col(Deployment.package_digest).in_(active_digests))
-            .where(col(DeploymentDevice.step).not_in(list(_TERMINAL)))
-        ).all()
-        for row in rows:
-            row.step = str(Step.ACTIVE)
-            row.reason = None
-            row.progress = 1.0
-            row.updated_at = now
-            session.add(row)
+    if on_reported_state(
+        session=session, device_id=device_id, reported=device.reported_state, now=now
+    ):
+        nudge()
     session.commit()
 
 

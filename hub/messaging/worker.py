@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from sqlmodel import Session
 
-from hub.deployments.service import expire_overdue_devices
+from hub.deployments.engine import RolloutEngine
+from hub.deployments.service import publish
 from hub.messaging.chunks import publish_chunks
 from hub.messaging.handlers import Handlers, handle_message
 
@@ -23,8 +24,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 10_000
-# How often deployments are checked for devices past their timeout.
-EXPIRY_EVERY_S = 5.0
+# How often the rollout engine looks at running deployments (and devices past their timeout),
+# and how soon after a device finished or changed state in one.
+ROLLOUT_TICK_S = 1.0
+ROLLOUT_NUDGED_S = 0.2
 _STOP = ("", b"")
 
 
@@ -33,13 +36,19 @@ class MessageWorker:
         self._ctx = ctx
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
-        self._next_expiry = 0.0
+        self._next_tick = 0.0
+        # The engine runs on this thread, so its row changes never race the handlers'.
+        self.engine = RolloutEngine(owner=ctx.instance_id)
         self.handlers = Handlers(
             director=ctx.director(),
             publisher=ctx.publisher,
             topics=ctx.topics,
             packages_dir=ctx.settings.packages_dir,
+            nudge_rollouts=self._nudge,
         )
+
+    def _nudge(self) -> None:
+        self._next_tick = min(self._next_tick, time.monotonic() + ROLLOUT_NUDGED_S)
 
     def bind_publisher(self) -> None:
         """Use the context's current publisher (set once the MQTT client exists)."""
@@ -70,7 +79,7 @@ class MessageWorker:
         chunks = self.handlers.chunks
         while True:
             # Wake up in time for the pending chunks' publish, or else the heartbeats' flush.
-            timeout = heartbeats.flush_every_s
+            timeout = min(heartbeats.flush_every_s, max(0.0, self._next_tick - time.monotonic()))
             if chunks.waiting:
                 timeout = min(timeout, chunks.seconds_until_due())
             try:
@@ -83,9 +92,10 @@ class MessageWorker:
                 self._publish_chunks()
             if heartbeats.due() or item is _STOP:
                 self._flush_heartbeats()
-            if time.monotonic() >= self._next_expiry:
-                self._expire_overdue()
+            if time.monotonic() >= self._next_tick and item is not _STOP:
+                self._tick_rollouts()
             if item is _STOP:
+                self._release_leases()
                 return
 
     def _publish_chunks(self) -> None:
@@ -112,14 +122,22 @@ class MessageWorker:
             self.handlers.stats.bump("failed")
             logger.exception("handling a message failed", extra={"topic": topic})
 
-    def _expire_overdue(self) -> None:
-        self._next_expiry = time.monotonic() + EXPIRY_EVERY_S
+    def _tick_rollouts(self) -> None:
+        self._next_tick = time.monotonic() + ROLLOUT_TICK_S
         try:
             with Session(self._ctx.engine, expire_on_commit=False) as session:
-                expire_overdue_devices(session=session)
+                tick = self.engine.tick(session)
+                publish(self.handlers.director, session, tick.published, "rollout tick")
         except Exception:
             self.handlers.stats.bump("failed")
-            logger.exception("expiring overdue deployment devices failed")
+            logger.exception("advancing rollouts failed")
+
+    def _release_leases(self) -> None:
+        try:
+            with Session(self._ctx.engine, expire_on_commit=False) as session:
+                self.engine.release_leases(session)
+        except Exception:
+            logger.exception("releasing rollout leases failed")
 
     def _flush_heartbeats(self) -> None:
         try:

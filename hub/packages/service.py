@@ -24,7 +24,7 @@ from hub.errors import NotFound, TooLarge
 from hub.packages.builder import build_archive, sha256_hex
 from hub.packages.models import Package
 from hub.registry.models import ModelVersion
-from hub.registry.service import list_files
+from hub.registry.service import device_classes_of, list_files
 from hub.signing.keystore import KeyStore
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def ensure_package(
         health_check=HealthCheck(
             input=model_version.sample_input, expected_output=model_version.expected_output
         ),
+        device_classes=device_classes_of(model_version),
         created_at=model_version.created_at,
     )
     signature = keys.sign_release(document_dict(manifest))

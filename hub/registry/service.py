@@ -12,7 +12,7 @@ from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from agent.protocol.documents import Framework
+from agent.protocol.documents import ANY_DEVICE_CLASS, Framework
 from hub.blobs import BlobStore
 from hub.errors import Conflict, InvalidInput, NotFound, TooLarge
 from hub.registry.inspection import inspect_model
@@ -162,6 +162,17 @@ def get_version(*, session: Session, name: str, version: int | str) -> ModelVers
     if row is None:
         raise NotFound(f"model {name}:{version} not found")
     return row
+
+
+# The model tag that limits a version to some device classes ("rpi4,jetson-nano"); the package
+# manifest carries the list, the agent refuses other classes and the hub skips their devices.
+DEVICE_CLASSES_TAG = "device_classes"
+
+
+def device_classes_of(model_version: ModelVersion) -> list[str]:
+    raw = model_version.tags.get(DEVICE_CLASSES_TAG, "")
+    classes = [c.strip() for c in raw.split(",") if c.strip()]
+    return classes or [ANY_DEVICE_CLASS]
 
 
 def list_files(*, session: Session, model_version_id: int) -> list[ModelFile]:

@@ -25,7 +25,7 @@ from agent.protocol.messages import (
 )
 from agent.protocol.topics import Channel
 from hub.deployments.models import DeviceEvent
-from hub.deployments.service import expire_overdue_devices
+from hub.deployments.engine import expire_overdue_devices
 from hub.devices.models import Device
 from hub.messaging.chunks import ChunkScheduler, publish_chunks
 from hub.messaging.handlers import Handlers, handle_message
@@ -103,7 +103,8 @@ def test_deploy_publishes_signed_desired_state(
     dep = deployed["deployment"]
     assert dep["id"].startswith("dep-")
     assert (dep["model"], dep["version"], dep["done"], dep["ok"]) == ("iris", 1, False, False)
-    assert dep["counts"] == {"queued": 2}
+    assert dep["counts"] == {"in_progress": 2}
+    assert dep["steps"] == {"queued": 2}
     for device_id in deployed["devices"]:
         [state] = _desired(running_hub, device_id)
         assert state.device_id == device_id
@@ -123,7 +124,7 @@ def test_deploy_publishes_signed_desired_state(
     assert [s.counter for s in _desired(running_hub, deployed["devices"][0])] == [1, 2]
     old = running_hub.client.get(f"/api/v1/deployments/{dep['id']}").json()
     superseded = next(d for d in old["devices"] if d["device_id"] == deployed["devices"][0])
-    assert superseded["step"] == "failed"
+    assert superseded["state"] == "superseded"
     assert "superseded" in superseded["detail"]
 
 
@@ -167,7 +168,7 @@ def test_events_move_the_deployment_and_are_acked(
     assert by_id[a]["step"] == "active"
     assert by_id[b]["step"] == "failed"
     assert (by_id[b]["reason"], by_id[b]["detail"]) == ("E_HEALTH_CHECK", "label differs")
-    assert (view["done"], view["ok"], view["counts"]) == (True, False, {"active": 1, "failed": 1})
+    assert (view["done"], view["ok"], view["counts"]) == (True, False, {"succeeded": 1, "failed": 1})
 
 
 def test_event_for_another_deployment_does_not_touch_this_one(
@@ -339,7 +340,7 @@ def test_devices_not_done_by_the_device_timeout_end_timed_out_not_in_progress(
     # A device that does finish later is recorded as it ended, not left timed out.
     _send(running_hub, answering, Channel.EVT, _event(dep, 2, Step.ACTIVE))
     body = running_hub.client.get(f"/api/v1/deployments/{dep['id']}").json()
-    assert body["counts"] == {"timed_out": 1, "active": 1}
+    assert body["counts"] == {"timed_out": 1, "succeeded": 1}
 
 
 def test_device_timeout_is_checked(running_hub: RunningHub, iris_model: "IrisModel") -> None:
@@ -386,7 +387,7 @@ def test_a_tag_selector_targets_every_device_with_all_the_tags(
     )
 
     for body, status, message in [
-        ({"model": "iris", "selector": "site=mars"}, 422, "matches no device"),
+        ({"model": "iris", "selector": "site=mars"}, 422, "no device matches"),
         ({"model": "iris", "selector": "site"}, 422, "not key=value"),
         ({"model": "iris"}, 422, "name the target"),
     ]:
