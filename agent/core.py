@@ -24,7 +24,7 @@ from agent.archive import ArchiveLimits
 from agent.download import ChunkAssembler
 from agent.errors import AgentError, InstallError, NoSpaceError, RejectedError, TrustError
 from agent.failpoints import Failpoint, FailpointCrash, Failpoints
-from agent.install import HealthChecker, ModelStore, RuntimeLoader, TrustContext
+from agent.install import HealthChecker, ModelStore, RuntimeLoader, StepReporter, TrustContext
 from agent.mqtt import Backoff, BrokerAddress, MqttLink, Will
 from agent.protocol.documents import DesiredState, Keyring, PackageRef
 from agent.protocol.messages import (
@@ -430,7 +430,8 @@ class Agent:
             self._wake.clear()
             desired = self._desired
             if desired is None:
-                continue
+                continue  # nothing verified yet: no reason to change what the device runs
+            await self._uninstall_unlisted(desired)
             for ref in desired.packages:
                 if self._desired is not desired:
                     break  # a newer desired state arrived: start over from it
@@ -447,42 +448,132 @@ class Agent:
         bad = self._progress.bad.get(ref.digest)
         if bad is not None and bad.deployment_id == ref.deployment_id:
             return  # failed here for this deployment; only a new deployment retries it
+        model = await self._switch_back(ref)
+        if model is None:
+            model = await self._download_and_install(ref)
+        if model is not None:
+            self._activate(ref, model)
+
+    async def _download_and_install(self, ref: PackageRef) -> ActiveModel | None:
+        """Fetch and install ``ref``; None when it failed (reported) or is no longer wanted."""
         try:
             archive = await self._download(ref)
             if archive is None:
-                return
+                return None
             self._failpoints.hit(Failpoint.AFTER_DOWNLOAD)
             self._report(ref, Step.DOWNLOADED, progress=1.0)
             self._journal_install(ref)
-            loop = asyncio.get_running_loop()
-
-            def report_from_thread(step: Step) -> None:
-                loop.call_soon_threadsafe(self._report, ref, step)
-
             model = await asyncio.to_thread(
-                self._store.install, archive, ref, self._trust_context(), report_from_thread
+                self._store.install, archive, ref, self._trust_context(), self._reporter(ref)
             )
         except FailpointCrash:
             raise  # a simulated kill stops this agent where it stands
         except (RejectedError, InstallError) as exc:
             self._fail(ref, exc)
-            return
+            return None
         except Exception as exc:
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 self._fail(ref, NoSpaceError(f"disk full while installing: {exc}"))
-                return
+                return None
             logger.exception("unexpected error installing %s v%s", ref.model, ref.version)
             self._fail(ref, AgentError(f"{type(exc).__name__}: {exc}"))
-            return
+            return None
+        archive.unlink(missing_ok=True)
+        return model
+
+    async def _switch_back(self, ref: PackageRef) -> ActiveModel | None:
+        """Roll back to the kept previous version from disk when ``ref`` names it; None when
+        it is not kept or did not re-verify, load or pass its health check.
+
+        A failure here is not reported as one: the hub serves the old package too, so the
+        normal download path gets the say, and its own failure is the one reported.
+        """
+        if not self._store.kept_previous(ref):
+            return None
+        before = self._progress.installing
+        # Journaled like an install, so a crash at the switch still ends in ACTIVE being
+        # reported after the restart, and a rollback that keeps crashing the agent is given up.
+        self._journal_install(ref)
+        try:
+            return await asyncio.to_thread(
+                self._store.switch_back, ref, self._trust_context(), self._reporter(ref)
+            )
+        except FailpointCrash:
+            raise  # a simulated kill stops this agent where it stands
+        except Exception as exc:
+            logger.warning(
+                "cannot switch back to the kept %s v%s, downloading it again: %s",
+                ref.model,
+                ref.version,
+                exc,
+            )
+            # It ended without a crash and without touching the pointer: not an attempt that
+            # the crash-loop counter should see.
+            self._progress.installing = before
+            self.state.save_progress(self._progress)
+            return None
+
+    def _reporter(self, ref: PackageRef) -> StepReporter:
+        """A step reporter the installer can call from its worker thread."""
+        loop = asyncio.get_running_loop()
+
+        def report_from_thread(step: Step) -> None:
+            loop.call_soon_threadsafe(self._report, ref, step)
+
+        return report_from_thread
+
+    def _activate(self, ref: PackageRef, model: ActiveModel) -> None:
+        """Serve ``model``, installed or switched back to, and say so."""
+        # Replacing the entry is what releases the old runtime: requests already holding it
+        # finish on it, and nothing else refers to it.
         self._active[ref.model] = model
         self._reported_active[ref.model] = ref.deployment_id
         self._progress.bad.pop(ref.digest, None)
         self._progress.installing = None
         self.state.save_progress(self._progress)
-        archive.unlink(missing_ok=True)
         self._report(ref, Step.ACTIVE)
         self._publish_state()
         logger.info("now serving %s v%s", ref.model, ref.version)
+
+    async def _uninstall_unlisted(self, desired: DesiredState) -> None:
+        """Remove every model the verified desired state no longer lists, and say so.
+
+        What gets removed is named by this device (what it serves, what is on its disk), never
+        by the document, which only lists what to keep: a model name in it cannot point a
+        removal anywhere. Directories without a pointer count too, so a crash mid-uninstall
+        (pointer gone, directories not yet) is finished here after the restart.
+        """
+        wanted = {ref.model for ref in desired.packages}
+        unlisted = sorted((set(self._active) | set(self._store.on_disk())) - wanted)
+        removed = False
+        for model in unlisted:
+            if self._desired is not desired:
+                break  # a newer desired state may list it again: start over from that one
+            await self._uninstall(model)
+            removed = True
+        if removed:
+            self._publish_state()
+
+    async def _uninstall(self, model: str) -> None:
+        served = self._active.pop(model, None)
+        self._reported_active.pop(model, None)
+        attempt = self._progress.installing
+        if attempt is not None and attempt.ref.model == model:
+            # An interrupted install of a model no longer wanted is not to be retried or
+            # counted towards a crash loop after the next restart.
+            self._progress.installing = None
+            self.state.save_progress(self._progress)
+        try:
+            await asyncio.to_thread(self._store.uninstall, model)
+        except OSError:
+            # It is not served any more; what stayed on disk is removed on the next reconcile.
+            logger.exception("could not remove the files of %s", model)
+            return
+        logger.info(
+            "uninstalled %s: the desired state no longer lists it",
+            model,
+            extra={"m": model, "version": served.version if served else None},
+        )
 
     def _check_space(self, ref: PackageRef, assembler: ChunkAssembler) -> None:
         """Refuse before the first byte when the archive and its unpacked copy cannot fit.

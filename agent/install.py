@@ -6,6 +6,11 @@ versioned directory → load the model → health check → switch the ``active.
 atomic rename. The previous version's directory is kept as the rollback target and is never
 overwritten by an unverified version. A crash before the pointer rename leaves the old version
 active; after it, the new one.
+
+Switching back to the kept previous version (a rollback ordered by the hub) re-verifies, loads
+and health-checks that directory and switches the pointer the same way, with nothing fetched.
+Uninstalling removes the pointer before the directories, so a crash leaves the model installed
+or gone, never a pointer to a missing directory.
 """
 
 import hashlib
@@ -149,6 +154,81 @@ class ModelStore:
         self._prune(model_dir, keep={pointer.directory, previous.directory if previous else ""})
         return ActiveModel(ref.model, ref.version, ref.digest, manifest, runtime)
 
+    def kept_previous(self, ref: PackageRef) -> bool:
+        """Whether ``ref`` is this model's rollback target and its directory is still here."""
+        current = self.pointer(ref.model)
+        if current is None or current.previous is None:
+            return False
+        previous = current.previous
+        return (
+            previous.digest == ref.digest and (self.root / ref.model / previous.directory).is_dir()
+        )
+
+    def switch_back(
+        self, ref: PackageRef, trust: TrustContext, report: StepReporter
+    ) -> ActiveModel:
+        """Make the kept previous version ``ref`` active again from its directory, without the
+        archive; raises on any failure, leaving the current version active and both kept.
+
+        The directory is checked as thoroughly as at start-up (release signature, every file's
+        hash), since it has sat on disk since it was installed, then loaded and health-checked
+        before the same one atomic pointer write as ``install``.
+        """
+        model_dir = self.root / ref.model
+        current = self.pointer(ref.model)
+        if current is None or current.previous is None or current.previous.digest != ref.digest:
+            raise InstallError(f"{ref.model} v{ref.version} is not the kept previous version")
+        target = model_dir / current.previous.directory
+        manifest = self._reverify(target, trust)
+        if (manifest.model.name, manifest.model.version) != (ref.model, ref.version):
+            raise IncompatibleError(
+                f"the kept directory holds {manifest.model.name} v{manifest.model.version},"
+                f" the desired state names {ref.model} v{ref.version}"
+            )
+        report(Step.VERIFIED)
+        report(Step.INSTALLING)
+        runtime = self._load(target, manifest)
+        self._failpoints.hit(Failpoint.AFTER_LOAD)
+        report(Step.HEALTH_CHECK)
+        self._check_health(runtime, target / FILES_SUBDIR, manifest.health_check)
+        self._failpoints.hit(Failpoint.AFTER_HEALTH)
+        # The version switched away from becomes the rollback target: it passed its own health
+        # check here, and keeping it makes re-promoting it (a rollout resumed) local as well.
+        # Both directories are already on disk, so the switch frees and fetches nothing.
+        pointer = Pointer(
+            version=ref.version,
+            digest=ref.digest,
+            directory=target.name,
+            deployment_id=ref.deployment_id,
+            previous=current.model_copy(update={"previous": None}),
+        )
+        write_atomic(model_dir / POINTER_NAME, pointer.model_dump_json().encode())
+        self._failpoints.hit(Failpoint.AFTER_SWITCH)
+        self._prune(model_dir, keep={pointer.directory, current.directory})
+        return ActiveModel(ref.model, ref.version, ref.digest, manifest, runtime)
+
+    def on_disk(self) -> list[str]:
+        """Every model with a directory here: installed, or left by an interrupted install or
+        uninstall."""
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+
+    def uninstall(self, model: str) -> None:
+        """Remove a model's pointer, then its directories.
+
+        The pointer goes first, by one atomic unlink made durable before any directory is
+        removed: a crash leaves the model installed as it was, or gone with at most directories
+        that no pointer names (``remove_leftovers`` and another ``uninstall`` remove those).
+        """
+        model_dir = self.root / model
+        if not model_dir.is_dir():
+            return
+        (model_dir / POINTER_NAME).unlink(missing_ok=True)
+        fsync_dir(model_dir)
+        shutil.rmtree(model_dir)
+        fsync_dir(self.root)
+
     def _unpack(
         self, archive_path: Path, ref: PackageRef, trust: TrustContext, staging: Path
     ) -> Manifest:
@@ -215,9 +295,16 @@ class ModelStore:
         Expiry is not judged here: stored metadata that has since expired must not stop a
         device from serving what it verified when it installed it.
         """
+        try:
+            manifest_bytes = (directory / MANIFEST_NAME).read_bytes()
+            signature_bytes = (directory / SIGNATURE_NAME).read_bytes()
+        except OSError as exc:
+            # A missing directory or manifest is as unusable as a changed file: callers fall
+            # back (to the previous version, or to downloading) instead of stopping.
+            raise IntegrityError(f"{directory.name}: {exc.strerror}") from None
         manifest = verify_manifest(
-            (directory / MANIFEST_NAME).read_bytes(),
-            (directory / SIGNATURE_NAME).read_bytes(),
+            manifest_bytes,
+            signature_bytes,
             keyring=trust.keyring,
             device_class=trust.device_class,
             agent_version=trust.agent_version,
