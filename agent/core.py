@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +43,7 @@ from agent.protocol.messages import (
     encode,
 )
 from agent.protocol.topics import Channel, TopicError, Topics
+from agent.runtimes import available_frameworks
 from agent.runtimes.base import ActiveModel
 from agent.settings import AgentSettings
 from agent.state import BadVersion, InstallAttempt, StateDir
@@ -97,6 +98,7 @@ class Agent:
         disk_free: DiskFree = disk_free_bytes,
         link_factory: LinkFactory = MqttLink,
         on_event: Callable[[EventBody], None] | None = None,
+        runtimes: Sequence[str] | None = None,
     ) -> None:
         """The keyword hooks default to the real device; the simulator replaces them to give
         each simulated device its own clock, disk, network and crash points."""
@@ -125,6 +127,9 @@ class Agent:
         self._desired: DesiredState | None = None
         self._active: dict[str, ActiveModel] = {}
         self._reported_active: dict[str, str | None] = {}
+        self._runtimes = sorted(available_frameworks() if runtimes is None else runtimes)
+        # The desired counter the last state report was sent for.
+        self._state_counter = -1
         self._downloads: dict[str, Download] = {}  # by package digest
         self._pending_events: dict[int, bytes] = {}
         self._wake = asyncio.Event()
@@ -436,6 +441,12 @@ class Agent:
                 if self._desired is not desired:
                     break  # a newer desired state arrived: start over from it
                 await self._reconcile_one(ref)
+            else:
+                if self._state_counter != self._progress.desired_counter:
+                    # Say what the device runs once it has acted on a new desired state, even
+                    # when nothing changed: the hub learns that a cancelled install of a model
+                    # new to the device left nothing behind.
+                    self._publish_state()
 
     async def _reconcile_one(self, ref: PackageRef) -> None:
         active = self._active.get(ref.model)
@@ -744,6 +755,8 @@ class Agent:
                 for m in self._active.values()
             ],
             bad=sorted(self._progress.bad),
+            runtimes=self._runtimes,
             last_rejection=self.last_rejection,
         )
+        self._state_counter = self._progress.desired_counter
         self._publish(Channel.STATE, encode(body), retain=True)

@@ -85,6 +85,8 @@ class StateBody(_Body):
     desired_counter: int = 0
     active: list[ModelStatus] = Field(default_factory=list)
     bad: list[str] = Field(default_factory=list)  # digests marked bad on this device
+    # Frameworks the device can run ("onnx", "tflite"); empty: not said (older agents).
+    runtimes: list[str] = Field(default_factory=list)
     health: Literal["ok", "degraded"] = "ok"
     # The last document the device refused that belongs to no deployment it trusts (a replayed
     # or forged desired state, say): "<reason code>: <detail>".

@@ -1,5 +1,6 @@
 """Model runtimes: how a verified package's model is loaded and called."""
 
+import importlib.util
 from pathlib import Path
 
 from agent.errors import IncompatibleError
@@ -18,3 +19,12 @@ def load_runtime(model_dir: Path, manifest: Manifest) -> Runtime:
     if framework is Framework.TFLITE:
         raise IncompatibleError("tflite runtime arrives later")
     raise IncompatibleError(f"no runtime for framework {framework!r}")
+
+
+def available_frameworks() -> list[str]:
+    """The frameworks this device can load, reported to the hub so a deployment skips devices
+    that could not run its model instead of sending them a package they must refuse."""
+    found = []
+    if importlib.util.find_spec("onnxruntime") is not None:
+        found.append(str(Framework.ONNX))
+    return found

@@ -152,6 +152,8 @@ def advance(session: Session, deployment_id: str, now: datetime) -> list[str]:
     if deployment.state != RolloutState.RUNNING:
         return []
     _next_wave_if_done(session, deployment, policy, now)
+    if deployment.state != RolloutState.RUNNING:
+        return []  # paused after the canary
     published = release_pending(session, deployment, policy, now)
     _complete_if_done(session, deployment, now)
     return published

@@ -24,8 +24,8 @@ from agent.protocol.messages import (
     encode,
 )
 from agent.protocol.topics import Channel
-from hub.deployments.models import DeviceEvent
 from hub.deployments.engine import expire_overdue_devices
+from hub.deployments.models import DeviceEvent
 from hub.devices.models import Device
 from hub.messaging.chunks import ChunkScheduler, publish_chunks
 from hub.messaging.handlers import Handlers, handle_message
@@ -168,7 +168,11 @@ def test_events_move_the_deployment_and_are_acked(
     assert by_id[a]["step"] == "active"
     assert by_id[b]["step"] == "failed"
     assert (by_id[b]["reason"], by_id[b]["detail"]) == ("E_HEALTH_CHECK", "label differs")
-    assert (view["done"], view["ok"], view["counts"]) == (True, False, {"succeeded": 1, "failed": 1})
+    assert (view["done"], view["ok"], view["counts"]) == (
+        True,
+        False,
+        {"succeeded": 1, "failed": 1},
+    )
 
 
 def test_event_for_another_deployment_does_not_touch_this_one(

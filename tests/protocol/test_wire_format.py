@@ -81,6 +81,7 @@ MESSAGES: dict[str, Any] = {
         device_class="generic",
         desired_counter=7,
         active=[ModelStatus(model="iris", version=3, digest=DIGEST, deployment_id="dep-1")],
+        runtimes=["onnx"],
     ),
     "status": StatusBody(online=False, reason="connection lost"),
     "event": EventBody(
@@ -187,3 +188,12 @@ def test_topic_parser_refuses_what_is_not_in_the_contract(topic: str) -> None:
 def test_device_ids_with_wildcards_or_separators_are_refused(device_id: str) -> None:
     with pytest.raises(TopicError):
         Topics().device(device_id, Channel.STATE)
+
+
+def test_a_state_from_an_agent_that_does_not_report_runtimes_still_decodes() -> None:
+    # Agents before 0.2 sent no "runtimes"; the hub then judges no runtime compatibility.
+    old = (GOLDEN / "msg-state.json").read_bytes().replace(b',"runtimes":["onnx"]', b"")
+    assert b"runtimes" not in old
+    body = decode(old).body
+    assert isinstance(body, StateBody)
+    assert body.runtimes == []
