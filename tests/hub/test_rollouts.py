@@ -3,7 +3,7 @@ messages they would send. The simulator tests (tests/sim/test_rollouts.py) run t
 agents over a real broker; these pin the engine's rules one by one."""
 
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 from sqlmodel import Session
@@ -83,14 +83,16 @@ class Fleet:
         )
         self.send(device_id, Channel.EVT, body)
 
-    def report(self, device_id: str, active: dict[str, str], health: str = "ok") -> None:
+    def report(
+        self, device_id: str, active: dict[str, str], health: Literal["ok", "degraded"] = "ok"
+    ) -> None:
         self.seq[device_id] = self.seq.get(device_id, 0) + 1
         body = StateBody(
             seq=self.seq[device_id],
             agent_version="0.1.0",
             device_class="generic",
             active=[ModelStatus(model=m, version=1, digest=d) for m, d in active.items()],
-            health=health,  # type: ignore[arg-type]
+            health=health,
         )
         self.send(device_id, Channel.STATE, body)
 
