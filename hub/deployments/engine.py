@@ -395,11 +395,30 @@ def expire_overdue_devices(*, session: Session, now: datetime | None = None) -> 
     timed_out (no device stays "in progress" forever: hawkBit #693, Greengrass #1203). A device
     that reports later still ends where its report puts it (see progress.on_event)."""
     now = now or utcnow()
-    overdue = session.exec(
-        select(DeploymentDevice, Deployment)
-        .join(Deployment, col(Deployment.id) == col(DeploymentDevice.deployment_id))
-        .where(col(DeploymentDevice.state).in_([DeviceState.IN_PROGRESS, DeviceState.ROLLING_BACK]))
+    waiting = [DeviceState.IN_PROGRESS, DeviceState.ROLLING_BACK]
+    # Per deployment, since each has its own timeout; the query filters in SQL so a tick over
+    # a large rollout does not load every waiting row.
+    timeouts = session.exec(
+        select(Deployment.id, Deployment.device_timeout_s).where(
+            col(Deployment.id).in_(
+                select(DeploymentDevice.deployment_id)
+                .where(col(DeploymentDevice.state).in_(waiting))
+                .distinct()
+            )
+        )
     ).all()
+    overdue: list[tuple[DeploymentDevice, Deployment]] = []
+    for deployment_id, timeout_s in timeouts:
+        rows = session.exec(
+            select(DeploymentDevice, Deployment)
+            .join(Deployment, col(Deployment.id) == col(DeploymentDevice.deployment_id))
+            .where(
+                DeploymentDevice.deployment_id == deployment_id,
+                col(DeploymentDevice.state).in_(waiting),
+                col(DeploymentDevice.state_changed_at) <= now - timedelta(seconds=timeout_s),
+            )
+        ).all()
+        overdue += rows
     expired = 0
     for row, deployment in overdue:
         if now - row.state_changed_at < timedelta(seconds=deployment.device_timeout_s):
