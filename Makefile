@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: all test lint typecheck unit demo mosquitto clean bench bench-rollout bench-scale bench-storm
+.PHONY: all test lint typecheck unit demo mosquitto clean bench bench-rollout bench-scale bench-storm bench-waves
 
 all: test
 
@@ -33,7 +33,7 @@ test: $(STAMP) mosquitto lint typecheck
 demo: $(STAMP) mosquitto
 	$(BIN)/python -m examples.demo
 
-## make bench-rollout / bench-scale / bench-storm: one benchmark at the issue's sizes, printed
+## make bench-rollout / bench-scale / bench-storm / bench-waves: one benchmark at the issue's sizes, printed
 ## with its floor and ratio and appended to bench/RESULTS.md (see bench/README.md).
 bench-rollout: $(STAMP) mosquitto
 	$(BIN)/python -m bench.rollout
@@ -44,8 +44,11 @@ bench-scale: $(STAMP) mosquitto
 bench-storm: $(STAMP) mosquitto
 	$(BIN)/python -m bench.storm
 
-## make bench: the three, one after the other (the machine is small: never at once).
-bench: bench-rollout bench-scale bench-storm
+bench-waves: $(STAMP) mosquitto
+	$(BIN)/python -m bench.waves
+
+## make bench: all four, one after the other (the machine is small: never at once).
+bench: bench-rollout bench-scale bench-storm bench-waves
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache examples/build

@@ -107,9 +107,17 @@ def enroll(hub: HubProcess, base_dir: Path, devices: int) -> float:
     return time.monotonic() - started
 
 
-async def _project(
-    cfg: RolloutConfig, hub: HubProcess, state_dirs: list[Path], version: int
+async def run_project(
+    cfg: RolloutConfig,
+    hub: HubProcess,
+    state_dirs: list[Path],
+    version: int,
+    policy: dict[str, Any] | None = None,
+    settle_s: float = 0.0,
 ) -> ProjectRun:
+    """Deploy ``version`` to the fleet (under ``policy``: all at once without one) and time it
+    until every agent serves it. With ``settle_s``, the fleet then keeps running until the hub
+    says the deployment is done (its last events are in), for at most that long."""
     fleet = Fleet(state_dirs=state_dirs, settings=bench_settings(), ramp_s=cfg.ramp_s)
     agents = fleet.agents
     broker = agents[0].identity.broker
@@ -146,7 +154,12 @@ async def _project(
             body = hub.call(
                 "POST",
                 "/api/v1/deployments",
-                json={"model": MODEL_NAME, "version": version, "devices": device_ids},
+                json={
+                    "model": MODEL_NAME,
+                    "version": version,
+                    "devices": device_ids,
+                    "policy": policy or {},
+                },
             )
             return body, time.monotonic()
 
@@ -165,6 +178,8 @@ async def _project(
             except BenchTimeout:
                 ended = time.monotonic()  # reported as the share that made it
             deployment, answered = await pending
+            if settle_s > 0:
+                await _hub_done(loop, api, hub, deployment["id"], settle_s)
         observer.stop()
         summary = fleet.summary()
     times = [t - started for t in done_at if t is not None]
@@ -182,6 +197,24 @@ async def _project(
         deployment_id=deployment["id"],
         requested_at=requested_at,
     )
+
+
+async def _hub_done(
+    loop: asyncio.AbstractEventLoop,
+    api: ThreadPoolExecutor,
+    hub: HubProcess,
+    deployment_id: str,
+    timeout_s: float,
+) -> None:
+    """Wait until the hub has every device's last report (the agents keep running meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    path = f"/api/v1/deployments/{deployment_id}?devices=false"
+    while time.monotonic() < deadline:
+        view = await loop.run_in_executor(api, hub.call, "GET", path)
+        if view["done"]:
+            return
+        await asyncio.sleep(0.2)
+    raise BenchTimeout(f"the hub did not call {deployment_id} done within {timeout_s:g} s")
 
 
 def _accounts(state_dirs: list[Path]) -> list[Account]:
@@ -211,7 +244,7 @@ def measure(cfg: RolloutConfig) -> Measured:
         with HubProcess(root / "hub") as hub:
             version = register(hub, model)
             enrol_s = enroll(hub, root / "devices", cfg.devices)
-            project = asyncio.run(_project(cfg, hub, state_dirs, version))
+            project = asyncio.run(run_project(cfg, hub, state_dirs, version))
             # Read before the floor runs: its deliveries hold a copy of the message per
             # subscriber in Mosquitto (5 GB for 1,000 × 5 MiB), which is not the project's.
             mosquitto = hub.mosquitto_pid

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import rollout, scale, storm
+from bench import rollout, scale, storm, waves
 from bench.results import RESULTS_PATH, Report
 from hub.broker import MosquittoNotFoundError, find_mosquitto
 
@@ -94,3 +94,30 @@ def test_rollout_activates_every_device_and_times_the_fanout_floor(
     total = report.figure("time until every device is active")
     assert (total.ratio or 0) > 0
     assert any(f.name.startswith("download: median") for f in report.figures)
+
+
+@pytest.mark.e2e
+def test_waves_release_a_canary_then_waves_and_compare_with_all_at_once(
+    results: Path, tmp_path: Path
+) -> None:
+    before = _results_now()
+    argv = [
+        *("--devices", "20", "--mib", "0.25", "--canary", "2", "--wave-percent", "50"),
+        *("--max-concurrent", "8", "--rollout-timeout-s", "120", "--no-record"),
+    ]
+    report = _unrecorded(
+        waves.main([*argv, "--work-dir", str(tmp_path)], results_path=results), results, before
+    )
+    active = report.figure("devices active")
+    assert (active.project, active.floor) == (20, 20)
+    assert report.figure("devices failed").project == 0
+    assert (report.figure("time until every device is active").ratio or 0) > 0
+    spans = [f for f in report.figures if f.name.endswith(": span")]
+    assert [f.name for f in spans] == [
+        "canary (2 devices): span",
+        "wave 1 (10 devices): span",
+        "wave 2 (8 devices): span",
+    ]
+    # The cap counts devices fetching the package; installing ones no longer count.
+    assert 0 < report.figure("most devices released and not yet active at once").project <= 20
+    assert "ended completed: {'succeeded': 20}" in report.notes[1]
