@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -19,13 +18,12 @@ from hub.errors import InvalidInput, ModelCheckFailed
 from hub.migrations.runner import upgrade
 from hub.registry import service
 from hub.tables import metadata
+from tests.support.postgres import pg_available, pg_schema
 
 from .conftest import RunningHub
 
 if TYPE_CHECKING:
     from examples.build_example_model import IrisModel
-
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def test_register_records_signature_and_files(
@@ -170,26 +168,9 @@ def test_migration_creates_the_models_schema(tmp_path: Path) -> None:
     assert diff == []
 
 
-def _pg_available() -> bool:
-    try:
-        probe = create_engine(PG_URL, connect_args={"connect_timeout": 2})
-        with probe.connect():
-            pass
-        probe.dispose()
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _pg_available(), reason="no PostgreSQL at 127.0.0.1:5432")
+@pytest.mark.skipif(not pg_available(), reason="no PostgreSQL at 127.0.0.1:5432")
 def test_registry_on_postgresql(tmp_path: Path) -> None:
-    # A schema of our own keeps parallel runs and other suites out of each other's tables.
-    schema = f"hub_test_{secrets.token_hex(4)}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
-    try:
+    with pg_schema() as url:
         upgrade(url)
         engine = make_engine(url)
         with engine.connect() as conn:
@@ -203,7 +184,3 @@ def test_registry_on_postgresql(tmp_path: Path) -> None:
             assert row.created_at.tzinfo is not None
             assert [m.latest_version for m in service.list_models(session=s)] == [2]
         engine.dispose()
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
