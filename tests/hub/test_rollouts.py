@@ -2,10 +2,13 @@
 messages they would send. The simulator tests (tests/sim/test_rollouts.py) run the same with real
 agents over a real broker; these pin the engine's rules one by one."""
 
+from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from agent.protocol.documents import DesiredState
@@ -21,11 +24,16 @@ from agent.protocol.messages import (
     encode,
 )
 from agent.protocol.topics import Channel
+from hub.context import HubContext
 from hub.database import utcnow
 from hub.deployments.engine import RolloutEngine, Tick
 from hub.devices.models import Device
+from hub.main import create_app
 from hub.messaging.chunks import ChunkScheduler
 from hub.messaging.handlers import Handlers, handle_message
+from hub.messaging.publisher import RecordingPublisher
+from hub.settings import HubSettings
+from tests.support.postgres import pg_available, pg_schema
 
 from .conftest import RunningHub
 
@@ -133,6 +141,22 @@ class Fleet:
 def fleet(running_hub: RunningHub, iris_model: "IrisModel") -> Fleet:
     assert running_hub.register_iris(iris_model).status_code == 201
     return Fleet(running_hub)
+
+
+@pytest.fixture
+def pg_hub(tmp_path: Path) -> Iterator[RunningHub]:
+    """The same hub on PostgreSQL: the engine's row lock and lease on the other backend."""
+    if not pg_available():
+        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
+    with pg_schema() as url:
+        settings = HubSettings(data_dir=tmp_path / "hub", database_url=url)
+        publisher = RecordingPublisher()
+        app = create_app(settings, publisher=publisher)
+        with TestClient(app) as client:
+            ctx: HubContext = app.state.hub
+            client.headers["Authorization"] = f"Bearer {ctx.admin_token}"
+            yield RunningHub(client=client, publisher=publisher, ctx=ctx, settings=settings)
+            ctx.engine.dispose()
 
 
 def _in(states: dict[str, str], state: str) -> list[str]:
@@ -486,3 +510,24 @@ def test_policies_that_make_no_sense_are_refused_naming_the_field(fleet: Fleet) 
         )
         assert response.status_code == 422, (policy, response.text)
         assert words in response.text, (policy, response.text)
+
+
+def test_a_staged_rollout_with_an_abort_and_the_lease_on_postgresql(
+    pg_hub: RunningHub, iris_model: "IrisModel"
+) -> None:
+    assert pg_hub.register_iris(iris_model).status_code == 201
+    fleet = Fleet(pg_hub)
+    ids = fleet.enroll(6)
+    dep = fleet.deploy(devices=ids, policy={"canary": 2, "wave_size": 2, "max_failures": 0})
+    canary = _in(fleet.states(dep), "in_progress")
+    fleet.event(canary[0], dep, Step.ACTIVE)
+    fleet.tick()
+    assert fleet.view(dep)["current_wave"] == 0  # the canary is not finished yet
+    fleet.event(canary[1], dep, Step.FAILED, reason=Reason.HEALTH_CHECK)
+    other = RolloutEngine(owner="other-replica")
+    with Session(pg_hub.ctx.engine, expire_on_commit=False) as session:
+        assert other.tick(session).driven == []  # test-hub holds the lease
+    fleet.tick()
+    view = fleet.view(dep)
+    assert view["state"] == "aborted"
+    assert view["counts"] == {"succeeded": 1, "failed": 1, "cancelled": 4}
