@@ -1,12 +1,14 @@
 """Deployment routes under /api/v1/deployments."""
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from starlette.concurrency import run_in_threadpool
 
 from hub.dependencies import AdminDep, ContextDep, SessionDep
-from hub.deployments import dryrun, service
+from hub.deployments import control, dryrun, service
+from hub.deployments.control import Verb
 from hub.deployments.schemas import (
     AuditPublic,
     ControlRequest,
@@ -92,94 +94,41 @@ def deployment_history(session: SessionDep, deployment_id: str) -> list[AuditPub
     return service.deployment_history(session=session, deployment_id=deployment_id)
 
 
-@router.post("/deployments/{deployment_id}/pause")
-def pause(
-    ctx: ContextDep,
-    session: SessionDep,
-    deployment_id: str,
-    body: ControlRequest | None = None,
-    actor: ActorHeader = "",
-) -> DeploymentPublic:
-    return service.pause(
-        session=session,
-        director=ctx.director(),
-        deployment_id=deployment_id,
-        actor=_actor(actor),
-        reason=(body or ControlRequest()).reason,
-    )
+def _control_route(verb: Verb) -> Callable[..., DeploymentPublic]:
+    def route(
+        ctx: ContextDep,
+        session: SessionDep,
+        deployment_id: str,
+        body: ControlRequest | None = None,
+        actor: ActorHeader = "",
+    ) -> DeploymentPublic:
+        control.act(
+            session=session,
+            director=ctx.director(),
+            deployment_id=deployment_id,
+            verb=verb,
+            actor=_actor(actor),
+            request=body or ControlRequest(),
+        )
+        return service.get_deployment(session=session, deployment_id=deployment_id)
+
+    return route
 
 
-@router.post("/deployments/{deployment_id}/resume")
-def resume(
-    ctx: ContextDep,
-    session: SessionDep,
-    deployment_id: str,
-    body: ControlRequest | None = None,
-    actor: ActorHeader = "",
-) -> DeploymentPublic:
-    return service.resume(
-        session=session,
-        director=ctx.director(),
-        deployment_id=deployment_id,
-        actor=_actor(actor),
-        reason=(body or ControlRequest()).reason,
-    )
-
-
-@router.post("/deployments/{deployment_id}/promote")
-def promote(
-    ctx: ContextDep,
-    session: SessionDep,
-    deployment_id: str,
-    body: ControlRequest | None = None,
-    actor: ActorHeader = "",
-) -> DeploymentPublic:
-    """Release the next wave now (``all_waves``: every wave left)."""
-    request = body or ControlRequest()
-    return service.promote(
-        session=session,
-        director=ctx.director(),
-        deployment_id=deployment_id,
-        actor=_actor(actor),
-        reason=request.reason,
-        all_waves=request.all_waves,
-    )
-
-
-@router.post("/deployments/{deployment_id}/abort")
-def abort(
-    ctx: ContextDep,
-    session: SessionDep,
-    deployment_id: str,
-    body: ControlRequest | None = None,
-    actor: ActorHeader = "",
-) -> DeploymentPublic:
-    """Stop releasing; cancel devices still installing; with ``rollback`` (default: the
-    policy's ``rollback_on_abort``) send updated devices back too."""
-    request = body or ControlRequest()
-    return service.abort(
-        session=session,
-        director=ctx.director(),
-        deployment_id=deployment_id,
-        actor=_actor(actor),
-        reason=request.reason,
-        rollback=request.rollback,
-    )
-
-
-@router.post("/deployments/{deployment_id}/rollback")
-def rollback(
-    ctx: ContextDep,
-    session: SessionDep,
-    deployment_id: str,
-    body: ControlRequest | None = None,
-    actor: ActorHeader = "",
-) -> DeploymentPublic:
-    """Send every device this deployment updated back to what it ran before."""
-    return service.rollback(
-        session=session,
-        director=ctx.director(),
-        deployment_id=deployment_id,
-        actor=_actor(actor),
-        reason=(body or ControlRequest()).reason,
+_CONTROL_DOCS = {
+    Verb.PAUSE: "Release nothing new; devices already released carry on and are still judged.",
+    Verb.RESUME: "Go on releasing waves.",
+    Verb.PROMOTE: "Release the next wave now (``all_waves``: every wave left).",
+    Verb.ABORT: "Stop releasing and send devices still installing back; with ``rollback`` "
+    "(default: the policy's ``rollback_on_abort``) the updated devices too.",
+    Verb.ROLLBACK: "Send every device this deployment updated back to what it ran before.",
+}
+for _verb, _doc in _CONTROL_DOCS.items():
+    router.add_api_route(
+        f"/deployments/{{deployment_id}}/{_verb}",
+        _control_route(_verb),
+        methods=["POST"],
+        name=str(_verb),
+        summary=f"{str(_verb).capitalize()} a rollout",
+        description=_doc + " 409 when the rollout's state does not allow it.",
     )

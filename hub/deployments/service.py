@@ -3,8 +3,7 @@
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlmodel import Session, col, select
@@ -34,7 +33,7 @@ from hub.deployments.schemas import (
     WavePublic,
 )
 from hub.devices.models import Device
-from hub.errors import Conflict, HubError, NotFound
+from hub.errors import HubError, NotFound
 from hub.packages.service import ensure_package
 from hub.registry.service import device_classes_of, get_version
 from hub.signing.keystore import KeyStore
@@ -171,191 +170,6 @@ def create_deployment(
     )
     publish(director, session, published, f"release of {deployment.id}")
     return deployment
-
-
-# -- operator actions --------------------------------------------------------------------------
-
-
-Action = Callable[[Session, Deployment, str, datetime], list[str]]
-
-
-def _act(
-    *,
-    session: Session,
-    director: Director,
-    deployment_id: str,
-    allowed: Sequence[RolloutState],
-    verb: str,
-    action: Action,
-    reason: str,
-) -> DeploymentPublic:
-    now = utcnow()
-    deployment = engine.lock(session, deployment_id, now)
-    if deployment is None:
-        session.rollback()
-        raise NotFound(f"deployment {deployment_id} not found")
-    if deployment.state not in allowed:
-        session.rollback()
-        raise Conflict(f"cannot {verb} {deployment_id}: it is {deployment.state}")
-    published = action(session, deployment, reason, now)
-    session.commit()
-    publish(director, session, published, f"{verb} of {deployment_id}")
-    return get_deployment(session=session, deployment_id=deployment_id)
-
-
-def pause(
-    *, session: Session, director: Director, deployment_id: str, actor: str, reason: str
-) -> DeploymentPublic:
-    """Release nothing new; devices already released carry on (and are still judged: the
-    failure threshold can still abort a paused rollout)."""
-
-    def act(session: Session, d: Deployment, why: str, now: datetime) -> list[str]:
-        d.state = RolloutState.PAUSED
-        d.state_reason = f"paused by {actor}" + (f": {why}" if why else "")
-        record(session, d.id, actor, "paused", why, now)
-        return []
-
-    return _act(
-        session=session,
-        director=director,
-        deployment_id=deployment_id,
-        allowed=[RolloutState.RUNNING],
-        verb="pause",
-        action=act,
-        reason=reason,
-    )
-
-
-def resume(
-    *, session: Session, director: Director, deployment_id: str, actor: str, reason: str
-) -> DeploymentPublic:
-    def act(session: Session, d: Deployment, why: str, now: datetime) -> list[str]:
-        d.state = RolloutState.RUNNING
-        d.state_reason = ""
-        record(session, d.id, actor, "resumed", why, now)
-        session.flush()
-        return engine.advance(session, d.id, now)
-
-    return _act(
-        session=session,
-        director=director,
-        deployment_id=deployment_id,
-        allowed=[RolloutState.PAUSED],
-        verb="resume",
-        action=act,
-        reason=reason,
-    )
-
-
-def promote(
-    *,
-    session: Session,
-    director: Director,
-    deployment_id: str,
-    actor: str,
-    reason: str,
-    all_waves: bool,
-) -> DeploymentPublic:
-    """Release the next wave now (or every wave left), without waiting for the current one;
-    a paused rollout runs again."""
-
-    def act(session: Session, d: Deployment, why: str, now: datetime) -> list[str]:
-        before = d.current_wave
-        last = d.waves - 1
-        # A rollout paused after its canary already stands at the next wave: promoting it
-        # releases that wave, not the one after.
-        waiting = d.state == RolloutState.PAUSED and _wave_unreleased(session, d.id, before)
-        d.current_wave = last if all_waves else min(last, before if waiting else before + 1)
-        d.state = RolloutState.RUNNING
-        d.state_reason = ""
-        policy = engine.policy_of(d)
-        record(
-            session,
-            d.id,
-            actor,
-            "promoted",
-            f"to {engine.wave_name(d.current_wave, policy)}" + (f": {why}" if why else ""),
-            now,
-        )
-        session.flush()
-        return engine.advance(session, d.id, now)
-
-    return _act(
-        session=session,
-        director=director,
-        deployment_id=deployment_id,
-        allowed=[RolloutState.RUNNING, RolloutState.PAUSED],
-        verb="promote",
-        action=act,
-        reason=reason,
-    )
-
-
-def _wave_unreleased(session: Session, deployment_id: str, wave: int) -> bool:
-    return (
-        session.exec(
-            select(DeploymentDevice.id).where(
-                DeploymentDevice.deployment_id == deployment_id,
-                DeploymentDevice.wave == wave,
-                DeploymentDevice.state != DeviceState.PENDING,
-            )
-        ).first()
-        is None
-    )
-
-
-def abort(
-    *,
-    session: Session,
-    director: Director,
-    deployment_id: str,
-    actor: str,
-    reason: str,
-    rollback: bool | None,
-) -> DeploymentPublic:
-    def act(session: Session, d: Deployment, why: str, now: datetime) -> list[str]:
-        back = engine.policy_of(d).rollback_on_abort if rollback is None else rollback
-        return engine.abort(
-            session=session,
-            deployment=d,
-            actor=actor,
-            why=f"aborted by {actor}" + (f": {why}" if why else ""),
-            rollback=back,
-            now=now,
-        )
-
-    return _act(
-        session=session,
-        director=director,
-        deployment_id=deployment_id,
-        allowed=[RolloutState.RUNNING, RolloutState.PAUSED],
-        verb="abort",
-        action=act,
-        reason=reason,
-    )
-
-
-def rollback(
-    *, session: Session, director: Director, deployment_id: str, actor: str, reason: str
-) -> DeploymentPublic:
-    def act(session: Session, d: Deployment, why: str, now: datetime) -> list[str]:
-        return engine.rollback(
-            session=session,
-            deployment=d,
-            actor=actor,
-            why=f"rolled back by {actor}" + (f": {why}" if why else ""),
-            now=now,
-        )
-
-    return _act(
-        session=session,
-        director=director,
-        deployment_id=deployment_id,
-        allowed=[s for s in RolloutState if s != RolloutState.ROLLED_BACK],
-        verb="roll back",
-        action=act,
-        reason=reason,
-    )
 
 
 # -- reading -----------------------------------------------------------------------------------
