@@ -1,4 +1,5 @@
-"""Device routes: enrolment (authenticated by its token) and the admin device list."""
+"""Device routes: enrolment (authenticated by its token), the admin device list, and changes to
+a device's group and tags."""
 
 import logging
 from collections.abc import Sequence
@@ -12,10 +13,12 @@ from hub.context import HubContext
 from hub.dependencies import AdminDep, ContextDep, SessionDep
 from hub.devices import service
 from hub.devices.schemas import (
+    GROUP_PATTERN,
     BulkEnrollRequest,
     BulkEnrollResponse,
     DevicePublic,
     DeviceSpec,
+    DeviceUpdate,
     EnrollRequest,
     EnrollResponse,
     TokenCreate,
@@ -72,11 +75,23 @@ async def enroll_bulk(
 def list_devices(
     session: SessionDep,
     tag: Annotated[list[str] | None, Query(description="key=value; repeat for several")] = None,
+    group: Annotated[str | None, Query(pattern=GROUP_PATTERN)] = None,
 ) -> list[DevicePublic]:
-    """Enrolled devices; ``?tag=site=plant-1&tag=hw=rpi4`` keeps those with both tags."""
-    return service.list_devices(session=session, tags=service.parse_tag_filter(tag or []))
+    """Enrolled devices; ``?tag=site=plant-1&tag=hw=rpi4`` keeps those with both tags,
+    ``?group=line-4`` the members of a group. ``follows`` is left out (null) here."""
+    return service.list_devices(
+        session=session, tags=service.parse_tag_filter(tag or []), group=group
+    )
 
 
 @router.get("/devices/{device_id}")
 def show_device(session: SessionDep, device_id: str) -> DevicePublic:
-    return service.to_public(service.get_device(session=session, device_id=device_id))
+    """One device, with ``follows``: the deployment each of its models follows."""
+    return service.show_device(session=session, device_id=device_id)
+
+
+@router.patch("/devices/{device_id}")
+def update_device(session: SessionDep, device_id: str, body: DeviceUpdate) -> DevicePublic:
+    """Set or clear (null) the device's group, or replace its whole tag set; fields left out
+    stay as they are."""
+    return service.update_device(session=session, device_id=device_id, changes=body)

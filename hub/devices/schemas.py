@@ -2,9 +2,16 @@
 
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 # Tags select devices for deployments (``site=plant-3,hw=rpi4``), so keys and values stay clear
 # of the selector's ``=`` and ``,`` and of anything a shell or URL would need quoting for.
@@ -12,6 +19,8 @@ MAX_TAGS = 16
 TAG_KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
 TAG_VALUE_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 DEVICE_CLASS_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+# Group names are selected on like device classes, so they follow the same lowercase pattern.
+GROUP_PATTERN = DEVICE_CLASS_PATTERN
 # One bulk request is one transaction and one response body; the simulator's fleets fit.
 MAX_BULK_DEVICES = 10_000
 
@@ -33,6 +42,7 @@ def check_tags(tags: dict[str, str]) -> dict[str, str]:
 
 
 Tags = Annotated[dict[str, str], AfterValidator(check_tags)]
+GroupName = Annotated[str, Field(pattern=GROUP_PATTERN)]
 
 
 def check_fleet_size(devices: Any) -> Any:
@@ -62,6 +72,7 @@ class DeviceSpec(BaseModel):
     name: str | None = Field(default=None, max_length=255)
     device_class: str = Field(default="generic", pattern=DEVICE_CLASS_PATTERN)
     tags: Tags = Field(default_factory=dict)
+    group: GroupName | None = None
 
 
 class EnrollRequest(DeviceSpec):
@@ -94,13 +105,44 @@ class BulkEnrollResponse(BaseModel):
     devices: list[EnrollResponse]  # in the order of the request's devices
 
 
+class DeviceUpdate(BaseModel):
+    """The body of ``PATCH /api/v1/devices/{id}``: a field left out stays as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group: GroupName | None = None  # null leaves the group
+    tags: Tags | None = None  # the whole new set; {} removes every tag
+
+    @model_validator(mode="after")
+    def _tags_not_null(self) -> Self:
+        # A null tag set would read as "no change" to one client and "clear" to another.
+        if "tags" in self.model_fields_set and self.tags is None:
+            raise ValueError("tags must be an object; send {} to remove every tag")
+        return self
+
+
+class FollowPublic(BaseModel):
+    """The deployment a device's model follows: the one its desired state names."""
+
+    model: str
+    deployment_id: str
+    version: int  # the version the desired state names (the older one after a rollback)
+    priority: int
+    state: str  # the rollout's state (hub.deployments.models.RolloutState)
+    device_state: str | None  # this device's state in that deployment
+
+
 class DevicePublic(BaseModel):
     id: str
     name: str | None
     device_class: str
     tags: dict[str, str]
+    group: str | None
     enrolled_at: datetime
     online: bool
     last_seen: datetime | None
     desired_counter: int
     reported_state: dict[str, Any] | None
+    # Only on a single device (GET /api/v1/devices/{id}); None in the list, which can hold
+    # 10,000 devices.
+    follows: list[FollowPublic] | None = None

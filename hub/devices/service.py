@@ -1,4 +1,4 @@
-"""Enrolment tokens, enrolment and the device list."""
+"""Enrolment tokens, enrolment, the device list and changes to a device's group and tags."""
 
 import hashlib
 import logging
@@ -14,16 +14,20 @@ from agent.protocol.documents import document_dict
 from agent.protocol.topics import is_valid_device_id
 from hub.broker.passwords import BrokerUser, hash_password
 from hub.database import utcnow
+from hub.deployments.models import Deployment, DeploymentDevice, DeviceDesired
 from hub.devices.models import Device, EnrollmentToken
 from hub.devices.schemas import (
     BrokerCredentials,
     DevicePublic,
     DeviceSpec,
+    DeviceUpdate,
     EnrollResponse,
+    FollowPublic,
     TokenCreated,
     check_tags,
 )
 from hub.errors import InvalidInput, NotFound, Unauthorized
+from hub.packages.models import Package
 from hub.signing.keystore import KeyStore
 
 logger = logging.getLogger(__name__)
@@ -111,6 +115,7 @@ def _device_row(device_id: str, spec: DeviceSpec, password: str, token_id: int) 
         "name": spec.name,
         "device_class": spec.device_class,
         "tags": dict(spec.tags),
+        "group": spec.group,
         "password_hash": hash_password(password),
         "token_id": token_id,
     }
@@ -186,18 +191,68 @@ def get_device(*, session: Session, device_id: str) -> Device:
     return row
 
 
-def to_public(device: Device) -> DevicePublic:
+def to_public(device: Device, follows: list[FollowPublic] | None = None) -> DevicePublic:
     return DevicePublic(
         id=device.id,
         name=device.name,
         device_class=device.device_class,
         tags=device.tags,
+        group=device.group,
         enrolled_at=device.enrolled_at,
         online=device.online,
         last_seen=device.last_seen,
         desired_counter=device.desired_counter,
         reported_state=device.reported_state,
+        follows=follows,
     )
+
+
+def show_device(*, session: Session, device_id: str) -> DevicePublic:
+    """One device with the deployment each of its models follows."""
+    device = get_device(session=session, device_id=device_id)
+    return to_public(device, follows=follows(session=session, device_id=device_id))
+
+
+def follows(*, session: Session, device_id: str) -> list[FollowPublic]:
+    """The deployment each model of the device follows, by model name."""
+    rows = session.exec(
+        select(DeviceDesired, Deployment, Package.version, DeploymentDevice.state)
+        .join(Deployment, col(Deployment.id) == col(DeviceDesired.deployment_id))
+        .join(Package, col(Package.digest) == col(DeviceDesired.package_digest))
+        .outerjoin(
+            DeploymentDevice,
+            (col(DeploymentDevice.deployment_id) == col(DeviceDesired.deployment_id))
+            & (col(DeploymentDevice.device_id) == col(DeviceDesired.device_id)),
+        )
+        .where(DeviceDesired.device_id == device_id)
+        .order_by(col(DeviceDesired.model))
+    ).all()
+    return [
+        FollowPublic(
+            model=desired.model,
+            deployment_id=deployment.id,
+            version=version,
+            priority=deployment.priority,
+            state=deployment.state,
+            device_state=device_state,
+        )
+        for desired, deployment, version, device_state in rows
+    ]
+
+
+def update_device(*, session: Session, device_id: str, changes: DeviceUpdate) -> DevicePublic:
+    """Set the device's group and/or replace its tags. Continuous deployments that follow a
+    selector or group pick the device up at the rollout engine's next tick."""
+    device = get_device(session=session, device_id=device_id)
+    changed = changes.model_dump(include=changes.model_fields_set)
+    if "group" in changed:
+        device.group = changes.group
+    if changes.tags is not None:
+        device.tags = dict(changes.tags)
+    session.add(device)
+    session.commit()
+    logger.info("updated device", extra={"device_id": device_id, "changed": changed})
+    return show_device(session=session, device_id=device_id)
 
 
 def parse_tag_filter(selectors: Sequence[str]) -> list[tuple[str, str]]:
@@ -223,9 +278,14 @@ def select_device_ids(*, session: Session, tags: Sequence[tuple[str, str]]) -> l
     return list(session.exec(query).all())
 
 
-def list_devices(*, session: Session, tags: Sequence[tuple[str, str]] = ()) -> list[DevicePublic]:
-    """Enrolled devices, oldest first; with ``tags``, only those carrying every one of them."""
+def list_devices(
+    *, session: Session, tags: Sequence[tuple[str, str]] = (), group: str | None = None
+) -> list[DevicePublic]:
+    """Enrolled devices, oldest first; with ``tags``, only those carrying every one of them;
+    with ``group``, only the group's members."""
     query = select(Device).order_by(col(Device.enrolled_at))
+    if group is not None:
+        query = query.where(Device.group == group)
     for key, value in tags:
         query = query.where(col(Device.tags)[key].as_string() == value)
     return [to_public(d) for d in session.exec(query).all()]

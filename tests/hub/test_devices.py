@@ -86,8 +86,11 @@ def test_device_list_and_show(running_hub: RunningHub) -> None:
     b = running_hub.enroll("b")["device_id"]
     listing = running_hub.client.get("/api/v1/devices").json()
     assert [d["id"] for d in listing] == [a, b]
+    assert all((d["group"], d["follows"]) == (None, None) for d in listing)
     shown = running_hub.client.get(f"/api/v1/devices/{a}").json()
     assert (shown["name"], shown["online"], shown["last_seen"]) == ("a", False, None)
+    # Only a single device says which deployments its models follow (none yet).
+    assert (shown["group"], shown["follows"]) == (None, [])
     assert running_hub.client.get("/api/v1/devices/dev-000000000000").status_code == 404
 
 
