@@ -1,45 +1,37 @@
 """``outpost-hub``: run the hub, manage its keys and database, and drive it over HTTP.
 
 Local commands (serve, db, keys) work on ``--data-dir``; the rest talk to a running hub at
-``--hub`` with the admin token from ``OUTPOST_HUB_TOKEN`` or ``<data-dir>/admin.token``.
-User errors print one line and exit 2.
+``--hub`` with the admin token from ``OUTPOST_HUB_TOKEN`` or ``<data-dir>/admin.token``
+(``hub.cli_client``). User errors print one line and exit 2. ``deploy`` and ``deployment``
+live in ``hub.cli_deployments`` and are registered on ``main`` here.
 """
 
 import logging
-import os
-import sys
-import time
+import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-import httpx
 
+from hub.cli_client import (
+    EXIT_FAILED,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    client,
+    fail,
+    settings_for,
+    split_ref,
+)
+from hub.cli_deployments import deploy, deployment
+from hub.devices.schemas import GROUP_PATTERN, check_tags
 from hub.errors import HubError
 from hub.settings import HubSettings
 
+# Re-exported: scripts and tests read the exit codes from here.
+__all__ = ["EXIT_FAILED", "EXIT_TIMEOUT", "EXIT_USAGE", "main"]
+
 DEFAULT_HUB_URL = "http://127.0.0.1:8780"
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-EXIT_TIMEOUT = 3
-POLL_S = 0.5
-
-
-class CliError(click.ClickException):
-    exit_code = EXIT_USAGE
-
-
-def _fail(message: str) -> NoReturn:
-    raise CliError(message)
-
-
-def _settings(data_dir: Path | None) -> HubSettings:
-    try:
-        return HubSettings(data_dir=data_dir) if data_dir is not None else HubSettings()
-    except ValueError as exc:
-        _fail(f"invalid settings: {exc}")
-
 
 data_dir_option = click.option(
     "--data-dir",
@@ -48,31 +40,6 @@ data_dir_option = click.option(
     default=None,
     help="hub data directory (default ./var/hub)",
 )
-
-
-class HubClient:
-    """The hub's REST API, with errors turned into one-line CLI errors."""
-
-    def __init__(self, base_url: str, token: str | None) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.base_url = base_url
-        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=60.0)
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            _fail(f"cannot reach the hub at {self.base_url}: {exc}")
-        if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            _fail(f"hub refused ({response.status_code}): {detail}")
-        return response
-
-    def json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.request(method, path, **kwargs).json()
 
 
 @click.group()
@@ -86,22 +53,12 @@ def main(ctx: click.Context, hub_url: str, data_dir: Path | None, verbose: bool)
     ctx.obj = {"hub_url": hub_url.rstrip("/"), "data_dir": data_dir}
 
 
-def _client(ctx: click.Context) -> HubClient:
-    token = os.environ.get("OUTPOST_HUB_TOKEN")
-    if not token:
-        token_path = _settings(ctx.obj["data_dir"]).admin_token_path
-        try:
-            token = token_path.read_text(encoding="utf-8").strip()
-        except OSError:
-            _fail(
-                f"no admin token: set OUTPOST_HUB_TOKEN or point --data-dir at the hub's data "
-                f"({token_path} not readable)"
-            )
-    return HubClient(ctx.obj["hub_url"], token)
+main.add_command(deploy)
+main.add_command(deployment)
 
 
 def _local_settings(ctx: click.Context, data_dir: Path | None) -> HubSettings:
-    return _settings(data_dir if data_dir is not None else ctx.obj["data_dir"])
+    return settings_for(data_dir if data_dir is not None else ctx.obj["data_dir"])
 
 
 # -- serve and db ---------------------------------------------------------------------------
@@ -173,7 +130,7 @@ def keys_init(ctx: click.Context, data_dir: Path | None, force: bool) -> None:
     try:
         store.init(keyring_ttl_days=settings.signing.keyring_ttl_days, force=force)
     except HubError as exc:
-        _fail(exc.detail)
+        fail(exc.detail)
     _print_key_status(store)
 
 
@@ -181,7 +138,7 @@ def _print_key_status(store: Any) -> None:
     try:
         status = store.status()
     except HubError as exc:
-        _fail(exc.detail)
+        fail(exc.detail)
     click.echo(f"keys in {store.keys_dir}")
     click.echo(f"keyring version {status.keyring_version}, expires {status.expires_at:%Y-%m-%d}")
     for role, keyid in (
@@ -217,7 +174,7 @@ def keys_export(ctx: click.Context, data_dir: Path | None, role: str, out: Path)
     try:
         _keystore(ctx, data_dir).export(OfflineRole(role), out)
     except HubError as exc:
-        _fail(exc.detail)
+        fail(exc.detail)
     click.echo(f"exported the {role} key to {out}")
 
 
@@ -233,7 +190,7 @@ def keys_remove(ctx: click.Context, data_dir: Path | None, role: str, yes: bool)
     try:
         _keystore(ctx, data_dir).remove(OfflineRole(role), yes=yes)
     except HubError as exc:
-        _fail(exc.detail)
+        fail(exc.detail)
     click.echo(f"removed the {role} private key from this hub")
 
 
@@ -249,7 +206,7 @@ def keys_import(ctx: click.Context, data_dir: Path | None, role: str, pem_file: 
     try:
         _keystore(ctx, data_dir).import_key(OfflineRole(role), pem_file)
     except HubError as exc:
-        _fail(exc.detail)
+        fail(exc.detail)
     click.echo(f"the {role} key is online again")
 
 
@@ -261,16 +218,11 @@ def model() -> None:
     """The model registry."""
 
 
-def _split_ref(ref: str) -> tuple[str, str]:
-    name, _, version = ref.partition(":")
-    return name, version or "latest"
-
-
 def _open(path: Path) -> Any:
     try:
         return path.open("rb")
     except OSError as exc:
-        _fail(f"cannot read {path}: {exc.strerror}")
+        fail(f"cannot read {path}: {exc.strerror}")
 
 
 @model.command("register")
@@ -293,7 +245,7 @@ def model_register(
     description: str,
 ) -> None:
     """Register model file(s) as the next version of NAME (the first file is the model)."""
-    client = _client(ctx)
+    api = client(ctx)
     handles = [_open(p) for p in (*paths, sample_input, expected_output)]
     try:
         files: list[tuple[str, tuple[str, Any]]] = [
@@ -307,7 +259,7 @@ def model_register(
             "description": description,
             "tags": list(tags),
         }
-        body = client.json("POST", "/api/v1/models", data=data, files=files)
+        body = api.json("POST", "/api/v1/models", data=data, files=files)
     finally:
         for h in handles:
             h.close()
@@ -318,7 +270,7 @@ def model_register(
 @click.pass_context
 def model_list(ctx: click.Context) -> None:
     """Registered models, newest version of each."""
-    for m in _client(ctx).json("GET", "/api/v1/models"):
+    for m in client(ctx).json("GET", "/api/v1/models"):
         tags = " ".join(f"{k}={v}" for k, v in sorted(m["tags"].items()))
         click.echo(f"{m['name']:<24} v{m['latest_version']:<4} {m['framework']:<7} {tags}")
 
@@ -328,8 +280,8 @@ def model_list(ctx: click.Context) -> None:
 @click.pass_context
 def model_show(ctx: click.Context, ref: str) -> None:
     """Details of NAME[:VERSION] (latest by default)."""
-    name, version = _split_ref(ref)
-    m = _client(ctx).json("GET", f"/api/v1/models/{name}/{version}")
+    name, version = split_ref(ref)
+    m = client(ctx).json("GET", f"/api/v1/models/{name}/{version}")
     click.echo(f"{m['name']}:{m['version']}  {m['framework']}  registered {m['created_at']}")
     if m["description"]:
         click.echo(f"  {m['description']}")
@@ -348,18 +300,18 @@ def model_show(ctx: click.Context, ref: str) -> None:
 @click.pass_context
 def model_download(ctx: click.Context, ref: str, out: Path) -> None:
     """Download every file of NAME:VERSION into DIR."""
-    client = _client(ctx)
-    name, version = _split_ref(ref)
-    m = client.json("GET", f"/api/v1/models/{name}/{version}")
+    api = client(ctx)
+    name, version = split_ref(ref)
+    m = api.json("GET", f"/api/v1/models/{name}/{version}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         for f in m["files"]:
-            data = client.request(
+            data = api.request(
                 "GET", f"/api/v1/models/{name}/{m['version']}/files/{f['path']}"
             ).content
             (out / f["path"]).write_bytes(data)
     except OSError as exc:
-        _fail(f"cannot write to {out}: {exc.strerror}")
+        fail(f"cannot write to {out}: {exc.strerror}")
     click.echo(f"downloaded {name}:{m['version']} ({len(m['files'])} files) to {out}")
 
 
@@ -377,219 +329,131 @@ def device() -> None:
 @click.pass_context
 def device_token(ctx: click.Context, uses: int, ttl_s: int) -> None:
     """Create an enrolment token (shown once)."""
-    body = _client(ctx).json(
+    body = client(ctx).json(
         "POST", "/api/v1/enrollment-tokens", json={"uses": uses, "ttl_s": ttl_s}
     )
     click.echo(body["token"])
     click.echo(f"valid for {body['uses']} enrolment(s) until {body['expires_at']}", err=True)
 
 
+def _group_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A group name, checked as the hub checks it, so a typo is refused naming the option."""
+    if value is not None and not re.fullmatch(GROUP_PATTERN, value):
+        raise click.BadParameter(
+            f"{value!r} is not a group name (1-63 of a-z 0-9 . _ - starting with a letter or"
+            " digit)",
+            ctx,
+            param,
+        )
+    return value
+
+
+def _tag_options(
+    ctx: click.Context, param: click.Parameter, values: Sequence[str]
+) -> dict[str, str]:
+    """``--tag k=v`` (repeatable) as a dict, each checked like a device's tag."""
+    tags: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not key=value", ctx, param)
+        if key in tags:
+            raise click.BadParameter(f"tag {key!r} is given twice", ctx, param)
+        tags[key] = value
+    try:
+        return check_tags(tags)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _active(d: dict[str, Any]) -> str:
+    state = d.get("reported_state") or {}
+    return ",".join(f"{m['model']}:{m['version']}" for m in state.get("active", []))
+
+
 @device.command("list")
+@click.option("--group", callback=_group_option, help="only the members of this group")
+@click.option(
+    "--tag", "tags", multiple=True, callback=_tag_options, help="key=value; repeat for several"
+)
 @click.pass_context
-def device_list(ctx: click.Context) -> None:
-    """Enrolled devices with their online flag and active models."""
-    for d in _client(ctx).json("GET", "/api/v1/devices"):
-        state = d.get("reported_state") or {}
-        active = ",".join(f"{m['model']}:{m['version']}" for m in state.get("active", []))
+def device_list(ctx: click.Context, group: str | None, tags: dict[str, str]) -> None:
+    """Enrolled devices with their group, online flag and active models."""
+    params: dict[str, Any] = {"tag": [f"{k}={v}" for k, v in tags.items()]}
+    if group is not None:
+        params["group"] = group
+    for d in client(ctx).json("GET", "/api/v1/devices", params=params):
         online = "online" if d["online"] else "offline"
         click.echo(
-            f"{d['id']:<18} {d['name'] or '-':<16} {online:<8} "
-            f"last seen {d['last_seen'] or 'never'}  {active}"
+            f"{d['id']:<18} {d['name'] or '-':<16} {d.get('group') or '-':<12} {online:<8} "
+            f"last seen {d['last_seen'] or 'never'}  {_active(d)}"
         )
 
 
-# -- deployments ------------------------------------------------------------------------------
+def _print_device(d: dict[str, Any]) -> None:
+    online = "online" if d["online"] else "offline"
+    click.echo(
+        f"{d['id']}  {d['name'] or '-'}  class {d['device_class']}  group {d['group'] or '-'}"
+        f"  {online}, last seen {d['last_seen'] or 'never'}"
+    )
+    tags = " ".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))
+    click.echo(f"  tags    {tags or '-'}")
+    click.echo(f"  runs    {_active(d) or '-'}")
+    follows = d.get("follows") or []
+    for f in follows:
+        mine = f" (this device: {f['device_state']})" if f.get("device_state") else ""
+        click.echo(
+            f"  follows {f['model']}:{f['version']} from {f['deployment_id']}"
+            f"  priority {f['priority']}  {f['state']}{mine}"
+        )
+    if not follows:
+        click.echo("  follows no deployment")
 
 
-def _progress_line(dep: dict[str, Any]) -> str:
-    total = len(dep["devices"])
-    parts = [f"{dep['model']}:{dep['version']} {dep['id']}"]
-    counts = dep["counts"]
-    parts.append(f"active {counts.get('active', 0)}/{total}")
-    if counts.get("failed"):
-        parts.append(f"failed {counts['failed']}")
-    moving = [d for d in dep["devices"] if d["step"] not in ("active", "failed")]
-    if len(moving) <= 3:
-        for d in moving:
-            downloading = d["step"] == "downloading" and d["progress"] is not None
-            pct = f" {d['progress'] * 100:.0f}%" if downloading else ""
-            parts.append(f"{d['device_id']} {d['step']}{pct}")
-    else:
-        for step in sorted({d["step"] for d in moving}):
-            parts.append(f"{step} {sum(1 for d in moving if d['step'] == step)}")
-    return "  ".join(parts)
-
-
-def _print_failures(dep: dict[str, Any]) -> None:
-    for d in dep["devices"]:
-        if d["step"] in ("failed", "timed_out"):
-            why = d["reason"] or d["step"]
-            click.echo(f"  {d['device_id']}: {why} {d['detail']}".rstrip())
-
-
-def _wait(client: HubClient, deployment_id: str, timeout_s: float) -> int:
-    deadline = time.monotonic() + timeout_s
-    interactive = sys.stdout.isatty()
-    last = ""
-    while True:
-        dep = client.json("GET", f"/api/v1/deployments/{deployment_id}")
-        line = _progress_line(dep)
-        if interactive:
-            # Redraw one line in place; pad so a shorter line erases the longer one before it.
-            click.echo("\r" + line.ljust(len(last)), nl=False)
-        elif line != last:
-            click.echo(line)
-        last = line
-        if dep["done"]:
-            if interactive:
-                click.echo()
-            if dep["ok"]:
-                click.echo(f"deployment {deployment_id}: all {len(dep['devices'])} active")
-                return 0
-            counts = dep["counts"]
-            click.echo(
-                f"deployment {deployment_id}: {counts.get('failed', 0)} failed,"
-                f" {counts.get('timed_out', 0)} timed out"
-            )
-            _print_failures(dep)
-            return EXIT_FAILED
-        if time.monotonic() > deadline:
-            if interactive:
-                click.echo()
-            pending = [
-                d["device_id"]
-                for d in dep["devices"]
-                if d["step"] not in ("active", "failed", "timed_out")
-            ]
-            click.echo(
-                f"timed out after {timeout_s:g}s waiting for {deployment_id}; "
-                f"still pending: {', '.join(pending)}"
-            )
-            _print_failures(dep)
-            return EXIT_TIMEOUT
-        time.sleep(POLL_S)
-
-
-@main.command()
-@click.argument("ref")
-@click.argument("more_devices", nargs=-1, metavar="[ID]...")
-@click.option(
-    "--device", "devices", multiple=True, help="device id; repeatable, or a comma-separated list"
-)
-@click.option("--wait", is_flag=True, help="follow the rollout until every device is done")
-@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True)
-@click.option(
-    "--device-timeout",
-    "device_timeout_s",
-    type=click.IntRange(1),
-    default=3600,
-    show_default=True,
-    help="seconds after which a device that is not active or failed ends timed_out",
-)
-@click.option("--dry-run", is_flag=True, help="show what it would do (targets, skips, bytes)")
-@click.option("--select", "selector", help="devices with all these tags, e.g. site=plant-3,hw=rpi4")
+@device.command("show")
+@click.argument("device_id")
 @click.pass_context
-def deploy(
+def device_show(ctx: click.Context, device_id: str) -> None:
+    """A device: its group, tags, what it runs, and the deployment each of its models
+    follows."""
+    _print_device(client(ctx).json("GET", f"/api/v1/devices/{device_id}"))
+
+
+@device.command("set")
+@click.argument("device_id")
+@click.option("--group", callback=_group_option, help="put the device in this group")
+@click.option("--no-group", is_flag=True, help="take the device out of its group")
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    callback=_tag_options,
+    help="key=value, repeatable: the device's whole new tag set",
+)
+@click.option("--no-tags", is_flag=True, help="remove every tag")
+@click.pass_context
+def device_set(
     ctx: click.Context,
-    ref: str,
-    more_devices: Sequence[str],
-    devices: Sequence[str],
-    wait: bool,
-    timeout_s: float,
-    device_timeout_s: int,
-    dry_run: bool,
-    selector: str | None,
+    device_id: str,
+    group: str | None,
+    no_group: bool,
+    tags: dict[str, str],
+    no_tags: bool,
 ) -> None:
-    """Deploy NAME[:VERSION] to devices: `deploy iris:2 --device ID [ID]...`."""
-    # `--device a b c`, `--device a --device b` and `--device a,b` all name the same devices.
-    devices = [d for item in (*devices, *more_devices) for d in item.split(",") if d]
-    if not devices and not selector:
-        _fail("name the devices with --device ID, or select them with --select key=value,...")
-    client = _client(ctx)
-    name, version = _split_ref(ref)
-    if version != "latest" and not version.isdigit():
-        _fail(f"version must be a number, not {version!r}")
-    request = {
-        "model": name,
-        "version": None if version == "latest" else int(version),
-        "devices": list(devices),
-        "selector": selector,
-        "device_timeout_s": device_timeout_s,
-    }
-    if dry_run:
-        _print_dry_run(client.json("POST", "/api/v1/deployments/dry-run", json=request))
-        return
-    body = client.json("POST", "/api/v1/deployments", json=request)
-    click.echo(
-        f"deployment {body['id']}: {body['model']}:{body['version']}"
-        f" to {len(body['devices'])} device(s)"
-    )
-    if wait:
-        ctx.exit(_wait(client, body["id"], timeout_s))
-
-
-def _print_dry_run(plan: dict[str, Any]) -> None:
-    targeted, skipped = plan["targeted"], plan["skipped"]
-    built = "" if plan["package_digest"] else " (estimated: not packaged yet)"
-    click.echo(
-        f"dry run {plan['model']}:{plan['version']}: {len(targeted)} targeted,"
-        f" {len(skipped)} skipped; package {_mib(plan['package_bytes'])}{built},"
-        f" {_mib(plan['bytes_from_hub'])} from the hub, {_mib(plan['bytes_to_devices'])}"
-        " to devices"
-    )
-    for d in targeted:
-        click.echo(f"  + {d['device_id']}  {d['why']}".rstrip())
-    for d in skipped:
-        click.echo(f"  - {d['device_id']}  {d['why']}")
-
-
-def _mib(size: int) -> str:
-    return f"{size / (1024 * 1024):.2f} MiB"
-
-
-@main.group()
-def deployment() -> None:
-    """Deployments."""
-
-
-@deployment.command("show")
-@click.argument("deployment_id")
-@click.pass_context
-def deployment_show(ctx: click.Context, deployment_id: str) -> None:
-    """Per-device progress of a deployment."""
-    dep = _client(ctx).json("GET", f"/api/v1/deployments/{deployment_id}")
-    state = "ok" if dep["ok"] else ("done" if dep["done"] else "in progress")
-    click.echo(f"{dep['id']}  {dep['model']}:{dep['version']}  {state}  {dep['counts']}")
-    for d in dep["devices"]:
-        pct = f" {d['progress'] * 100:.0f}%" if d["progress"] is not None else ""
-        why = f"  {d['reason'] or ''} {d['detail']}".rstrip() if d["step"] == "failed" else ""
-        click.echo(f"  {d['device_id']:<18} {d['step']}{pct}{why}")
-
-
-@deployment.command("logs")
-@click.argument("deployment_id")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=1000, show_default=True)
-@click.pass_context
-def deployment_logs(ctx: click.Context, deployment_id: str, limit: int) -> None:
-    """What each device reported for a deployment, in the order the hub received it."""
-    events = _client(ctx).json(
-        "GET", f"/api/v1/deployments/{deployment_id}/events", params={"limit": limit}
-    )
-    for e in events:
-        pct = f" {e['progress'] * 100:.0f}%" if e["progress"] is not None else ""
-        why = f" {e['reason'] or ''} {e['detail']}".rstrip()
-        click.echo(f"{e['received_at']}  {e['device_id']:<18} {e['step']}{pct}{why}")
-    if not events:
-        click.echo(f"no events yet for {deployment_id}")
-
-
-@deployment.command("wait")
-@click.argument("deployment_id")
-@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True)
-@click.pass_context
-def deployment_wait(ctx: click.Context, deployment_id: str, timeout_s: float) -> None:
-    """Follow a deployment until every device is done; exit 1 on failures, 3 on timeout."""
-    ctx.exit(_wait(_client(ctx), deployment_id, timeout_s))
+    """Change a device's group or tags; continuous deployments that follow a group or tag
+    selector pick the device up."""
+    if group is not None and no_group:
+        raise click.BadOptionUsage("no_group", "give --group or --no-group, not both")
+    if tags and no_tags:
+        raise click.BadOptionUsage("no_tags", "give --tag or --no-tags, not both")
+    changes: dict[str, Any] = {}
+    if group is not None or no_group:
+        changes["group"] = group
+    if tags or no_tags:
+        changes["tags"] = tags
+    if not changes:
+        raise click.UsageError("nothing to change: give --group, --no-group, --tag or --no-tags")
+    _print_device(client(ctx).json("PATCH", f"/api/v1/devices/{device_id}", json=changes))
 
 
 if __name__ == "__main__":
