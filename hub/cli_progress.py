@@ -89,7 +89,7 @@ class ProgressDisplay:
     def show(self, line: str) -> None:
         if self.interactive:
             # A line wider than the terminal wraps, and \r would then redraw only its tail.
-            width = shutil.get_terminal_size().columns - 1
+            width = max(shutil.get_terminal_size().columns - 1, BAR_WIDTH + 2)
             line = line[:width]
             # Pad so that a shorter line erases the longer one before it.
             click.echo("\r" + line.ljust(len(self._last)), nl=False)
