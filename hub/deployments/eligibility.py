@@ -14,8 +14,8 @@ from agent.protocol.documents import ANY_DEVICE_CLASS
 from hub.deployments.models import Deployment, DeviceDesired, DeviceState, RolloutState
 from hub.devices.models import Device
 
-# Deployments that no longer hold the devices they reached.
-_LET_GO = frozenset({RolloutState.ROLLED_BACK})
+# Deployments that no longer hold the devices they reached: a lower priority may take them.
+_LET_GO = frozenset({RolloutState.ABORTED, RolloutState.ROLLED_BACK})
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,9 @@ class RolloutPolicy(BaseModel):
     # ... or when more than this share of the finished devices did ...
     max_failure_ratio: float | None = Field(default=None, ge=0, lt=1)
     # ... judged only once this many devices have finished (succeeded, failed or timed out).
-    min_devices: int = Field(default=1, ge=1)
+    # None: 1 for a count; for a ratio, enough devices that one failure alone cannot cross it
+    # (otherwise the first finished device failing would be 100 % and abort at once).
+    min_devices: int | None = Field(default=None, ge=1)
     # On abort, also send the devices it already updated back to what they ran before.
     rollback_on_abort: bool = False
     # At most this many devices fetching the package at once (None: no cap).
@@ -76,9 +78,18 @@ class RolloutPolicy(BaseModel):
     def has_threshold(self) -> bool:
         return self.max_failures is not None or self.max_failure_ratio is not None
 
+    @property
+    def judged_after(self) -> int:
+        """How many devices must have finished before the threshold is judged."""
+        if self.min_devices is not None:
+            return self.min_devices
+        if self.max_failure_ratio:
+            return math.ceil(1 / self.max_failure_ratio)
+        return 1
+
     def breach(self, *, failures: int, finished: int) -> str | None:
         """Why the rollout must abort with these counts, or None while it may go on."""
-        if finished < self.min_devices:
+        if finished < self.judged_after:
             return None
         if self.max_failures is not None and failures > self.max_failures:
             return f"{failures} devices failed, more than the {self.max_failures} allowed"

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from hub.dependencies import AdminDep, ContextDep, SessionDep
 from hub.deployments import control, dryrun, service
 from hub.deployments.control import Verb
+from hub.deployments.models import RolloutState
 from hub.deployments.schemas import (
     AuditPublic,
     ControlRequest,
@@ -56,7 +57,7 @@ async def create(
 def list_all(
     session: SessionDep,
     model: str | None = None,
-    state: str | None = None,
+    state: RolloutState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[DeploymentSummary]:
     """Deployments, newest first."""
@@ -110,7 +111,10 @@ def _control_route(verb: Verb) -> Callable[..., DeploymentPublic]:
             actor=_actor(actor),
             request=body or ControlRequest(),
         )
-        return service.get_deployment(session=session, deployment_id=deployment_id)
+        # Without the device list: an action on a large rollout answers with its state.
+        return service.get_deployment(
+            session=session, deployment_id=deployment_id, with_devices=False
+        )
 
     return route
 

@@ -5,6 +5,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field, model_validator
 
 from hub.deployments.policy import RolloutPolicy
+from hub.devices.schemas import GroupName
 
 
 class DeploymentCreate(BaseModel):
@@ -15,7 +16,7 @@ class DeploymentCreate(BaseModel):
     # devices named in ``devices``).
     selector: str | None = Field(default=None, max_length=1000)
     # Named device groups (see PATCH /api/v1/devices/{id}).
-    groups: list[str] = Field(default_factory=list, max_length=100)
+    groups: list[GroupName] = Field(default_factory=list, max_length=100)
     # Devices not active or failed this long after their release end timed_out.
     device_timeout_s: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
     policy: RolloutPolicy = Field(default_factory=RolloutPolicy)

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from hub.blobs import BlobStore
@@ -22,7 +23,7 @@ from hub.deployments.models import (
     DeviceState,
     RolloutState,
 )
-from hub.deployments.policy import RolloutPolicy, assign_waves, order_targets, plan_waves
+from hub.deployments.policy import assign_waves, order_targets, plan_waves
 from hub.deployments.schemas import (
     AuditPublic,
     DeploymentCreate,
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 # Device states that are neither finished nor waiting to be released.
 _MOVING = frozenset({DeviceState.IN_PROGRESS, DeviceState.SOAKING, DeviceState.ROLLING_BACK})
 _NOT_OK = frozenset({DeviceState.FAILED, DeviceState.TIMED_OUT, DeviceState.ROLLED_BACK})
+_UNFINISHED_IN_WAVE = (DeviceState.PENDING, DeviceState.IN_PROGRESS, DeviceState.SOAKING)
 
 
 def publish(director: Director, session: Session, device_ids: Sequence[str], why: str) -> None:
@@ -185,15 +187,45 @@ def _get(session: Session, deployment_id: str) -> Deployment:
 def get_deployment(
     *, session: Session, deployment_id: str, with_devices: bool = True
 ) -> DeploymentPublic:
+    """The rollout's view. Counts come from GROUP BY queries, so a poll with ``with_devices``
+    False costs about the same for 10 devices as for 10,000."""
     deployment = _get(session, deployment_id)
-    rows = session.exec(
-        select(DeploymentDevice)
-        .where(DeploymentDevice.deployment_id == deployment_id)
-        .order_by(col(DeploymentDevice.wave), col(DeploymentDevice.device_id))
-    ).all()
+    of_this = DeploymentDevice.deployment_id == deployment_id
+    counts: Counter[str] = Counter(
+        dict(
+            session.exec(
+                select(DeploymentDevice.state, func.count())
+                .where(of_this)
+                .group_by(col(DeploymentDevice.state))
+            ).all()
+        )
+    )
+    steps = dict(
+        session.exec(
+            select(DeploymentDevice.step, func.count())
+            .where(of_this, DeploymentDevice.state == DeviceState.IN_PROGRESS)
+            .group_by(col(DeploymentDevice.step))
+        ).all()
+    )
+    by_wave: dict[int, Counter[str]] = {i: Counter() for i in range(deployment.waves)}
+    for wave, state, count in session.exec(
+        select(DeploymentDevice.wave, DeploymentDevice.state, func.count())
+        .where(of_this)
+        .where(col(DeploymentDevice.state).not_in([DeviceState.SKIPPED, DeviceState.OVERRIDDEN]))
+        .group_by(col(DeploymentDevice.wave), col(DeploymentDevice.state))
+    ).all():
+        by_wave.setdefault(wave, Counter())[state] = count
+    rows = (
+        session.exec(
+            select(DeploymentDevice)
+            .where(of_this)
+            .order_by(col(DeploymentDevice.wave), col(DeploymentDevice.device_id))
+        ).all()
+        if with_devices
+        else []
+    )
     policy = engine.policy_of(deployment)
-    counts = Counter(r.state for r in rows)
-    settled = not any(r.state in _MOVING or r.state == DeviceState.PENDING for r in rows)
+    moving = any(counts[s] for s in _MOVING)
     # Done: the rollout ended and no device is still on its way (an aborted rollout is done
     # once the devices it sent back have confirmed, or timed out). A running rollout whose
     # last wave has settled is done too: the engine marks it completed at its next tick.
@@ -201,9 +233,10 @@ def get_deployment(
         deployment.state == RolloutState.RUNNING
         and not deployment.continuous
         and deployment.current_wave >= deployment.waves - 1
-        and settled
+        and not moving
+        and not counts[DeviceState.PENDING]
     )
-    done = ended and not any(r.state in _MOVING for r in rows)
+    done = ended and not moving
     failed_rollout = deployment.state in (RolloutState.ABORTED, RolloutState.ROLLED_BACK)
     return DeploymentPublic(
         id=deployment.id,
@@ -222,37 +255,24 @@ def get_deployment(
         groups=deployment.groups,
         device_timeout_s=deployment.device_timeout_s,
         current_wave=deployment.current_wave,
-        waves=_waves(deployment, policy, rows),
-        total=len(rows),
-        counts=dict(counts),
-        steps=dict(Counter(r.step for r in rows if r.state == DeviceState.IN_PROGRESS)),
+        waves=[
+            WavePublic(
+                index=index,
+                name=engine.wave_name(index, policy),
+                devices=sum(wave_counts.values()),
+                counts=dict(wave_counts),
+                released=index <= deployment.current_wave,
+                finished=not any(wave_counts[s] for s in _UNFINISHED_IN_WAVE),
+            )
+            for index, wave_counts in sorted(by_wave.items())
+        ],
+        total=sum(counts.values()),
+        counts={state: n for state, n in counts.items() if n},
+        steps=steps,
         devices=[_device_public(r) for r in rows] if with_devices else None,
         done=done,
-        ok=done and not failed_rollout and not (set(counts) & _NOT_OK),
+        ok=done and not failed_rollout and not any(counts[s] for s in _NOT_OK),
     )
-
-
-def _waves(
-    deployment: Deployment, policy: RolloutPolicy, rows: Sequence[DeploymentDevice]
-) -> list[WavePublic]:
-    by_wave: dict[int, Counter[str]] = {i: Counter() for i in range(deployment.waves)}
-    for row in rows:
-        if row.state not in (DeviceState.SKIPPED, DeviceState.OVERRIDDEN):
-            by_wave.setdefault(row.wave, Counter())[row.state] += 1
-    return [
-        WavePublic(
-            index=index,
-            name=engine.wave_name(index, policy),
-            devices=sum(counts.values()),
-            counts=dict(counts),
-            released=index <= deployment.current_wave,
-            finished=not any(
-                counts[s]
-                for s in (DeviceState.PENDING, DeviceState.IN_PROGRESS, DeviceState.SOAKING)
-            ),
-        )
-        for index, counts in sorted(by_wave.items())
-    ]
 
 
 def _device_public(r: DeploymentDevice) -> DeploymentDevicePublic:

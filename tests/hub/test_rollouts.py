@@ -27,6 +27,7 @@ from agent.protocol.topics import Channel
 from hub.context import HubContext
 from hub.database import utcnow
 from hub.deployments.engine import RolloutEngine, Tick
+from hub.deployments.policy import RolloutPolicy
 from hub.devices.models import Device
 from hub.main import create_app
 from hub.messaging.chunks import ChunkScheduler
@@ -531,3 +532,43 @@ def test_a_staged_rollout_with_an_abort_and_the_lease_on_postgresql(
     view = fleet.view(dep)
     assert view["state"] == "aborted"
     assert view["counts"] == {"succeeded": 1, "failed": 1, "cancelled": 4}
+
+
+def test_an_aborted_rollout_lets_go_of_its_devices_for_a_lower_priority_one(fleet: Fleet) -> None:
+    [device] = fleet.enroll(1)
+    high = fleet.deploy(devices=[device], priority=5)
+    fleet.event(device, high, Step.ACTIVE)
+    aborted = fleet.hub.client.post(
+        f"/api/v1/deployments/{high['id']}/abort", json={"rollback": True}
+    )
+    assert aborted.json()["state"] == "aborted"
+    assert aborted.json()["devices"] is None  # actions answer with the state only
+    low = fleet.deploy(devices=[device], priority=0)
+    assert fleet.states(low) == {device: "in_progress"}
+
+
+def test_a_failure_ratio_is_judged_once_one_failure_alone_cannot_cross_it() -> None:
+    assert RolloutPolicy(max_failure_ratio=0.2).judged_after == 5
+    assert RolloutPolicy(max_failure_ratio=0.2, min_devices=2).judged_after == 2
+    assert RolloutPolicy(max_failures=0).judged_after == 1
+    policy = RolloutPolicy(max_failure_ratio=0.2)
+    assert policy.breach(failures=1, finished=1) is None
+    assert policy.breach(failures=1, finished=5) is None  # 20 % is not more than 20 %
+    assert policy.breach(failures=2, finished=5) == (
+        "2 of 5 finished devices failed (40%), more than 20%"
+    )
+
+
+def test_list_filters_and_group_names_are_checked(fleet: Fleet) -> None:
+    client = fleet.hub.client
+    [device] = fleet.enroll(1)
+    dep = fleet.deploy(devices=[device])
+    listed = client.get("/api/v1/deployments", params={"state": "running"}).json()
+    assert [d["id"] for d in listed] == [dep["id"]]
+    assert listed[0]["counts"] == {"in_progress": 1}
+    assert client.get("/api/v1/deployments", params={"state": "runing"}).status_code == 422
+    bad_group = client.post("/api/v1/deployments", json={"model": "iris", "groups": ["Bad/G"]})
+    assert bad_group.status_code == 422
+    assert "groups" in bad_group.text
+    summary = client.get(f"/api/v1/deployments/{dep['id']}", params={"devices": "false"}).json()
+    assert (summary["devices"], summary["total"], summary["steps"]) == (None, 1, {"queued": 1})
