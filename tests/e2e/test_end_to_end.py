@@ -82,7 +82,7 @@ def test_register_deploy_and_score_on_two_devices(live_hub: LiveHub, iris_model:
     first, second = live_hub.start_agent("a"), live_hub.start_agent("b")
     result = _deploy(live_hub, "iris:1", first, second)
     assert result.exit_code == 0, result.output
-    assert "all 2 active" in result.output
+    assert "all 2 succeeded" in result.output
     sample = json.loads(iris_model.sample_input.read_text())
     expected = json.loads(iris_model.expected_output.read_text())
     for runner in (first, second):
@@ -220,7 +220,7 @@ def test_a_device_that_never_answers_ends_timed_out_and_deploy_wait_says_so(
     result = live_hub.cli("deploy", "iris", "--device", silent, "--device-timeout", "2", "--wait")
     assert result.exit_code == 1, result.output
     assert "0 failed, 1 timed out" in result.output
-    assert f"{silent}: timed_out not active or failed 2 s after the start" in result.output
+    assert f"{silent}: timed_out not active or failed 2 s after it was released" in result.output
 
 
 def test_several_models_on_one_device_are_updated_each_on_its_own(
@@ -333,7 +333,7 @@ def test_deployment_logs_and_wait_from_the_cli(live_hub: LiveHub, iris_model: An
     deployment_id = result.output.split()[1].rstrip(":")
     waited = live_hub.cli("deployment", "wait", deployment_id, "--timeout", "60")
     assert waited.exit_code == 0, waited.output
-    assert "all 1 active" in waited.output
+    assert "all 1 succeeded" in waited.output
     logs = live_hub.cli("deployment", "logs", deployment_id)
     assert logs.exit_code == 0, logs.output
     steps = [line.split()[2] for line in logs.output.splitlines()]
