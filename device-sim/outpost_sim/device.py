@@ -22,8 +22,8 @@ from pathlib import Path
 from agent.core import Agent, disk_free_bytes, utc_now
 from agent.errors import HealthCheckError
 from agent.failpoints import Action, FailpointCrash, Failpoints
-from agent.install import HealthChecker
-from agent.protocol.documents import HealthCheck
+from agent.install import HealthChecker, RuntimeLoader
+from agent.protocol.documents import HealthCheck, Manifest
 from agent.protocol.messages import EventBody, Step
 from agent.protocol.topics import Channel, Topics
 from agent.runtimes.base import Runtime
@@ -76,10 +76,6 @@ def used_bytes(root: Path) -> int:
     return total
 
 
-def failing_health_check(runtime: Runtime, files_dir: Path, check: HealthCheck) -> None:
-    raise HealthCheckError("simulated fault: the health check fails on this device")
-
-
 class SimulatedDevice:
     def __init__(
         self,
@@ -101,7 +97,14 @@ class SimulatedDevice:
             update={"state_dir": state_dir, "device_class": profile.device_class}
         )
         self._runtimes = runtimes
-        self._check_health = failing_health_check if faults.health_fail else check_health
+        self._real_check_health = check_health
+        self._check_health = self._faulty_health_check if faults.health_fail else check_health
+        # A check is handed only the runtime and the files; which version those are is known
+        # where they are loaded, just before the check (one install at a time per device).
+        self._load_runtime: RuntimeLoader = (
+            self._load_noting_version if faults.health_fail_versions else runtimes
+        )
+        self._versions_loaded: dict[Path, int] = {}  # files directory -> model version
         # One random stream per device (its state is 2.5 KB; 10,000 devices notice three).
         self._rng = random.Random(faults.seed)
         self.conditions = LinkConditions(
@@ -126,7 +129,7 @@ class SimulatedDevice:
         )
         return Agent(
             settings=self._settings,
-            load_runtime=self._runtimes,
+            load_runtime=self._load_runtime,
             check_health=self._check_health,
             clock=self._clock,
             rng=self._rng,
@@ -145,6 +148,16 @@ class SimulatedDevice:
         if self.profile.disk_mb is None:
             return disk_free_bytes(path)
         return max(0, int(self.profile.disk_mb * 1024 * 1024) - used_bytes(self.state_dir))
+
+    def _load_noting_version(self, files_dir: Path, manifest: Manifest) -> Runtime:
+        self._versions_loaded[files_dir] = manifest.model.version
+        return self._runtimes(files_dir, manifest)
+
+    def _faulty_health_check(self, runtime: Runtime, files_dir: Path, check: HealthCheck) -> None:
+        versions = self.faults.health_fail_versions
+        if versions is None or self._versions_loaded.get(files_dir) in versions:
+            raise HealthCheckError("simulated fault: the health check fails on this device")
+        self._real_check_health(runtime, files_dir, check)
 
     def _on_event(self, event: EventBody) -> None:
         self.record.events_sent += 1
@@ -200,7 +213,7 @@ class SimulatedDevice:
         schedule: list[tuple[float, bool, Callable[[], None]]] = []
         schedule += [(t, False, self._drop) for t in self.faults.drops_at]
         schedule += [
-            (start, False, functools.partial(self._go_offline, until - start))
+            (start, False, functools.partial(self.go_offline, until - start))
             for start, until in self.faults.offline
         ]
         schedule += [
@@ -221,10 +234,18 @@ class SimulatedDevice:
         assert isinstance(link, SimulatedLink)
         link.drop()
 
-    def _go_offline(self, for_s: float) -> None:
+    def go_offline(self, for_s: float | None = None) -> None:
+        """Take the device off the network now, for ``for_s`` s (None: until ``come_back``).
+        Call it on the fleet's event loop."""
         link = self.agent.link
         assert isinstance(link, SimulatedLink)
         link.go_offline(for_s)
+
+    def come_back(self) -> None:
+        """Put the device back on the network now. Call it on the fleet's event loop."""
+        link = self.agent.link
+        assert isinstance(link, SimulatedLink)
+        link.come_back()
 
     def _send_malformed(self, n: int) -> None:
         channel, payload = MALFORMED_PAYLOADS[n % len(MALFORMED_PAYLOADS)]

@@ -96,9 +96,12 @@ class DiskFull(_Fault):
 
 
 class HealthFail(_Fault):
-    """Every health check on the device fails, as a model that is wrong for its hardware."""
+    """Every health check on the device fails, as a model that is wrong for its hardware;
+    with ``versions``, only the checks of those model versions (a bad release, while the
+    version before it keeps passing, so a rollback to it works)."""
 
     kind: Literal["health_fail"]
+    versions: list[int] | None = Field(default=None, min_length=1)
 
 
 class ClockSkew(_Fault):
@@ -165,6 +168,7 @@ class DeviceFaults:
     restart_after_s: float = 1.0
     disk_free_bytes: int | None = None
     health_fail: bool = False
+    health_fail_versions: list[int] | None = None  # None: every version fails
     clock_offset_s: float = 0.0
     malformed_at: list[float] = field(default_factory=list)
     seed: int = 0  # for the faults decided as messages arrive (which chunk gets corrupted)
@@ -186,7 +190,9 @@ def describe(faults: DeviceFaults) -> str:
     if faults.disk_free_bytes is not None:
         parts.append(f"disk full ({faults.disk_free_bytes / 1024 / 1024:g} MiB free)")
     if faults.health_fail:
-        parts.append("health check fails")
+        versions = faults.health_fail_versions
+        only = f" for v{', v'.join(str(v) for v in versions)}" if versions else ""
+        parts.append(f"health check fails{only}")
     if faults.clock_offset_s:
         parts.append(f"clock {faults.clock_offset_s:+g} s")
     if faults.malformed_at:
@@ -287,7 +293,13 @@ def _apply(spec: FaultSpec, faults: DeviceFaults, rng: random.Random, horizon_s:
     elif isinstance(spec, DiskFull):
         faults.disk_free_bytes = int(spec.free_mb * 1024 * 1024)
     elif isinstance(spec, HealthFail):
+        # Two specs on one device fail the union of their versions (None is every version).
+        before = faults.health_fail_versions if faults.health_fail else []
         faults.health_fail = True
+        if spec.versions is None or before is None:
+            faults.health_fail_versions = None
+        else:
+            faults.health_fail_versions = sorted({*before, *spec.versions})
     elif isinstance(spec, ClockSkew):
         faults.clock_offset_s += spec.offset_s
     else:

@@ -7,6 +7,8 @@ stays real, so the broker sees exactly what a fleet on bad links would make it s
 """
 
 import asyncio
+import contextlib
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ class LinkConditions:
     corrupt_limit: int | None = None
     rng: random.Random = field(default_factory=random.Random)
     offline_until: float = 0.0  # time.monotonic() before which no connect is attempted
+    # Set when the network is back before ``offline_until`` (``SimulatedLink.come_back``).
+    back_online: asyncio.Event = field(default_factory=asyncio.Event)
     stats: LinkStats = field(default_factory=LinkStats)
 
 
@@ -46,15 +50,26 @@ class SimulatedLink(MqttLink):
         self._busy_until = 0.0  # when the downstream link finishes the message before
 
     async def wait_for_network(self) -> None:
-        # A sleep is the fault itself here: the network is down until then.
-        while (left := self.conditions.offline_until - time.monotonic()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(left)
+        # The network is down until then, or until someone brings it back early.
+        conditions = self.conditions
+        while (left := conditions.offline_until - time.monotonic()) > 0:
+            conditions.back_online.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    conditions.back_online.wait(), None if math.isinf(left) else left
+                )
 
-    def go_offline(self, for_s: float) -> None:
-        """Cut the link now and keep it down for ``for_s`` seconds."""
-        self.conditions.offline_until = max(self.conditions.offline_until, time.monotonic() + for_s)
+    def go_offline(self, for_s: float | None = None) -> None:
+        """Cut the link now and keep it down for ``for_s`` seconds (None: until ``come_back``)."""
+        until = math.inf if for_s is None else time.monotonic() + for_s
+        self.conditions.offline_until = max(self.conditions.offline_until, until)
         self.conditions.stats.offline_windows += 1
         super().drop()  # counted as the window, not as a drop
+
+    def come_back(self) -> None:
+        """End the offline window now: the link connects again (after its backoff)."""
+        self.conditions.offline_until = 0.0
+        self.conditions.back_online.set()
 
     def drop(self) -> bool:
         cut = super().drop()

@@ -94,6 +94,10 @@ def test_yaml_and_toml_scenarios_read_the_same(tmp_path: Path) -> None:
         ),
         ({"fleet": [{"count": 1}, {"count": 2}]}, "distinct names"),
         ({"fleet": [{"count": 1}], "surprise": 1}, "surprise"),
+        (
+            {"fleet": [{"count": 1}], "faults": [{"kind": "health_fail", "versions": []}]},
+            "versions",
+        ),
     ],
 )
 def test_bad_scenarios_are_refused_naming_the_field(raw: dict[str, object], message: str) -> None:
@@ -141,3 +145,14 @@ def test_the_example_scenarios_are_valid(path: Path) -> None:
     scenario = load_scenario(path)
     assert scenario.devices > 0
     assert scenario.steps
+
+
+def test_health_fail_versions_add_up_on_one_device() -> None:
+    faults: list[dict[str, object]] = [
+        {"kind": "health_fail", "versions": [2], "devices": "all"},
+        {"kind": "health_fail", "versions": [3, 2], "devices": "all"},
+    ]
+    plan = _plan(1, faults)
+    assert all(f.health_fail_versions == [2, 3] for f in plan.devices.values())
+    everything = _plan(1, [*faults, {"kind": "health_fail", "devices": "all"}])
+    assert all(f.health_fail_versions is None for f in everything.devices.values())
