@@ -6,9 +6,12 @@
 
 ``run`` enrols the devices that have no identity yet (one bulk request per 1,000), starts them
 over the ramp, does the scenario's steps with a live progress view on stderr, and ends with a
-report (``--json`` writes it as JSON, to stdout or a file). Without a scenario file it runs one
-group of ``--devices`` until Ctrl-C, SIGTERM or ``--duration-s``. ``plan`` prints the fault
-schedule a scenario and seed expand to, without running anything.
+report (``--json`` writes it as JSON, to stdout or a file). A deploy step follows its rollout
+through the hub's API until it is done, and the report gives its final state, each wave's
+counts and times, and how often each device installed it; the exit code is 1 when a rollout
+did not end as its step's ``expect`` says. Without a scenario file it runs one group of
+``--devices`` until Ctrl-C, SIGTERM or ``--duration-s``. ``plan`` prints the fault schedule a
+scenario and seed expand to, without running anything.
 """
 
 import argparse
@@ -101,7 +104,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(format_report(report), file=sys.stderr)
     else:
         print(format_report(report))
-    return 1 if report.unexpected_errors else 0
+    unexpected = [r for r in report.rollouts if r.as_expected is False]
+    return 1 if report.unexpected_errors or unexpected else 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

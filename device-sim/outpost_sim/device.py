@@ -49,13 +49,34 @@ CONNECTED_POLL_S = 0.1
 
 
 @dataclass
+class DeploymentTrace:
+    """What one device said about one deployment, from its own events (``time.monotonic()``).
+
+    A rollback is reported under the deployment it undoes, with the previous package's digest,
+    so installs and switches back are told apart by digest.
+    """
+
+    first_event_at: float
+    events: int = 0
+    actives: list[tuple[str, float]] = field(default_factory=list)  # (digest, when), in order
+    failed: str | None = None  # the reason of its last FAILED event
+
+    def installs(self, digest: str) -> int:
+        """How many times the device reported ``digest`` active for this deployment."""
+        return sum(1 for d, _ in self.actives if d == digest)
+
+    def active_at(self, digest: str) -> float | None:
+        """When the device first reported ``digest`` active for this deployment."""
+        return next((at for d, at in self.actives if d == digest), None)
+
+
+@dataclass
 class DeviceRecord:
     """What happened on one device, in ``time.monotonic()`` seconds."""
 
     started_at: float | None = None
     first_connected_at: float | None = None
-    active_at: dict[str, float] = field(default_factory=dict)  # deployment id -> time
-    failed: dict[str, str] = field(default_factory=dict)  # deployment id -> reason
+    deployments: dict[str, DeploymentTrace] = field(default_factory=dict)  # by deployment id
     failures: Counter[str] = field(default_factory=Counter)  # by reason, across deployments
     events_sent: int = 0
     events_lost_in_crashes: int = 0  # unacknowledged when the agent crashed (kept in memory)
@@ -160,12 +181,17 @@ class SimulatedDevice:
         self._real_check_health(runtime, files_dir, check)
 
     def _on_event(self, event: EventBody) -> None:
+        now = time.monotonic()
         self.record.events_sent += 1
+        trace = self.record.deployments.get(event.deployment_id)
+        if trace is None:
+            trace = self.record.deployments[event.deployment_id] = DeploymentTrace(now)
+        trace.events += 1
         if event.step is Step.ACTIVE:
-            self.record.active_at.setdefault(event.deployment_id, time.monotonic())
+            trace.actives.append((event.digest, now))
         elif event.step is Step.FAILED:
             reason = str(event.reason or "E_INTERNAL")
-            self.record.failed[event.deployment_id] = reason
+            trace.failed = reason
             self.record.failures[reason] += 1
 
     # -- running --------------------------------------------------------------------------

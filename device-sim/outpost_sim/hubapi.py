@@ -1,4 +1,5 @@
-"""The few hub REST calls a scenario makes: an enrolment token, a deployment, a device list."""
+"""The few hub REST calls a scenario makes: an enrolment token, a deployment and following it
+(its state, waves and history), the hub's message counters."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -45,13 +46,26 @@ class HubApi:
         body = self._call("POST", "/api/v1/enrollment-tokens", json={"uses": uses, "ttl_s": ttl_s})
         return str(body["token"])
 
-    def deploy(self, model: str, version: int | None, devices: list[str]) -> dict[str, Any]:
-        body: dict[str, Any] = self._call(
-            "POST",
-            "/api/v1/deployments",
-            json={"model": model, "version": version, "devices": devices},
+    def deploy(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a deployment (the body of POST /api/v1/deployments); returns it as created."""
+        created: dict[str, Any] = self._call("POST", "/api/v1/deployments", json=body)
+        return created
+
+    def deployment(self, deployment_id: str, *, devices: bool = False) -> dict[str, Any]:
+        """The rollout's state, waves and counts; ``devices`` adds the per-device rows."""
+        view: dict[str, Any] = self._call(
+            "GET",
+            f"/api/v1/deployments/{deployment_id}",
+            params={"devices": "true" if devices else "false"},
         )
-        return body
+        return view
+
+    def history(self, deployment_id: str) -> list[dict[str, Any]]:
+        """Who did what to the deployment, and what the rollout did by itself, oldest first."""
+        entries: list[dict[str, Any]] = self._call(
+            "GET", f"/api/v1/deployments/{deployment_id}/history"
+        )
+        return entries
 
     def message_stats(self) -> dict[str, int]:
         body: dict[str, int] = self._call("GET", "/api/v1/messages/stats")

@@ -4,13 +4,16 @@ import math
 import resource
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from outpost_sim.device import SimulatedDevice
 from outpost_sim.fleet import Fleet
+
+if TYPE_CHECKING:
+    # The rollout module builds its report with ``percentiles`` from here.
+    from outpost_sim.rollout import RolloutReport
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -30,20 +33,6 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
         "p95": round(percentile(values, 0.95), 3),
         "max": round(max(values), 3),
     }
-
-
-@dataclass
-class RolloutReport:
-    deployment_id: str
-    model: str
-    version: int
-    devices: int
-    active: int = 0
-    failed: int = 0
-    timed_out: int = 0
-    time_to_active_s: dict[str, float | None] = field(default_factory=dict)
-    failures_by_reason: dict[str, int] = field(default_factory=dict)
-    elapsed_s: float = 0.0
 
 
 class ResourceMeter:
@@ -78,36 +67,6 @@ def current_rss_mb() -> float:
     return int(fields[1]) * resource.getpagesize() / (1024 * 1024)
 
 
-def rollout_report(
-    devices: Sequence[SimulatedDevice],
-    *,
-    deployment_id: str,
-    model: str,
-    version: int,
-    started_at: float,
-    ended_at: float,
-) -> RolloutReport:
-    """How one deployment went on ``devices`` (those it targeted)."""
-    times: list[float] = []
-    reasons: Counter[str] = Counter()
-    report = RolloutReport(deployment_id, model, version, devices=len(devices))
-    for device in devices:
-        active_at = device.record.active_at.get(deployment_id)
-        failed = device.record.failed.get(deployment_id)
-        if active_at is not None:
-            report.active += 1
-            times.append(active_at - started_at)
-        elif failed is not None:
-            report.failed += 1
-            reasons[failed] += 1
-        else:
-            report.timed_out += 1
-    report.time_to_active_s = percentiles(times)
-    report.failures_by_reason = dict(sorted(reasons.items()))
-    report.elapsed_s = round(ended_at - started_at, 3)
-    return report
-
-
 @dataclass
 class RunReport:
     scenario: str
@@ -116,7 +75,7 @@ class RunReport:
     elapsed_s: float
     fault_plan: str  # fingerprint of the fault schedule: equal for equal scenario and seed
     connect: dict[str, Any]
-    rollouts: list[RolloutReport]
+    rollouts: list["RolloutReport"]
     failures_by_reason: dict[str, int]
     rejections_by_reason: dict[str, int]
     faults: dict[str, dict[str, int]]
@@ -181,7 +140,7 @@ def run_report(
     scenario: str,
     seed: int,
     fleet: Fleet,
-    rollouts: list[RolloutReport],
+    rollouts: list["RolloutReport"],
     meter: ResourceMeter,
     elapsed_s: float,
 ) -> RunReport:
@@ -234,15 +193,10 @@ def format_report(report: RunReport) -> str:
         f"scenario {report.scenario} (seed {report.seed}, fault plan {report.fault_plan[:12]})",
         f"  devices {report.devices}, ran {report.elapsed_s:.1f} s",
         f"  connect: {report.connect['connected_once']}/{report.connect['started']} connected,"
-        f" time to connect {_p(report.connect['time_to_connect_s'])}",
+        f" time to connect {format_percentiles(report.connect['time_to_connect_s'])}",
     ]
-    for r in report.rollouts:
-        lines.append(
-            f"  deploy {r.model}:{r.version} ({r.deployment_id}) to {r.devices}: active {r.active},"
-            f" failed {r.failed}, timed out {r.timed_out}; time to active {_p(r.time_to_active_s)}"
-        )
-        for reason, count in r.failures_by_reason.items():
-            lines.append(f"    failed {reason}: {count}")
+    for rollout in report.rollouts:
+        lines += rollout.lines()
     if report.rejections_by_reason:
         lines.append(
             "  desired states refused: "
@@ -259,7 +213,7 @@ def format_report(report: RunReport) -> str:
     )
     active = report.fleet.get("active", {})
     lines.append(
-        f"  at the end: connected {report.fleet.get('connected')}, active "
+        f"  at the end: connected {report.fleet.get('connected')}, serving "
         + (", ".join(f"{k} {v}" for k, v in sorted(active.items())) or "none")
     )
     if report.hub_messages is not None:
@@ -276,7 +230,7 @@ def format_report(report: RunReport) -> str:
     return "\n".join(lines)
 
 
-def _p(values: dict[str, float | None]) -> str:
+def format_percentiles(values: Mapping[str, float | None]) -> str:
     if values.get("p50") is None:
         return "n/a"
     return f"p50 {values['p50']} s, p95 {values['p95']} s, max {values['max']} s"

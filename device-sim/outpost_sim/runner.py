@@ -28,12 +28,14 @@ from outpost_sim.enrollment import (
 from outpost_sim.faults import DeviceSlot, plan_faults
 from outpost_sim.fleet import Fleet
 from outpost_sim.hubapi import HubApi, HubApiError
-from outpost_sim.report import (
-    ResourceMeter,
+from outpost_sim.report import ResourceMeter, RunReport, run_report
+from outpost_sim.rollout import (
     RolloutReport,
-    RunReport,
+    desired_of,
+    outside_wave_devices,
+    progress_label,
     rollout_report,
-    run_report,
+    settled,
 )
 from outpost_sim.scenario import (
     DeployStep,
@@ -48,6 +50,7 @@ from outpost_sim.view import ProgressView
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1  # how often a step looks at the fleet while it waits for something
+FOLLOW_POLL_S = 0.5  # how often a deploy step asks the hub how its rollout stands
 
 
 @dataclass(frozen=True)
@@ -241,31 +244,67 @@ class ScenarioRunner:
 
     async def _deploy(self, step: DeployStep) -> None:
         targets = self._targets(step)
+        # Before the request: what each target had accepted, to tell later who heard of it.
+        before = await asyncio.to_thread(desired_of, targets)
         started = time.monotonic()
-        deployment = await asyncio.to_thread(
-            self.api.deploy, step.model, step.version, [d.device_id for d in targets]
+        created = await asyncio.to_thread(
+            self.api.deploy, step.body([d.device_id for d in targets])
         )
-        deployment_id = str(deployment["id"])
-        version = int(deployment["version"])
-        self.step_label = f"deploy {step.model}:{version}"
-
-        def finished() -> bool:
-            return all(
-                deployment_id in d.record.active_at or deployment_id in d.record.failed
-                for d in targets
-            )
-
-        await self._until(finished, step.timeout_s)
+        deployment_id = str(created["id"])
+        self.step_label = f"deploy {step.model}:{created['version']}"
+        view, api_errors = await self._follow(deployment_id, step)
+        ended = time.monotonic()
+        history: list[dict[str, Any]] = []
+        try:
+            # Once more with every device's row, for the waves' times and who was outside them.
+            view = await asyncio.to_thread(self.api.deployment, deployment_id, devices=True)
+            history = await asyncio.to_thread(self.api.history, deployment_id)
+        except HubApiError as exc:
+            api_errors += 1
+            logger.warning("cannot read deployment %s at its end: %s", deployment_id, exc.detail)
+        by_id = {d.device_id: d for d in targets}
+        outside = [by_id[i] for i in outside_wave_devices(view or {}) if i in by_id]
+        after = await asyncio.to_thread(desired_of, outside)
         self.rollouts.append(
             rollout_report(
                 targets,
-                deployment_id=deployment_id,
-                model=step.model,
-                version=version,
+                created=created,
+                view=view,
+                history=history,
+                desired_before={i: seen.counter for i, seen in before.items()},
+                desired_after=after,
+                expected=step.expect,
                 started_at=started,
-                ended_at=time.monotonic(),
+                ended_at=ended,
+                api_errors=api_errors,
             )
         )
+
+    async def _follow(
+        self, deployment_id: str, step: DeployStep
+    ) -> tuple[dict[str, Any] | None, int]:
+        """Poll the rollout until it has settled, the step's timeout or the stop; returns the
+        last view read and how many polls the hub did not answer (it may be restarting: the
+        rollout goes on meanwhile, so keep asking)."""
+        deadline = time.monotonic() + step.timeout_s
+        view: dict[str, Any] | None = None
+        errors = 0
+        while not self._stop.is_set():
+            try:
+                view = await asyncio.to_thread(self.api.deployment, deployment_id)
+            except HubApiError as exc:
+                errors += 1
+                logger.info("hub did not answer about %s: %s", deployment_id, exc.detail)
+            else:
+                self.step_label = progress_label(step.model, view)
+                if settled(view):
+                    break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                logger.warning("stopped following %s after %g s", deployment_id, step.timeout_s)
+                break
+            await self._until(lambda: False, min(FOLLOW_POLL_S, left))
+        return view, errors
 
     async def _telemetry(self, step: TelemetryStep) -> None:
         """Every device beats every ``interval_s``, each at its own offset in the interval, as

@@ -12,6 +12,12 @@
     steps:
       - {do: deploy, model: iris, version: 1, timeout_s: 120}
       - {do: idle, for_s: 10}
+      - do: deploy
+        model: iris
+        version: 2
+        policy: {canary: 10, wave_percent: 30, soak_s: 5, max_failure_ratio: 0.1, min_devices: 10}
+        device_timeout_s: 120
+        expect: completed
 
 Every field is checked before anything starts; an error names the field and the file.
 """
@@ -65,12 +71,62 @@ class GroupSpec(_Spec):
     profile: DeviceProfile = DeviceProfile()
 
 
+class ExponentialSpec(_Spec):
+    first: int = Field(ge=1)
+    factor: float = Field(default=2.0, gt=1.0, le=100.0)
+    max: int | None = Field(default=None, ge=1)
+
+
+class PolicySpec(_Spec):
+    """A deployment's rollout policy, as the hub takes it (``policy`` of
+    POST /api/v1/deployments); unset fields take the hub's defaults.
+
+    Names and bounds are checked here, so a misspelt field fails before the fleet starts; the
+    hub judges the combinations (one wave shape, a canary for ``pause_after_canary``) and its
+    refusal names the field. ``order: listed`` releases the devices in fleet order: the
+    scenario's groups as listed, so a group listed first holds the canaries.
+    """
+
+    canary: int | None = Field(default=None, ge=1)
+    canary_percent: float | None = Field(default=None, gt=0, le=100)
+    wave_size: int | None = Field(default=None, ge=1)
+    wave_percent: float | None = Field(default=None, gt=0, le=100)
+    exponential: ExponentialSpec | None = None
+    soak_s: int | None = Field(default=None, ge=0)
+    max_failures: int | None = Field(default=None, ge=0)
+    max_failure_ratio: float | None = Field(default=None, ge=0, lt=1)
+    min_devices: int | None = Field(default=None, ge=1)
+    rollback_on_abort: bool | None = None
+    max_concurrent: int | None = Field(default=None, ge=1)
+    pause_after_canary: bool | None = None
+    order: Literal["random", "listed"] | None = None
+
+
 class DeployStep(_Spec):
+    """Create a deployment and follow it through the hub's API until it is done (or
+    ``timeout_s``); the report says how it went, wave by wave."""
+
     do: Literal["deploy"]
     model: str
     version: int | None = Field(default=None, ge=1)  # None: the latest
-    groups: list[str] | None = None  # None: every device
-    timeout_s: float = Field(default=300.0, gt=0)  # then the devices not done count as timed out
+    groups: list[str] | None = None  # fleet groups to target, in fleet order; None: every device
+    policy: PolicySpec | None = None  # None: every device at once
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
+    device_timeout_s: int | None = Field(default=None, ge=1)  # the hub's per-device timeout
+    # The rollout must end so (the report says whether it did; the CLI exits 1 if not).
+    expect: Literal["completed", "aborted"] | None = None
+    timeout_s: float = Field(default=300.0, gt=0)  # how long to follow it; then reported as is
+
+    def body(self, devices: list[str]) -> dict[str, Any]:
+        """The POST /api/v1/deployments body for ``devices``."""
+        body: dict[str, Any] = {"model": self.model, "version": self.version, "devices": devices}
+        if self.policy is not None:
+            body["policy"] = self.policy.model_dump(exclude_none=True)
+        if self.priority is not None:
+            body["priority"] = self.priority
+        if self.device_timeout_s is not None:
+            body["device_timeout_s"] = self.device_timeout_s
+        return body
 
 
 class IdleStep(_Spec):

@@ -95,6 +95,17 @@ def test_yaml_and_toml_scenarios_read_the_same(tmp_path: Path) -> None:
         ({"fleet": [{"count": 1}, {"count": 2}]}, "distinct names"),
         ({"fleet": [{"count": 1}], "surprise": 1}, "surprise"),
         (
+            {
+                "fleet": [{"count": 1}],
+                "steps": [{"do": "deploy", "model": "m", "policy": {"wave_sise": 3}}],
+            },
+            "steps.0.deploy.policy.wave_sise",
+        ),
+        (
+            {"fleet": [{"count": 1}], "steps": [{"do": "deploy", "model": "m", "expect": "done"}]},
+            "steps.0.deploy.expect",
+        ),
+        (
             {"fleet": [{"count": 1}], "faults": [{"kind": "health_fail", "versions": []}]},
             "versions",
         ),

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,31 +16,12 @@ import pytest
 
 from outpost_sim.report import RunReport
 from outpost_sim.runner import ScenarioRunner, enroll_scenario
-from outpost_sim.scenario import Scenario, parse_scenario
+from outpost_sim.scenario import Scenario
 from outpost_sim.view import ProgressView
 from tests.support.live_hub import LiveHub
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-# Short timers, so faults heal within seconds.
-FAST_AGENT = {
-    "event_resend_s": 1.0,
-    "mqtt": {"backoff_base_s": 0.05, "backoff_cap_s": 0.5, "keepalive_s": 5},
-    "download": {"chunk_timeout_s": 0.5, "window_chunks": 8, "listen_s": 0.1},
-}
-
-
-def _scenario(live_hub: LiveHub, tmp_path: Path, **fields: Any) -> Scenario:
-    raw = {
-        "name": "test",
-        "hub": {"url": live_hub.url, "admin_token": live_hub.token},
-        "state_dir": str(tmp_path / "fleet"),
-        "ramp_s": 1.0,
-        "agent": FAST_AGENT,
-        **fields,
-    }
-    return parse_scenario(raw)
 
 
 def _run(scenario: Scenario, capsys: pytest.CaptureFixture[str]) -> tuple[RunReport, Any]:
@@ -51,12 +33,13 @@ def _run(scenario: Scenario, capsys: pytest.CaptureFixture[str]) -> tuple[RunRep
 
 
 def test_a_deploy_reaches_every_device_of_a_mixed_fleet(
-    live_hub: LiveHub, iris_model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    live_hub: LiveHub,
+    iris_model: Any,
+    make_scenario: Callable[..., Scenario],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     live_hub.register(iris_model)
-    scenario = _scenario(
-        live_hub,
-        tmp_path,
+    scenario = make_scenario(
         ramp_s=3.0,
         fleet=[
             {
@@ -80,7 +63,15 @@ def test_a_deploy_reaches_every_device_of_a_mixed_fleet(
     report, runner = _run(scenario, capsys)
 
     (rollout,) = report.rollouts
-    assert (rollout.devices, rollout.active, rollout.failed, rollout.timed_out) == (300, 300, 0, 0)
+    assert (rollout.state, rollout.done, rollout.ok) == ("completed", True, True)
+    assert rollout.counts == {"succeeded": 300}
+    assert (rollout.devices, rollout.succeeded, rollout.failed, rollout.timed_out) == (
+        300,
+        300,
+        0,
+        0,
+    )
+    assert rollout.installs_per_device == {"1": 300}, "every device installed it once"
     assert rollout.time_to_active_s["max"] is not None
     assert report.failures_by_reason == {}
     assert report.rejections_by_reason == {}
@@ -99,7 +90,10 @@ def test_a_deploy_reaches_every_device_of_a_mixed_fleet(
 
 
 def test_every_named_fault_is_injected_and_counted(
-    live_hub: LiveHub, iris_model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    live_hub: LiveHub,
+    iris_model: Any,
+    make_scenario: Callable[..., Scenario],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     live_hub.register(iris_model)
     groups = ["plain", "drops", "offline", "slow", "corrupt", "crash", "disk", "health", "noisy"]
@@ -115,16 +109,20 @@ def test_every_named_fault_is_injected_and_counted(
         {"kind": "clock_skew", "offset_s": 30 * 86400, "group": "skew"},
         {"kind": "malformed", "count": 4, "every_s": 0.5, "start_s": 3, "group": "noisy"},
     ]
-    scenario = _scenario(
-        live_hub,
-        tmp_path,
+    scenario = make_scenario(
         seed=42,
         fleet=fleet,
         faults=faults,
         steps=[
             {"do": "deploy", "model": "iris", "groups": groups, "timeout_s": 90},
             # The skewed devices refuse every desired state as expired: they time out.
-            {"do": "deploy", "model": "iris", "groups": ["skew"], "timeout_s": 4},
+            {
+                "do": "deploy",
+                "model": "iris",
+                "groups": ["skew"],
+                "device_timeout_s": 2,
+                "timeout_s": 30,
+            },
             {"do": "idle", "for_s": 2},  # past the last scheduled drop (8 s)
             {"do": "wait_connected", "timeout_s": 30},
         ],
@@ -137,8 +135,9 @@ def test_every_named_fault_is_injected_and_counted(
     main, skewed = report.rollouts
     assert main.devices == 45
     assert main.failures_by_reason == {"E_HEALTH_CHECK": 5, "E_NO_SPACE": 5}
-    assert (main.active, main.failed, main.timed_out) == (35, 10, 0)
-    assert (skewed.devices, skewed.active, skewed.timed_out) == (5, 0, 5)
+    assert (main.state, main.succeeded, main.failed, main.timed_out) == ("completed", 35, 10, 0)
+    assert (skewed.devices, skewed.succeeded, skewed.timed_out) == (5, 0, 5)
+    assert skewed.state == "completed"
     assert report.rejections_by_reason.keys() == {"E_EXPIRED"}
     assert all(d.agent.rejections["E_EXPIRED"] >= 1 for d in by_group["skew"])
     assert report.unexpected_errors == {}
@@ -210,7 +209,7 @@ def test_cli_runs_a_scenario_file_and_writes_the_json_report(
     assert "deploy iris:1" in done.stderr  # the live view and the human report
     report = json.loads(report_file.read_text())
     (rollout,) = report["rollouts"]
-    assert (rollout["active"], rollout["failed"], rollout["failures_by_reason"]) == (
+    assert (rollout["succeeded"], rollout["failed"], rollout["failures_by_reason"]) == (
         10,
         2,
         {"E_HEALTH_CHECK": 2},
