@@ -1,6 +1,8 @@
 """The real hub in-process (uvicorn, SQLite file, its own embedded Mosquitto) and real agents
 enrolled through its API: the ``live_hub`` fixture of the end-to-end and simulator tests."""
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -52,6 +54,21 @@ class LiveHub:
         self.url = self.served.url
         self.ctx = self.served.ctx
         self.token = self.served.ctx.admin_token
+
+    def restart_broker(self, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 30.0) -> None:
+        """Take the hub's Mosquitto down with ``sig`` and wait until the hub's supervisor has
+        started it again on the same port: SIGTERM as an operator's restart (``systemctl
+        restart mosquitto``), SIGKILL as a crash. The hub's own client reconnects by itself."""
+        broker = self.ctx.broker
+        assert broker is not None, "the hub runs no embedded broker"
+        pid, restarts = broker.pid, broker.restarts
+        assert pid is not None, "the broker is not running"
+        os.kill(pid, sig)
+        self.wait_until(
+            lambda: broker.restarts > restarts and broker.is_running(),
+            timeout_s=timeout_s,
+            what="the hub's supervisor to restart mosquitto",
+        )
 
     @property
     def api(self) -> httpx.Client:
