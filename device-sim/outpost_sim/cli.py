@@ -3,6 +3,7 @@
     outpost-sim run scenario.yaml [--json [FILE]]
     outpost-sim run --hub http://127.0.0.1:8780 --token T --devices 200 --state-dir var/sim
     outpost-sim plan scenario.yaml
+    outpost-sim run device-sim/scenarios/staged-rollout.yaml   # canary, waves, soak, threshold
 
 ``run`` enrols the devices that have no identity yet (one bulk request per 1,000), starts them
 over the ramp, does the scenario's steps with a live progress view on stderr, and ends with a

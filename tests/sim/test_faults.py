@@ -7,7 +7,7 @@ import pytest
 from agent.failpoints import Failpoint
 from outpost_sim.cli import main
 from outpost_sim.faults import DeviceSlot, FaultPlan, plan_faults
-from outpost_sim.scenario import ScenarioError, load_scenario, parse_scenario
+from outpost_sim.scenario import DeployStep, ScenarioError, load_scenario, parse_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOTS = [DeviceSlot(i, "a" if i < 60 else "b") for i in range(100)]
@@ -156,6 +156,36 @@ def test_the_example_scenarios_are_valid(path: Path) -> None:
     scenario = load_scenario(path)
     assert scenario.devices > 0
     assert scenario.steps
+
+
+def test_the_staged_rollout_example_sends_its_policy_to_the_hub_as_written() -> None:
+    scenario = load_scenario(ROOT / "device-sim" / "scenarios" / "staged-rollout.yaml")
+    first, staged = (s for s in scenario.steps if isinstance(s, DeployStep))
+    assert first.body(["d1"]) == {"model": "iris", "version": 1, "devices": ["d1"]}
+    # Canary, waves, soak and a failure threshold; unset fields are left to the hub.
+    assert staged.body(["d1", "d2"]) == {
+        "model": "iris",
+        "version": 2,
+        "devices": ["d1", "d2"],
+        "policy": {
+            "canary_percent": 5,
+            "wave_percent": 25,
+            "soak_s": 10,
+            "max_failure_ratio": 0.2,
+            "min_devices": 20,
+            "rollback_on_abort": True,
+        },
+        "device_timeout_s": 120,
+    }
+    assert (first.expect, staged.expect) == ("completed", "completed")
+    plan = plan_faults(
+        scenario.faults,
+        [DeviceSlot(i, "plant-1") for i in range(scenario.devices)],
+        seed=scenario.seed,
+        horizon_s=scenario.horizon_s(),
+    )
+    failing = [f for f in plan.devices.values() if f.health_fail]
+    assert [f.health_fail_versions for f in failing] == [[2]] * 4
 
 
 def test_health_fail_versions_add_up_on_one_device() -> None:
