@@ -74,6 +74,15 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has exited and let go of its sockets already)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 class EmbeddedBroker:
     """A mosquitto child process configured with the project's ACL and password file."""
 
@@ -173,6 +182,7 @@ class EmbeddedBroker:
             write_atomic(self.password_file, passwords.encode(), mode=0o600)
             acl = render_acl(self._topic_root, self.hub_username)
             write_atomic(self.acl_file, acl.encode(), mode=0o600)
+            self._stop_leftover()
             # Enrolled devices know the port: a restart must come back on the same one.
             kept = self._fixed_port or self._remembered_port()
             # A port we picked may be taken between picking and binding; pick again then.
@@ -208,6 +218,33 @@ class EmbeddedBroker:
         )
         self._supervisor.start()
         logger.info("embedded broker listening", extra={"url": self.url, "pid": self.pid})
+
+    @property
+    def pid_file(self) -> Path:
+        return self._data_dir / "mosquitto.pid"
+
+    def _stop_leftover(self) -> None:
+        """Stop a mosquitto that a hub killed outright (SIGKILL, power cut of the hub only)
+        left running: it still holds the port the devices know, so this hub's broker could
+        never start. Only a process whose command line names this data dir's config is
+        touched."""
+        try:
+            pid = int(self.pid_file.read_text(encoding="utf-8").strip())
+        except (FileNotFoundError, ValueError):
+            return
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return  # gone, or no /proc to tell what it is: leave it alone
+        if str(self.config_file).encode() not in cmdline.split(b"\0"):
+            return  # the pid was reused by another process
+        logger.warning("stopping a mosquitto left by a hub that did not stop", extra={"pid": pid})
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self._stop_timeout_s
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
     def _remembered_port(self) -> int | None:
         try:
@@ -332,6 +369,7 @@ class EmbeddedBroker:
                 )
             time.sleep(_POLL_S)
         self._proc = proc
+        write_atomic(self.pid_file, f"{proc.pid}\n".encode(), mode=0o600)
 
     def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is not None:

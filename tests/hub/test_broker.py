@@ -11,6 +11,8 @@ import queue
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +35,7 @@ from hub.broker import (
     render_passwords,
     verify_password,
 )
+from hub.broker.supervisor import pid_alive
 
 if TYPE_CHECKING:
     # The conftest's fixture type, for readers and editors; pytest never evaluates annotations.
@@ -421,3 +424,38 @@ def test_a_restarted_broker_comes_back_on_the_port_devices_were_enrolled_with(
         with pytest.raises(BrokerError, match=f"port {first}, the port enrolled devices use"):
             blocked.start(users)
         blocked.stop()
+
+
+_KILLED_HUB = """
+import os, sys
+from pathlib import Path
+from hub.broker import BrokerUser, EmbeddedBroker, hash_password
+broker = EmbeddedBroker(data_dir=Path(sys.argv[1]))
+broker.start([BrokerUser("outpost_hub", hash_password("x"))])
+print(broker.port, broker.pid, flush=True)
+os.kill(os.getpid(), 9)  # the hub dies without stopping its broker
+"""
+
+
+def test_a_broker_left_running_by_a_killed_hub_is_stopped_and_its_port_taken_back(
+    tmp_path: Path,
+) -> None:
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_HUB, str(tmp_path)], capture_output=True, timeout=60
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    port, orphan = map(int, killed.stdout.split())
+    assert pid_alive(orphan)  # it still holds the port the devices know
+    with EmbeddedBroker(data_dir=tmp_path) as broker:
+        broker.start([BrokerUser("outpost_hub", hash_password("x"))])
+        assert broker.port == port
+        assert broker.pid != orphan
+    assert not pid_alive(orphan)
+
+
+def test_a_stale_pid_file_naming_another_process_is_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "mosquitto.pid").write_text(f"{os.getpid()}\n")
+    with EmbeddedBroker(data_dir=tmp_path) as broker:
+        broker.start([BrokerUser("outpost_hub", hash_password("x"))])
+        assert broker.is_running()
+    assert pid_alive(os.getpid())
