@@ -40,14 +40,16 @@ class HubProcess:
         return {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_HUB_")}
 
     def start(self) -> None:
+        """Start the hub (creating its keys the first time) and wait until its API answers."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            self._command("keys", "init"),
-            env=self._env(),
-            check=True,
-            capture_output=True,
-            timeout=self._start_timeout_s,
-        )
+        if not (self.data_dir / "keys").exists():
+            subprocess.run(
+                self._command("keys", "init"),
+                env=self._env(),
+                check=True,
+                capture_output=True,
+                timeout=self._start_timeout_s,
+            )
         self._log = (self.data_dir / "hub.log").open("ab")
         self._proc = subprocess.Popen(
             self._command("serve", "--port", str(self.port)),
@@ -101,6 +103,15 @@ class HubProcess:
                 f"hub refused {method} {path}: {response.status_code} {response.text}"
             )
         return response.json()
+
+    def kill(self) -> None:
+        """SIGKILL the hub, as a crash or an OOM kill would: nothing is cleaned up, and its
+        Mosquitto is left running, as it would be."""
+        proc = self._proc
+        self._proc = None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """SIGINT, as Ctrl-C: uvicorn's shutdown stops the MQTT side, then Mosquitto."""
