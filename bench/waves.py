@@ -8,9 +8,9 @@ process), the same fleet of real agents in this process and a package of the sam
 
 - floor: one deployment of v1 to every device at once (what ``bench.rollout`` measures), timed
   from ``POST /api/v1/deployments`` until every agent serves v1;
-- project: the devices' models are wiped (so both runs are fresh installs of the same bytes),
-  then v2 is deployed under a rollout policy (a canary, then waves, optionally a cap on
-  concurrent downloads), timed the same way.
+- project: a second, fresh fleet of as many devices (the first one stopped and removed, so both
+  runs are first installs of as many bytes on an idle broker) gets v2 under a rollout policy (a
+  canary, then waves, optionally a cap on concurrent downloads), timed the same way.
 
 The ratio is what staging costs in time. Also reported: each wave's span (from the release of
 its first device until its last device was active), the most devices installing at once, and
@@ -29,7 +29,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from agent.state import StateDir
 from bench.hub import HubProcess
 from bench.machine import Machine, peak_rss_bytes, raise_fd_limit
 from bench.model import build_mlp
@@ -63,16 +62,6 @@ class WavesMeasured:
     peak_rss: dict[str, int]
 
 
-def wipe_models(state_dirs: list[Path]) -> None:
-    """Remove every device's installed models and downloads, keeping identity and counters, so
-    the second rollout installs as much as the first."""
-    for state_dir in state_dirs:
-        state = StateDir(state_dir)
-        for directory in (state.models, state.downloads):
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir()
-
-
 def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
@@ -104,13 +93,17 @@ def measure(cfg: RolloutConfig, policy: dict[str, Any]) -> WavesMeasured:
     root = Path(tempfile.mkdtemp(prefix="outpost-bench-waves-", dir=cfg.work_dir))
     try:
         model = build_mlp(root / "model", target_bytes=int(cfg.mib * MIB))
-        state_dirs = device_dirs(root / "devices", cfg.devices)
         with HubProcess(root / "hub") as hub:
             v1 = register(hub, model)
             v2 = register(hub, model)
-            enroll(hub, root / "devices", cfg.devices)
-            all_at_once = asyncio.run(run_project(cfg, hub, state_dirs, v1))
-            wipe_models(state_dirs)
+            enroll(hub, root / "first", cfg.devices)
+            first = device_dirs(root / "first", cfg.devices)
+            all_at_once = asyncio.run(run_project(cfg, hub, first, v1))
+            # A fleet whose models were wiped would fetch v1 again (its desired state still
+            # names it) while v2 rolls out; a new fleet starts as the first one did.
+            shutil.rmtree(root / "first")
+            enroll(hub, root / "second", cfg.devices)
+            state_dirs = device_dirs(root / "second", cfg.devices)
             staged = asyncio.run(
                 run_project(cfg, hub, state_dirs, v2, policy=policy, settle_s=SETTLE_S)
             )
@@ -157,10 +150,11 @@ def build_report(cfg: RolloutConfig, policy: dict[str, Any], m: WavesMeasured) -
         title=f"{cfg.devices:,} devices × {m.model_bytes / MIB:.2f} MiB, policy {policy}",
         figures=figures,
         notes=[
-            "project: a staged rollout of v2 under the policy in the title; floor: v1 to the "
-            "same fleet all at once, in the same run, on the same hub and broker. Both are "
-            "fresh installs of a package of the same size (the devices' models are wiped in "
-            "between). Timed from POST /api/v1/deployments until every agent serves the version.",
+            "project: a staged rollout of v2 under the policy in the title; floor: v1 all at "
+            "once, in the same run, on the same hub and broker, to a fleet of as many devices. "
+            "Each run is a fresh fleet's first install of a package of the same size (the first "
+            "fleet is stopped and removed before the second starts). Timed from "
+            "POST /api/v1/deployments until every agent serves the version.",
             f"the staged rollout ended {m.state}: {m.counts}. A wave starts when every device "
             "of the wave before has finished, so the waves add their tails up; the span of a "
             "wave is from its first release to its last device active.",

@@ -3,7 +3,7 @@
 Local commands (serve, db, keys) work on ``--data-dir``; the rest talk to a running hub at
 ``--hub`` with the admin token from ``OUTPOST_HUB_TOKEN`` or ``<data-dir>/admin.token``
 (``hub.cli_client``). User errors print one line and exit 2. ``deploy`` and ``deployment``
-live in ``hub.cli_deployments`` and are registered on ``main`` here.
+live in ``hub.cli_deploy`` and ``hub.cli_deployments`` and are registered on ``main`` here.
 """
 
 import logging
@@ -23,7 +23,8 @@ from hub.cli_client import (
     settings_for,
     split_ref,
 )
-from hub.cli_deployments import deploy, deployment
+from hub.cli_deploy import deploy
+from hub.cli_deployments import deployment
 from hub.devices.schemas import GROUP_PATTERN, check_tags
 from hub.errors import HubError
 from hub.settings import HubSettings

@@ -155,7 +155,7 @@ def advance(session: Session, deployment_id: str, now: datetime) -> list[str]:
     if deployment.state != RolloutState.RUNNING:
         return []  # paused after the canary
     published = release_pending(session, deployment, policy, now)
-    _complete_if_done(session, deployment, now)
+    complete_if_done(session, deployment, now)
     return published
 
 
@@ -310,18 +310,37 @@ def release_pending(
     return release(session=session, deployment=deployment, rows=rows, now=now)
 
 
-def _complete_if_done(session: Session, deployment: Deployment, now: datetime) -> None:
-    if deployment.continuous or deployment.current_wave < deployment.waves - 1:
-        return
+def complete_if_done(session: Session, deployment: Deployment, now: datetime) -> bool:
+    """Mark a running rollout completed once its last wave is released and settled.
+
+    Called by the engine's tick and by the handlers when a device finishes, so the rollout says
+    "completed" in the same commit as its last device's report. The state changes only from
+    running (a conditional UPDATE), so two callers never complete it twice.
+    """
+    if (
+        deployment.continuous
+        or deployment.state != RolloutState.RUNNING
+        or deployment.current_wave < deployment.waves - 1
+    ):
+        return False
     session.flush()
     counts = state_counts(session, deployment.id)
     if any(counts[s] for s in (*_MOVING, DeviceState.ROLLING_BACK)):
-        return
+        return False
+    reason = summary(counts)
+    taken = session.execute(
+        update(Deployment)
+        .where(col(Deployment.id) == deployment.id, col(Deployment.state) == RolloutState.RUNNING)
+        .values(state=RolloutState.COMPLETED, state_reason=reason, finished_at=now)
+    )
+    if not taken.rowcount:  # type: ignore[attr-defined]
+        return False
+    # Keep the loaded object in step, so a later flush does not write the old state back.
     deployment.state = RolloutState.COMPLETED
-    deployment.state_reason = summary(counts)
+    deployment.state_reason = reason
     deployment.finished_at = now
-    session.add(deployment)
-    record(session, deployment.id, ENGINE_ACTOR, "completed", deployment.state_reason, now)
+    record(session, deployment.id, ENGINE_ACTOR, "completed", reason, now)
+    return True
 
 
 def summary(counts: Counter[str]) -> str:

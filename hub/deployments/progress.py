@@ -10,7 +10,8 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from agent.protocol.messages import EventBody, Step
-from hub.deployments.models import Deployment, DeploymentDevice, DeviceState
+from hub.deployments.engine import complete_if_done
+from hub.deployments.models import DEVICE_FINISHED, Deployment, DeploymentDevice, DeviceState
 from hub.deployments.release import set_state
 
 
@@ -51,7 +52,11 @@ def on_event(
     else:
         return None  # pending, finished, or about another package: stored, nothing to do
     session.add(row)
-    return row if row.state != before else None
+    if row.state == before:
+        return None
+    if row.state in DEVICE_FINISHED:
+        complete_if_done(session, deployment, now)
+    return row
 
 
 def _late_event(row: DeploymentDevice, body: EventBody, now: datetime) -> None:
@@ -127,4 +132,6 @@ def on_reported_state(
             continue
         session.add(row)
         changed.append(row)
+        if row.state in DEVICE_FINISHED:
+            complete_if_done(session, deployment, now)
     return changed

@@ -22,7 +22,7 @@ from agent.protocol.messages import EventBody, Reason, Step, encode
 from agent.protocol.topics import Channel
 from hub.cli import main
 from hub.cli_client import HubClient
-from hub.cli_deployments import describe_policy
+from hub.cli_policy import describe_policy
 from hub.cli_progress import ProgressDisplay, progress_line
 from hub.deployments.engine import RolloutEngine
 from hub.deployments.models import Deployment, DeploymentDevice, DeviceState

@@ -535,8 +535,10 @@ def test_a_staged_rollout_with_an_abort_and_the_lease_on_postgresql(
 
 
 def test_an_aborted_rollout_lets_go_of_its_devices_for_a_lower_priority_one(fleet: Fleet) -> None:
-    [device] = fleet.enroll(1)
-    high = fleet.deploy(devices=[device], priority=5)
+    device, later = fleet.enroll(2)
+    high = fleet.deploy(
+        devices=[device, later], priority=5, policy={"wave_size": 1, "order": "listed"}
+    )
     fleet.event(device, high, Step.ACTIVE)
     aborted = fleet.hub.client.post(
         f"/api/v1/deployments/{high['id']}/abort", json={"rollback": True}
@@ -572,3 +574,20 @@ def test_list_filters_and_group_names_are_checked(fleet: Fleet) -> None:
     assert "groups" in bad_group.text
     summary = client.get(f"/api/v1/deployments/{dep['id']}", params={"devices": "false"}).json()
     assert (summary["devices"], summary["total"], summary["steps"]) == (None, 1, {"queued": 1})
+
+
+def test_the_last_device_s_report_completes_the_rollout_in_the_same_commit(fleet: Fleet) -> None:
+    ids = fleet.enroll(2)
+    dep = fleet.deploy(devices=ids)
+    fleet.event(ids[0], dep, Step.ACTIVE)
+    assert fleet.view(dep)["state"] == "running"
+    fleet.report(ids[1], active={"iris": dep["package_digest"]})  # the event was lost
+    view = fleet.view(dep)
+    assert (view["state"], view["state_reason"], view["done"]) == (
+        "completed",
+        "2 succeeded",
+        True,
+    )
+    fleet.tick()  # the engine finds nothing left to do, and records nothing twice
+    history = fleet.hub.client.get(f"/api/v1/deployments/{dep['id']}/history").json()
+    assert [h["action"] for h in history] == ["created", "completed"]
