@@ -1,6 +1,7 @@
 """The few hub REST calls a scenario makes: an enrolment token, a deployment and following it
 (its state, waves and history), the hub's message counters."""
 
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,11 @@ class HubApi:
                 f"{method} {path} needs the hub's admin token: set hub.admin_token_file in the"
                 " scenario or OUTPOST_SIM_ADMIN_TOKEN"
             )
-        headers = {"authorization": f"Bearer {self.admin_token}"}
+        # The deployment history names the simulator as the one who acted.
+        headers = {
+            "authorization": f"Bearer {self.admin_token}",
+            "x-outpost-actor": f"outpost-sim@{socket.gethostname()}",
+        }
         try:
             response = httpx.request(
                 method,
