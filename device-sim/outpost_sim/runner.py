@@ -148,6 +148,8 @@ class ScenarioRunner:
         self.api = HubApi(scenario.hub.url, scenario.hub.resolved_admin_token())
         self.rollouts: list[RolloutReport] = []
         self.step_label = "starting"
+        # The version a deploy step rolls out, which the live view counts ("iris:2").
+        self.step_target: str | None = None
         self._stop = asyncio.Event()
 
     async def run(self) -> RunReport:
@@ -199,6 +201,7 @@ class ScenarioRunner:
             if self._stop.is_set():
                 return
             self.step_label = f"step {number}/{len(self.scenario.steps)} {step.do}"
+            self.step_target = None
             await self._do(step)
         if self.scenario.linger_s:
             self.step_label = "lingering"
@@ -252,6 +255,7 @@ class ScenarioRunner:
         )
         deployment_id = str(created["id"])
         self.step_label = f"deploy {step.model}:{created['version']}"
+        self.step_target = f"{step.model}:{created['version']}"
         view, api_errors = await self._follow(deployment_id, step)
         ended = time.monotonic()
         history: list[dict[str, Any]] = []
@@ -328,7 +332,7 @@ class ScenarioRunner:
 
     async def _show_progress(self, meter: ResourceMeter) -> None:
         while not self._stop.is_set():
-            self.view.show(self.step_label, self.fleet, meter)
+            self.view.show(self.step_label, self.fleet, meter, self.step_target)
             try:
                 await asyncio.wait_for(self._stop.wait(), self.view.interval_s)
             except TimeoutError:

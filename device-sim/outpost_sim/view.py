@@ -21,22 +21,32 @@ class ProgressView:
         self.interval_s = interval_s if self._tty else max(interval_s, 2.0)
         self._started = time.monotonic()
 
-    def line(self, label: str, fleet: Fleet, meter: ResourceMeter) -> str:
+    def line(
+        self, label: str, fleet: Fleet, meter: ResourceMeter, target: str | None = None
+    ) -> str:
+        """``target`` ("iris:2"): count the devices serving that version; without one, the
+        version most devices serve."""
         summary = fleet.summary()
         devices = summary.devices
-        active = max(summary.active.values(), default=0)
+        if target is not None:
+            active = summary.active.get(target, 0)
+        else:
+            active = max(summary.active.values(), default=0)
         injected = sum(d.conditions.stats.drops for d in fleet.devices)
         usage = meter.read(devices)
         return (
             f"{time.monotonic() - self._started:6.1f}s {label:<22} {bar(active, devices)}"
-            f" active {active}/{devices}  failed {summary.failed}  rejected {summary.rejected}"
+            f" {target or 'active'} {active}/{devices}"
+            f"  failed {summary.failed}  rejected {summary.rejected}"
             f"  connected {summary.connected}/{devices}  drops {injected}"
             f"  crashes {summary.simulated_crashes}"
             f"  cpu {usage['cpu_percent']:.0f}%  rss {usage['rss_mb']:.0f} MB"
         )
 
-    def show(self, label: str, fleet: Fleet, meter: ResourceMeter) -> None:
-        self.write(self.line(label, fleet, meter))
+    def show(
+        self, label: str, fleet: Fleet, meter: ResourceMeter, target: str | None = None
+    ) -> None:
+        self.write(self.line(label, fleet, meter, target))
 
     def write(self, text: str) -> None:
         if self._tty:
