@@ -23,8 +23,16 @@ _HTTP_TIMEOUT_S = 300.0  # registering or deploying a large model takes a while
 class HubProcess:
     """One hub; ``start`` creates its keys and waits until its API answers."""
 
-    def __init__(self, data_dir: Path, *, start_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        start_timeout_s: float = 60.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
+        # Extra environment for the hub process (a failpoint, say); ``start`` may change it.
+        self.env = dict(env or {})
         self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._start_timeout_s = start_timeout_s
@@ -37,7 +45,8 @@ class HubProcess:
 
     def _env(self) -> dict[str, str]:
         # The hub reads OUTPOST_HUB_* settings; the bench's hub must not pick up a user's.
-        return {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_HUB_")}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_HUB_")}
+        return {**inherited, **self.env}
 
     def start(self) -> None:
         """Start the hub (creating its keys the first time) and wait until its API answers."""
@@ -112,6 +121,13 @@ class HubProcess:
         if proc is not None:
             proc.kill()
             proc.wait()
+
+    def wait_exit(self, timeout_s: float) -> int:
+        """Wait for the hub to end by itself (a failpoint); its exit status."""
+        assert self._proc is not None, "the hub is not running"
+        code = self._proc.wait(timeout=timeout_s)
+        self._proc = None
+        return code
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """SIGINT, as Ctrl-C: uvicorn's shutdown stops the MQTT side, then Mosquitto."""

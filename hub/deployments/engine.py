@@ -36,6 +36,10 @@ from hub.devices.models import Device
 logger = logging.getLogger(__name__)
 
 LEASE_S = 15.0
+# A released device that has not reported a step for this long may never have received its
+# desired state: the hub died between committing the release and publishing it, or the device's
+# request for it reached no hub. Its desired state is published again, at most this often.
+REPUBLISH_AFTER_S = 20.0
 ENGINE_ACTOR = "rollout"
 # Device steps that still fetch the package: what the download cap counts.
 _FETCHING = (str(Step.QUEUED), str(Step.DOWNLOADING))
@@ -99,6 +103,7 @@ class RolloutEngine:
             tick.published += advance(session, deployment_id, now)
             session.commit()
         tick.expired = expire_overdue_devices(session=session, now=now)
+        tick.published += republish_unheard(session, now)
         return tick
 
     def _take_lease(self, session: Session, deployment_id: str, now: datetime) -> bool:
@@ -407,6 +412,30 @@ def _send_back(
         elif revert(session=session, deployment=deployment, row=row, now=now, why=why):
             published.append(row.device_id)
     return published
+
+
+def republish_unheard(session: Session, now: datetime) -> list[str]:
+    """Devices released (or sent back) that have said nothing since: their desired state is
+    published again (the caller publishes, after this commits)."""
+    quiet_since = now - timedelta(seconds=REPUBLISH_AFTER_S)
+    rows = session.exec(
+        select(DeploymentDevice)
+        .where(col(DeploymentDevice.updated_at) <= quiet_since)
+        .where(
+            or_(
+                (col(DeploymentDevice.state) == DeviceState.IN_PROGRESS)
+                & (col(DeploymentDevice.step) == str(Step.QUEUED)),
+                col(DeploymentDevice.state) == DeviceState.ROLLING_BACK,
+            )
+        )
+    ).all()
+    for row in rows:
+        row.updated_at = now  # not again before REPUBLISH_AFTER_S
+        session.add(row)
+    if rows:
+        session.commit()
+        logger.info("publishing desired states again", extra={"devices": len(rows)})
+    return list(dict.fromkeys(row.device_id for row in rows))
 
 
 def expire_overdue_devices(*, session: Session, now: datetime | None = None) -> int:

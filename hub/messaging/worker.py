@@ -15,6 +15,7 @@ from sqlmodel import Session
 
 from hub.deployments.engine import RolloutEngine
 from hub.deployments.service import publish
+from hub.failpoints import HubFailpoint, hit
 from hub.messaging.chunks import publish_chunks
 from hub.messaging.handlers import Handlers, handle_message
 
@@ -127,6 +128,8 @@ class MessageWorker:
         try:
             with Session(self._ctx.engine, expire_on_commit=False) as session:
                 tick = self.engine.tick(session)
+                if tick.published:
+                    hit(HubFailpoint.AFTER_RELEASE_COMMIT)
                 publish(self.handlers.director, session, tick.published, "rollout tick")
         except Exception:
             self.handlers.stats.bump("failed")

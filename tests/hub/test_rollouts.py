@@ -591,3 +591,23 @@ def test_the_last_device_s_report_completes_the_rollout_in_the_same_commit(fleet
     fleet.tick()  # the engine finds nothing left to do, and records nothing twice
     history = fleet.hub.client.get(f"/api/v1/deployments/{dep['id']}/history").json()
     assert [h["action"] for h in history] == ["created", "completed"]
+
+
+def test_a_released_device_that_says_nothing_is_sent_its_desired_state_again(
+    fleet: Fleet,
+) -> None:
+    # The hub may die between committing a release and publishing it, or a device's request
+    # for its desired state may reach no hub: nothing else would ever repair that.
+    silent, talking = fleet.enroll(2)
+    dep = fleet.deploy(devices=[silent, talking])
+    start = utcnow()
+    fleet.event(talking, dep, Step.DOWNLOADING, progress=0.1)
+    assert [len(fleet.desired(d)) for d in (silent, talking)] == [1, 1]
+    fleet.tick(start + timedelta(seconds=10))
+    assert len(fleet.desired(silent)) == 1
+    assert fleet.tick(start + timedelta(seconds=21)).published == [silent]
+    [first, again] = fleet.desired(silent)
+    assert again.packages == first.packages and again.counter > first.counter
+    assert fleet.tick(start + timedelta(seconds=30)).published == []  # not more than every 20 s
+    assert fleet.tick(start + timedelta(seconds=42)).published == [silent]
+    assert len(fleet.desired(talking)) == 1  # a device that reports progress is left alone

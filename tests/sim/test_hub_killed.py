@@ -6,6 +6,7 @@ The hub runs as ``outpost-hub serve`` in a child process (the benchmarks' ``HubP
 can really be killed; the fleet is the simulator's, following the rollout through the API.
 """
 
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from bench.hub import HubProcess
+from hub.failpoints import ENV_VAR, HubFailpoint
 from outpost_sim.scenario import parse_scenario
 from tests.support.runner_thread import RunnerThread
 
@@ -45,10 +47,16 @@ def _wait(predicate: Callable[[], str | None], timeout_s: float, what: str) -> s
     raise AssertionError(f"{what}: not within {timeout_s} s")
 
 
+@pytest.mark.parametrize("how", ["killed after wave 1 is out", "failpoint after_release_commit"])
 def test_a_hub_killed_mid_rollout_finishes_it_after_a_restart_with_one_install_per_device(
-    tmp_path: Path, iris_model: Any
+    tmp_path: Path, iris_model: Any, how: str
 ) -> None:
-    hub = HubProcess(tmp_path / "hub")
+    # With the failpoint the hub kills itself after committing wave 1's release and before
+    # publishing it: those devices hear nothing until the restarted hub publishes again.
+    armed = how.startswith("failpoint")
+    hub = HubProcess(
+        tmp_path / "hub", env={ENV_VAR: HubFailpoint.AFTER_RELEASE_COMMIT} if armed else {}
+    )
     hub.start()
     try:
         _register(hub, iris_model)
@@ -88,9 +96,15 @@ def test_a_hub_killed_mid_rollout_finishes_it_after_a_restart_with_one_install_p
                     return str(d["id"])
             return None
 
-        deployment_id = _wait(wave_one, 60, "wave 1 released")
-        hub.kill()
-        hub.start()  # same data dir, same API port; its broker comes back on the devices' port
+        if armed:
+            assert hub.wait_exit(timeout_s=60) == -signal.SIGKILL
+            hub.env.clear()
+            hub.start()
+            deployment_id = _wait(wave_one, 10, "wave 1 released before the crash")
+        else:
+            deployment_id = _wait(wave_one, 60, "wave 1 released")
+            hub.kill()
+            hub.start()  # same data dir and API port; the broker comes back on the devices' port
         report = runner.report(timeout_s=180)
         (rollout,) = report.rollouts
         assert (rollout.state, rollout.as_expected, rollout.counts) == (
