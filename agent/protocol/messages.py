@@ -131,6 +131,69 @@ class AckBody(_Body):
     seq: int = Field(ge=0)  # every record of the stream up to and including seq is stored
 
 
+MAX_BATCH_RECORDS = 1000
+
+
+class ModelStats(_Body):
+    """One model's scoring over a telemetry interval."""
+
+    model: str = Field(max_length=63)
+    version: int = Field(ge=1)
+    inferences: int = Field(ge=0)
+    errors: int = Field(ge=0)
+    # Latency percentiles over the interval's calls; None when there were none.
+    p50_ms: float | None = Field(default=None, ge=0)
+    p95_ms: float | None = Field(default=None, ge=0)
+    p99_ms: float | None = Field(default=None, ge=0)
+
+
+class TelemetryRecord(_Body):
+    """What one device measured over one interval."""
+
+    seq: int = Field(ge=1)
+    at: AwareDatetime  # the end of the interval, on the device's clock
+    interval_s: float = Field(gt=0)
+    health: Literal["ok", "degraded"] = "ok"
+    uptime_s: float = Field(ge=0)
+    cpu_percent: float | None = Field(default=None, ge=0)
+    memory_bytes: int | None = Field(default=None, ge=0)
+    disk_free_bytes: int | None = Field(default=None, ge=0)
+    temperature_c: float | None = None  # where the platform gives one
+    reconnects: int = Field(default=0, ge=0)  # during the interval
+    outbox_backlog: int = Field(default=0, ge=0)  # records waiting for the hub's ack
+    outbox_dropped: int = Field(default=0, ge=0)  # dropped by the outbox bound, since install
+    models: list[ModelStats] = Field(default_factory=list, max_length=100)
+
+
+class CollectedRecord(_Body):
+    """One sampled scoring call: the edge ``ModelDataCollector`` record."""
+
+    seq: int = Field(ge=1)
+    at: AwareDatetime
+    model: str = Field(max_length=63)
+    version: int = Field(ge=1)
+    deployment_id: str | None = Field(default=None, max_length=40)
+    # Taken from the scoring request (``X-Correlation-Id``) when the caller gave one.
+    correlation_id: str | None = Field(default=None, max_length=200)
+    latency_ms: float = Field(ge=0)
+    inputs: Any
+    outputs: Any
+
+
+class TelemetryBody(_Body):
+    kind: Literal["telemetry"] = "telemetry"
+    # The oldest seq of the stream the device still holds. Every seq below it was acknowledged
+    # or dropped by the outbox bound, so the hub acknowledges past that gap instead of waiting.
+    first_kept: int = Field(ge=1)
+    records: list[TelemetryRecord] = Field(min_length=1, max_length=MAX_BATCH_RECORDS)
+
+
+class DataBody(_Body):
+    kind: Literal["data"] = "data"
+    first_kept: int = Field(ge=1)  # as in TelemetryBody
+    records: list[CollectedRecord] = Field(min_length=1, max_length=MAX_BATCH_RECORDS)
+
+
 Body = Annotated[
     DesiredBody
     | StateBody
@@ -138,7 +201,9 @@ Body = Annotated[
     | EventBody
     | DesiredRequestBody
     | ChunkRequestBody
-    | AckBody,
+    | AckBody
+    | TelemetryBody
+    | DataBody,
     Field(discriminator="kind"),
 ]
 

@@ -28,14 +28,19 @@ from agent.protocol.documents import (
 from agent.protocol.messages import (
     AckBody,
     ChunkRequestBody,
+    CollectedRecord,
+    DataBody,
     DesiredRequestBody,
     EventBody,
     MessageError,
+    ModelStats,
     ModelStatus,
     Reason,
     StateBody,
     StatusBody,
     Step,
+    TelemetryBody,
+    TelemetryRecord,
     decode,
     encode,
 )
@@ -97,6 +102,51 @@ MESSAGES: dict[str, Any] = {
     "desired_request": DesiredRequestBody(have_counter=6),
     "chunk_request": ChunkRequestBody(digest=DIGEST, chunks=[0, 1]),
     "ack": AckBody(stream="evt", seq=9),
+    "telemetry": TelemetryBody(
+        first_kept=41,
+        records=[
+            TelemetryRecord(
+                seq=42,
+                at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+                interval_s=60,
+                uptime_s=3600.5,
+                cpu_percent=12.5,
+                memory_bytes=52_428_800,
+                disk_free_bytes=1_073_741_824,
+                temperature_c=48.0,
+                reconnects=1,
+                outbox_backlog=3,
+                outbox_dropped=0,
+                models=[
+                    ModelStats(
+                        model="iris",
+                        version=3,
+                        inferences=120,
+                        errors=1,
+                        p50_ms=1.5,
+                        p95_ms=4.25,
+                        p99_ms=9.0,
+                    )
+                ],
+            )
+        ],
+    ),
+    "data": DataBody(
+        first_kept=7,
+        records=[
+            CollectedRecord(
+                seq=7,
+                at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+                model="iris",
+                version=3,
+                deployment_id="dep-1",
+                correlation_id="req-77",
+                latency_ms=1.75,
+                inputs={"data": [[5.1, 3.5, 1.4, 0.2]]},
+                outputs={"label": [0]},
+            )
+        ],
+    ),
 }
 
 
