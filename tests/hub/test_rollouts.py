@@ -607,7 +607,8 @@ def test_a_released_device_that_says_nothing_is_sent_its_desired_state_again(
     assert len(fleet.desired(silent)) == 1
     assert fleet.tick(start + timedelta(seconds=21)).published == [silent]
     [first, again] = fleet.desired(silent)
-    assert again.packages == first.packages and again.counter > first.counter
+    assert again.packages == first.packages
+    assert again.counter > first.counter
     assert fleet.tick(start + timedelta(seconds=30)).published == []  # not more than every 20 s
     assert fleet.tick(start + timedelta(seconds=42)).published == [silent]
     assert len(fleet.desired(talking)) == 1  # a device that reports progress is left alone
