@@ -57,6 +57,15 @@ class Keyring(_Doc):
         return utc_iso(value)
 
 
+class CollectPolicy(_Doc):
+    """Data collection for one package on a device: the deployment's sampling of scoring calls
+    (inputs, outputs, latency), bounded for metered links."""
+
+    sample_rate: float = Field(ge=0, le=1)  # the share of scoring calls recorded
+    max_per_minute: int = Field(default=60, ge=0)
+    max_bytes_per_day: int = Field(default=10 * 1024 * 1024, ge=0)
+
+
 class PackageRef(_Doc):
     """One package a device should run, as named by the director."""
 
@@ -67,6 +76,7 @@ class PackageRef(_Doc):
     chunk_bytes: int = Field(ge=1)
     chunks: list[str]  # sha256 of each chunk, in order
     deployment_id: str
+    collect: CollectPolicy | None = None  # None: no data collection
 
 
 class DesiredState(_Doc):
