@@ -6,6 +6,7 @@ from hub.deployments import models as deployments_models
 from hub.devices import models as devices_models
 from hub.packages import models as packages_models
 from hub.registry import models as registry_models
+from hub.telemetry import models as telemetry_models
 
 __all__ = [
     "deployments_models",
@@ -13,6 +14,7 @@ __all__ = [
     "metadata",
     "packages_models",
     "registry_models",
+    "telemetry_models",
 ]
 
 metadata = SQLModel.metadata

@@ -86,6 +86,9 @@ class Deployment(SQLModel, table=True):
     groups: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     # Also reach devices where this version failed before (marked bad there).
     retry_bad: bool = False
+    # agent.protocol.documents.CollectPolicy as JSON, put into each released device's desired
+    # state; None: the devices collect nothing for this deployment.
+    data_collection: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     created_by: str = Field(default="", max_length=255)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
