@@ -58,6 +58,20 @@ class RegistrySettings(_Frozen):
     max_package_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
 
 
+class TelemetrySettings(_Frozen):
+    # Telemetry points, data-collection records and dead letters older than this (by when the
+    # hub received them: a device's clock may be wrong) are deleted by the message worker.
+    retention_days: int = Field(default=30, ge=1, le=3650)
+    # How often the worker looks for expired rows; each sweep is a few indexed DELETEs.
+    sweep_every_s: float = Field(default=300.0, ge=1.0)
+    # A dead letter keeps this much of the payload: enough to see what was wrong, while a
+    # device sending 1 MB of garbage a second cannot fill the disk faster than its ingest would.
+    dead_letter_payload_bytes: int = Field(default=4096, ge=0, le=1024 * 1024)
+    # Telemetry and data-collection messages already queued are stored together in one
+    # transaction, up to this many (1: one transaction per message).
+    coalesce_max_messages: int = Field(default=64, ge=1, le=10_000)
+
+
 class HubSettings(BaseSettings):
     """Everything the hub process is configured by."""
 
@@ -76,6 +90,7 @@ class HubSettings(BaseSettings):
     deploy: DeploySettings = DeploySettings()
     signing: SigningSettings = SigningSettings()
     registry: RegistrySettings = RegistrySettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @property
     def resolved_database_url(self) -> str:

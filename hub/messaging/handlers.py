@@ -6,7 +6,7 @@ a device id inside a body is never trusted over it.
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,15 +19,18 @@ from agent.protocol.messages import (
     TERMINAL_STEPS,
     AckBody,
     ChunkRequestBody,
+    DataBody,
     DesiredRequestBody,
+    Envelope,
     EventBody,
     MessageError,
     StateBody,
     StatusBody,
+    TelemetryBody,
     decode,
     encode,
 )
-from agent.protocol.topics import Channel, TopicError, Topics
+from agent.protocol.topics import Channel, TopicError, Topics, is_valid_device_id
 from hub.database import utcnow
 from hub.deployments.desired import Director
 from hub.deployments.models import DeviceDesired, DeviceEvent
@@ -37,6 +40,7 @@ from hub.errors import HubError
 from hub.messaging.chunks import ChunkScheduler, ChunkWanted
 from hub.messaging.publisher import Publisher
 from hub.packages.models import Package
+from hub.telemetry import ingest
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,11 @@ _KINDS_BY_CHANNEL: dict[Channel, frozenset[str]] = {
     Channel.STATUS: frozenset({"status"}),
     Channel.EVT: frozenset({"event"}),
     Channel.REQ: frozenset({"desired_request", "chunk_request"}),
+    Channel.TM: frozenset({"telemetry"}),
+    Channel.DC: frozenset({"data"}),
 }
+# Channels whose messages the worker may store several at a time (``handle_ingest_messages``).
+INGEST_CHANNELS = frozenset({Channel.TM, Channel.DC})
 
 
 @dataclass
@@ -132,22 +140,93 @@ class Handlers:
     # Called when a device finished or changed state in a deployment, so the rollout engine
     # looks at it soon instead of at its next regular tick.
     nudge_rollouts: Callable[[], None] = field(default=lambda: None)
+    # How much of a malformed message's payload its dead letter keeps.
+    dead_letter_payload_bytes: int = 4096
 
 
-def handle_message(*, session: Session, handlers: Handlers, topic: str, payload: bytes) -> None:
-    """Parse one device message and act on it; malformed messages are logged and dropped."""
+@dataclass(frozen=True)
+class Incoming:
+    """A device message that passed every check: its device (from the topic), its envelope, and
+    for telemetry and data collection the rows to store."""
+
+    device_id: str
+    envelope: Envelope
+    batch: ingest.Batch | None = None
+
+
+def _device_in_topic(topics: Topics, topic: str) -> str | None:
+    """The device id a topic names, when it names a valid one, even on a channel the hub does
+    not take: a dead letter should say whose it is."""
+    prefix = f"{topics.root}/d/"
+    if not topic.startswith(prefix):
+        return None
+    device_id = topic[len(prefix) :].split("/", 1)[0]
+    return device_id if is_valid_device_id(device_id) else None
+
+
+def is_ingest_topic(topics: Topics, topic: str) -> bool:
+    """Whether ``topic`` is a telemetry or data-collection topic (cheap; no payload parsing)."""
+    try:
+        return topics.parse_device(topic).channel in INGEST_CHANNELS
+    except TopicError:
+        return False
+
+
+def parse_message(
+    *, session: Session, handlers: Handlers, topic: str, payload: bytes
+) -> Incoming | None:
+    """Check one device message. A malformed one is counted, logged and kept as a dead letter
+    (committed at once, whatever else fails later); None then."""
     try:
         where = handlers.topics.parse_device(topic)
         if where.channel not in _KINDS_BY_CHANNEL:
             raise TopicError(f"the hub does not take messages on {where.channel}")
         envelope = decode(payload)
-        if envelope.body.kind not in _KINDS_BY_CHANNEL[where.channel]:
-            raise MessageError(f"a {envelope.body.kind!r} message does not belong on {topic}")
+        body = envelope.body
+        if body.kind not in _KINDS_BY_CHANNEL[where.channel]:
+            raise MessageError(f"a {body.kind!r} message does not belong on {topic}")
+        batch = (
+            ingest.prepare(where.device_id, body)
+            if isinstance(body, TelemetryBody | DataBody)
+            else None
+        )
     except (TopicError, MessageError) as exc:
         handlers.stats.bump("malformed")
         logger.warning("dropped malformed message", extra={"topic": topic, "reason": str(exc)})
-        return
-    device_id = where.device_id
+        session.add(
+            ingest.dead_letter(
+                topic=topic,
+                device_id=_device_in_topic(handlers.topics, topic),
+                reason=str(exc),
+                payload=payload,
+                max_payload_bytes=handlers.dead_letter_payload_bytes,
+                now=utcnow(),
+            )
+        )
+        session.commit()
+        return None
+    return Incoming(device_id=where.device_id, envelope=envelope, batch=batch)
+
+
+def handle_message(*, session: Session, handlers: Handlers, topic: str, payload: bytes) -> None:
+    """Parse one device message and act on it; malformed messages are logged, dropped and kept
+    aside as dead letters."""
+    incoming = parse_message(session=session, handlers=handlers, topic=topic, payload=payload)
+    if incoming is not None:
+        _dispatch(session=session, handlers=handlers, incoming=incoming)
+
+
+def _known(session: Session, handlers: Handlers, device_id: str) -> bool:
+    if session.get(Device, device_id) is None:
+        handlers.stats.bump("unknown_device")
+        logger.warning("dropped message from unknown device", extra={"device_id": device_id})
+        return False
+    return True
+
+
+def _dispatch(*, session: Session, handlers: Handlers, incoming: Incoming) -> None:
+    envelope = incoming.envelope
+    device_id = incoming.device_id
     if isinstance(envelope.body, StatusBody) and envelope.body.uptime_s is None:
         # Sent on every (re)connect: the device's old subscriptions are gone.
         handlers.chunks.forget_device(device_id)
@@ -156,12 +235,17 @@ def handle_message(*, session: Session, handlers: Handlers, topic: str, payload:
     ):
         handlers.stats.bump("handled")
         return
-    if session.get(Device, device_id) is None:
-        handlers.stats.bump("unknown_device")
-        logger.warning("dropped message from unknown device", extra={"device_id": device_id})
+    if not _known(session, handlers, device_id):
         return
     body = envelope.body
-    if isinstance(body, DesiredRequestBody):
+    if incoming.batch is not None:
+        handle_batch(
+            session=session,
+            publisher=handlers.publisher,
+            topics=handlers.topics,
+            batch=incoming.batch,
+        )
+    elif isinstance(body, DesiredRequestBody):
         handle_desired_request(session=session, director=handlers.director, device_id=device_id)
     elif isinstance(body, ChunkRequestBody):
         handle_chunk_request(
@@ -183,6 +267,76 @@ def handle_message(*, session: Session, handlers: Handlers, topic: str, payload:
         handle_status(session=session, device_id=device_id, body=body)
         handlers.heartbeats.status_written(device_id, body.online)
     handlers.stats.bump("handled")
+
+
+def handle_batch(
+    *, session: Session, publisher: Publisher, topics: Topics, batch: ingest.Batch
+) -> int:
+    """Store one telemetry or data-collection batch (duplicates dropped), commit, then ack;
+    returns the acknowledged seq."""
+    acked = ingest.store(session, batch, utcnow())
+    session.commit()
+    ingest.acknowledge(
+        publisher=publisher,
+        topics=topics,
+        device_id=batch.device_id,
+        stream=batch.stream,
+        seq=acked,
+    )
+    return acked
+
+
+def handle_ingest_messages(
+    *, session: Session, handlers: Handlers, messages: Sequence[tuple[str, bytes]]
+) -> None:
+    """Several telemetry and data-collection messages stored in one transaction, each acked
+    after the commit. Should that transaction fail, they are stored one by one, so one message
+    the database refuses cannot hold back the others."""
+    batches: list[ingest.Batch] = []
+    others: list[Incoming] = []
+    for topic, payload in messages:
+        incoming = parse_message(session=session, handlers=handlers, topic=topic, payload=payload)
+        if incoming is None:
+            continue
+        if incoming.batch is None:
+            others.append(incoming)  # not telemetry after all: the usual path
+        elif _known(session, handlers, incoming.device_id):
+            batches.append(incoming.batch)
+    try:
+        now = utcnow()
+        acked = [ingest.store(session, batch, now) for batch in batches]
+        session.commit()
+    except Exception:
+        session.rollback()
+        logger.exception("storing batches together failed; storing them one by one")
+        for batch in batches:
+            try:
+                handle_batch(
+                    session=session,
+                    publisher=handlers.publisher,
+                    topics=handlers.topics,
+                    batch=batch,
+                )
+                handlers.stats.bump("handled")
+            except Exception:
+                session.rollback()
+                handlers.stats.bump("failed")
+                logger.exception(
+                    "storing a batch failed",
+                    extra={"device_id": batch.device_id, "stream": str(batch.stream)},
+                )
+    else:
+        for batch, seq in zip(batches, acked, strict=True):
+            ingest.acknowledge(
+                publisher=handlers.publisher,
+                topics=handlers.topics,
+                device_id=batch.device_id,
+                stream=batch.stream,
+                seq=seq,
+            )
+            handlers.stats.bump("handled")
+    for incoming in others:
+        _dispatch(session=session, handlers=handlers, incoming=incoming)
 
 
 def handle_desired_request(*, session: Session, director: Director, device_id: str) -> None:
