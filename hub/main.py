@@ -28,6 +28,7 @@ from hub.migrations.runner import upgrade
 from hub.registry.router import router as registry_router
 from hub.secretfiles import read_or_create_token
 from hub.settings import HubSettings
+from hub.telemetry.router import router as telemetry_router
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def create_app(settings: HubSettings, *, publisher: Publisher | None = None) -> 
     app.include_router(devices_router)
     app.include_router(deployments_router)
     app.include_router(messaging_router)
+    app.include_router(telemetry_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
