@@ -9,11 +9,17 @@ from datetime import timedelta
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from agent.protocol.documents import DesiredState, PackageRef, Signed, document_dict
+from agent.protocol.documents import (
+    CollectPolicy,
+    DesiredState,
+    PackageRef,
+    Signed,
+    document_dict,
+)
 from agent.protocol.messages import DesiredBody, encode
 from agent.protocol.topics import Channel, Topics
 from hub.database import utcnow
-from hub.deployments.models import DeviceDesired
+from hub.deployments.models import Deployment, DeviceDesired
 from hub.devices.models import Device
 from hub.errors import NotFound
 from hub.messaging.publisher import Publisher
@@ -70,12 +76,23 @@ class Director:
             )
             wanted: dict[str, list[PackageRef]] = {d: [] for d in device_ids}
             rows = session.exec(
-                select(DeviceDesired, Package)
+                select(
+                    DeviceDesired, Package, Deployment.package_digest, Deployment.data_collection
+                )
                 .join(Package, col(Package.digest) == col(DeviceDesired.package_digest))
+                .join(Deployment, col(Deployment.id) == col(DeviceDesired.deployment_id))
                 .where(col(DeviceDesired.device_id).in_(device_ids))
                 .order_by(col(DeviceDesired.device_id), col(DeviceDesired.model))
             ).all()
-            for want, pkg in rows:
+            for want, pkg, deployed_digest, data_collection in rows:
+                # The policy goes with the deployment's own package only. A device sent back
+                # to its previous package keeps this deployment's id (that is how the hub sees
+                # the rollback take) but not its sampling: that was decided for the new version.
+                collect = (
+                    CollectPolicy.model_validate(data_collection)
+                    if data_collection is not None and deployed_digest == pkg.digest
+                    else None
+                )
                 wanted[want.device_id].append(
                     PackageRef(
                         model=pkg.model,
@@ -85,6 +102,7 @@ class Director:
                         chunk_bytes=pkg.chunk_bytes,
                         chunks=list(pkg.chunks),
                         deployment_id=want.deployment_id,
+                        collect=collect,
                     )
                 )
             keyring = self.keys.keyring()

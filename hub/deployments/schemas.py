@@ -4,6 +4,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field, model_validator
 
+from agent.protocol.documents import CollectPolicy
 from hub.deployments.policy import RolloutPolicy
 from hub.devices.schemas import GroupName
 
@@ -26,6 +27,9 @@ class DeploymentCreate(BaseModel):
     continuous: bool = False
     # Also reach devices where this version failed before (marked bad there).
     retry_bad: bool = False
+    # Sample the devices' scoring calls (inputs, outputs, latency) back to the hub; None: no
+    # data collection. Each released device gets it in its desired state.
+    data_collection: CollectPolicy | None = None
 
     @model_validator(mode="after")
     def _has_a_target(self) -> "DeploymentCreate":
@@ -70,6 +74,7 @@ class DeploymentPublic(BaseModel):
     state_reason: str
     finished_at: datetime | None
     policy: RolloutPolicy
+    data_collection: CollectPolicy | None
     priority: int
     continuous: bool
     selector: str | None

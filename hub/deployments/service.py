@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
+from agent.protocol.documents import CollectPolicy
 from hub.blobs import BlobStore
 from hub.database import utcnow
 from hub.deployments import engine
@@ -103,6 +104,11 @@ def create_deployment(
         selector=body.selector,
         groups=list(body.groups),
         retry_bad=body.retry_bad,
+        data_collection=(
+            body.data_collection.model_dump(mode="json")
+            if body.data_collection is not None
+            else None
+        ),
         created_by=actor,
     )
     verdicts = judge(
@@ -249,6 +255,11 @@ def get_deployment(
         state_reason=deployment.state_reason,
         finished_at=deployment.finished_at,
         policy=policy,
+        data_collection=(
+            CollectPolicy.model_validate(deployment.data_collection)
+            if deployment.data_collection is not None
+            else None
+        ),
         priority=deployment.priority,
         continuous=deployment.continuous,
         selector=deployment.selector,
