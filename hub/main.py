@@ -24,6 +24,7 @@ from hub.messaging.client import BrokerAddress, MqttClient
 from hub.messaging.publisher import Publisher
 from hub.messaging.router import router as messaging_router
 from hub.messaging.worker import MessageWorker
+from hub.metrics.router import router as metrics_router
 from hub.migrations.runner import upgrade
 from hub.registry.router import router as registry_router
 from hub.secretfiles import read_or_create_token
@@ -132,6 +133,7 @@ def create_app(settings: HubSettings, *, publisher: Publisher | None = None) -> 
     app.include_router(deployments_router)
     app.include_router(messaging_router)
     app.include_router(telemetry_router)
+    app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

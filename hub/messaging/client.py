@@ -18,7 +18,14 @@ from hub.errors import MessagingUnavailable
 logger = logging.getLogger(__name__)
 
 SHARE_GROUP = "hub"
-SUBSCRIBED_CHANNELS = (Channel.STATE, Channel.STATUS, Channel.EVT, Channel.REQ)
+SUBSCRIBED_CHANNELS = (
+    Channel.STATE,
+    Channel.STATUS,
+    Channel.EVT,
+    Channel.REQ,
+    Channel.TM,
+    Channel.DC,
+)
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 KEEPALIVE_S = 30
