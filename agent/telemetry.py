@@ -1,0 +1,187 @@
+"""One telemetry interval's figures: this process, its device, and each model's scoring calls.
+
+Readings come from the standard library, /proc and /sys, and are None where the platform has
+none: the agent takes no dependency (psutil) for figures a small device may not even offer.
+"""
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.protocol.messages import ModelStats
+
+# Latencies kept per model and interval. Past this, a uniform sample stands for all the calls:
+# a busy model costs bounded memory, and its percentiles stay unbiased.
+RESERVOIR_SIZE = 4096
+MAX_MODELS = 100  # what a TelemetryRecord holds
+PROC_STATM = Path("/proc/self/statm")
+THERMAL_ROOT = Path("/sys/class/thermal")
+
+Health = Literal["ok", "degraded"]
+
+
+class Reservoir:
+    """A uniform sample of at most ``size`` of the values added (Vitter's algorithm R)."""
+
+    def __init__(self, size: int, rng: random.Random) -> None:
+        self.size = size
+        self.seen = 0
+        self.values: list[float] = []
+        self._rng = rng
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        if len(self.values) < self.size:
+            self.values.append(value)
+            return
+        slot = self._rng.randrange(self.seen)
+        if slot < self.size:
+            self.values[slot] = value
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The nearest-rank ``q``-th percentile of sorted, non-empty ``ordered``."""
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class _Calls:
+    latencies: Reservoir
+    inferences: int = 0
+    errors: int = 0
+
+
+class ModelCalls:
+    """Each model version's scoring calls over the current interval; fed by ``/score``."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._calls: dict[tuple[str, int], _Calls] = {}
+
+    def record(self, model: str, version: int, latency_ms: float, *, failed: bool) -> None:
+        """One call that reached the model; ``failed`` when it raised (bad input included)."""
+        calls = self._calls.get((model, version))
+        if calls is None:
+            calls = self._calls[(model, version)] = _Calls(Reservoir(RESERVOIR_SIZE, self._rng))
+        calls.inferences += 1
+        calls.errors += failed
+        calls.latencies.add(latency_ms)
+
+    def take(self, active: Iterable[tuple[str, int]]) -> list[ModelStats]:
+        """The interval's figures of every active model (zero when not called) and of every
+        model called during it (one replaced mid-interval, say); starts the next interval."""
+        calls, self._calls = self._calls, {}
+        keys = list(dict.fromkeys([*active, *sorted(calls)]))[:MAX_MODELS]
+        stats = []
+        for model, version in keys:
+            found = calls.get((model, version))
+            if found is None or not found.latencies.values:
+                stats.append(ModelStats(model=model, version=version, inferences=0, errors=0))
+                continue
+            ordered = sorted(found.latencies.values)
+            p50, p95, p99 = (round(percentile(ordered, q), 3) for q in (50, 95, 99))
+            stats.append(
+                ModelStats(
+                    model=model,
+                    version=version,
+                    inferences=found.inferences,
+                    errors=found.errors,
+                    p50_ms=p50,
+                    p95_ms=p95,
+                    p99_ms=p99,
+                )
+            )
+        return stats
+
+
+class ProcessProbe:
+    """Readings of this process and its device; None where the platform gives none."""
+
+    def __init__(self, thermal_root: Path = THERMAL_ROOT) -> None:
+        self._thermal_root = thermal_root
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of this process so far."""
+        times = os.times()
+        return times.user + times.system
+
+    def rss_bytes(self) -> int | None:
+        """Resident memory of this process (Linux)."""
+        try:
+            pages = int(PROC_STATM.read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+        return pages * os.sysconf("SC_PAGE_SIZE")
+
+    def temperature_c(self) -> float | None:
+        """The hottest thermal zone: it is the one that throttles the device."""
+        readings = []
+        for zone in self._thermal_root.glob("thermal_zone*"):
+            try:
+                readings.append(int((zone / "temp").read_text().strip()) / 1000)
+            except (OSError, ValueError):
+                continue  # some zones refuse reads while their sensor sleeps
+        return max(readings) if readings else None
+
+
+@dataclass
+class IntervalMeter:
+    """Turns cumulative readings into one interval's record; ``take`` ends an interval."""
+
+    calls: ModelCalls
+    probe: ProcessProbe = field(default_factory=ProcessProbe)
+    monotonic: Callable[[], float] = time.monotonic
+    _started: float = 0.0
+    _last_at: float = 0.0
+    _last_cpu_s: float = 0.0
+    _last_connects: int = 0
+
+    def start(self) -> None:
+        """The agent starts: uptime and the first interval count from now."""
+        self._started = self._last_at = self.monotonic()
+        self._last_cpu_s = self.probe.cpu_seconds()
+        self._last_connects = 0
+
+    def take(
+        self,
+        *,
+        at: datetime,
+        health: Health,
+        connects: int,
+        outbox_backlog: int,
+        outbox_dropped: int,
+        disk_free_bytes: int | None,
+        active: Iterable[tuple[str, int]],
+    ) -> dict[str, Any]:
+        """The fields of a ``TelemetryRecord`` (all but its seq) for the interval ending now.
+
+        ``connects`` is the link's count of successful connects since start; the first is not
+        a reconnect.
+        """
+        now = self.monotonic()
+        cpu_s = self.probe.cpu_seconds()
+        interval_s = max(now - self._last_at, 1e-6)
+        cpu_percent = max(0.0, (cpu_s - self._last_cpu_s) / interval_s * 100)
+        reconnects = max(0, connects - max(self._last_connects, 1))
+        self._last_at, self._last_cpu_s, self._last_connects = now, cpu_s, connects
+        return {
+            "at": at,
+            "interval_s": round(interval_s, 3),
+            "health": health,
+            "uptime_s": round(now - self._started, 3),
+            "cpu_percent": round(cpu_percent, 2),
+            "memory_bytes": self.probe.rss_bytes(),
+            "disk_free_bytes": disk_free_bytes,
+            "temperature_c": self.probe.temperature_c(),
+            "reconnects": reconnects,
+            "outbox_backlog": outbox_backlog,
+            "outbox_dropped": outbox_dropped,
+            "models": self.calls.take(active),
+        }
