@@ -9,7 +9,11 @@ agent without FastAPI. Routes:
     POST /models/{name}/score     score with a named model
 
 Every error is JSON ``{"error": "..."}``. A key is sent as ``Authorization: Bearer <key>`` or
-``x-api-key: <key>``.
+``x-api-key: <key>``. A caller may name its request with ``X-Correlation-Id``: data collection
+keeps it with the record.
+
+Every call that reaches a model is told to an observer (the agent core, for telemetry and data
+collection), after the model has answered and on the request path: it must be quick.
 """
 
 import asyncio
@@ -18,9 +22,10 @@ import hmac
 import json
 import logging
 import socket
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote
 
 import h11
@@ -49,6 +54,25 @@ def _error(status: int, message: str, **kwargs: Any) -> _Response:
     return _Response(status, {"error": message}, **kwargs)
 
 
+@dataclass(frozen=True)
+class ScoringCall:
+    """One call that reached a model."""
+
+    model: ActiveModel
+    data: Any  # the request's "data"
+    outputs: dict[str, Any] | None  # None: the model raised
+    latency_s: float  # of the model's predict alone
+    correlation_id: str | None  # the X-Correlation-Id header, when given
+    body_bytes: int
+
+
+@runtime_checkable
+class ScoringObserver(Protocol):
+    def scored(self, call: ScoringCall) -> None:
+        """Called on the request path after every call that reached a model; must be quick."""
+        ...
+
+
 class _ConnectionClosedError(Exception):
     """The peer closed, went idle or broke the protocol: close the connection quietly."""
 
@@ -65,8 +89,13 @@ class ScoringServer:
         port: int = 0,
         max_body_bytes: int = 16 * 1024 * 1024,
         idle_timeout_s: float = 60.0,
+        observer: ScoringObserver | None = None,
     ) -> None:
+        """``observer`` defaults to ``models`` when that is one too (the agent core is both)."""
         self._models = models
+        if observer is None and isinstance(models, ScoringObserver):
+            observer = models
+        self._observer = observer
         self._keys = keys
         self._host = host
         self._requested_port = port
@@ -231,7 +260,7 @@ class ScoringServer:
             body = read
         else:
             await self._read_body(conn, reader, 0)
-        return self._route(request, body)
+        return self._route(request, body, headers.get("x-correlation-id"))
 
     def _check_request(self, request: h11.Request, headers: dict[str, bytes]) -> _Response | None:
         """Routing, method, auth and size, decided from the headers alone."""
@@ -266,7 +295,7 @@ class ScoringServer:
                 matched = True
         return matched
 
-    def _route(self, request: h11.Request, body: bytes) -> _Response:
+    def _route(self, request: h11.Request, body: bytes, correlation: bytes | None) -> _Response:
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
         route = _match(path)
         if route == "healthz":
@@ -290,7 +319,56 @@ class ScoringServer:
             model = self._models.get(route)
             if model is None:
                 return _error(404, f"no active model named {route!r}")
-        return _score(model, body)
+        correlation_id = correlation.decode("utf-8", "replace").strip() if correlation else None
+        return self._score(model, body, correlation_id or None)
+
+    def _score(self, model: ActiveModel, body: bytes, correlation_id: str | None) -> _Response:
+        try:
+            request = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _error(400, f"body is not valid JSON: {exc}")
+        if not isinstance(request, dict) or "data" not in request:
+            return _error(400, 'body must be a JSON object with "data"')
+        outputs: dict[str, Any] | None = None
+        started = time.perf_counter()
+        try:
+            # Inline on the event loop: our models answer in microseconds. A slow model would
+            # want a worker thread or process so one request can't stall every other connection.
+            outputs = model.runtime.predict(request["data"])
+        except InputError as exc:
+            return _error(400, exc.detail)
+        except Exception:
+            logger.exception("model failed", extra={"model": model.name, "version": model.version})
+            return _error(500, "the model failed; see the device log")
+        finally:
+            self._observe(
+                ScoringCall(
+                    model=model,
+                    data=request["data"],
+                    outputs=outputs,
+                    latency_s=time.perf_counter() - started,
+                    correlation_id=correlation_id,
+                    body_bytes=len(body),
+                )
+            )
+        first = next(iter(outputs.values()), None)
+        return _Response(
+            200,
+            {
+                "result": first,
+                "outputs": outputs,
+                "model": {"name": model.name, "version": model.version},
+            },
+        )
+
+    def _observe(self, call: ScoringCall) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer.scored(call)
+        except Exception:
+            # Telemetry and collection must never cost a caller its answer.
+            logger.exception("scoring observer failed", extra={"model": call.model.name})
 
     def _active(self) -> list[ActiveModel]:
         found = (self._models.get(name) for name in self._models.names())
@@ -338,30 +416,3 @@ def _describe(model: ActiveModel) -> dict[str, Any]:
         "digest": model.digest,
         "signature": signature.model_dump(mode="json"),
     }
-
-
-def _score(model: ActiveModel, body: bytes) -> _Response:
-    try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return _error(400, f"body is not valid JSON: {exc}")
-    if not isinstance(request, dict) or "data" not in request:
-        return _error(400, 'body must be a JSON object with "data"')
-    try:
-        # Inline on the event loop: our models answer in microseconds. A slow model would want
-        # a worker thread or process so one request can't stall every other connection.
-        outputs = model.runtime.predict(request["data"])
-    except InputError as exc:
-        return _error(400, exc.detail)
-    except Exception:
-        logger.exception("model failed", extra={"model": model.name, "version": model.version})
-        return _error(500, "the model failed; see the device log")
-    first = next(iter(outputs.values()), None)
-    return _Response(
-        200,
-        {
-            "result": first,
-            "outputs": outputs,
-            "model": {"name": model.name, "version": model.version},
-        },
-    )
