@@ -1,10 +1,12 @@
 """The outbox on real SQLite files: seqs, the bound, acks, corrupt files, a full disk, SIGKILL."""
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -214,6 +216,48 @@ def test_a_full_file_drops_and_counts_the_record_and_the_outbox_keeps_working(
     assert stored_seqs == list(range(1, len(stored_seqs) + 1)), "a refused record takes no seq"
     outbox.ack("dc", stored_seqs[-1])  # the hub took what was kept: room again
     assert outbox.append("dc", [record(999, size=1000)]) == [len(stored_seqs) + 1]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem (tmpfs), where a full disk is a real ENOSPC."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        # Lazy: detached even when a failed test left a file open on it.
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_full_disk_drops_and_counts_records_and_appends_resume_once_space_is_freed(
+    small_disk: Path,
+) -> None:
+    outbox = Outbox(small_disk / "outbox.db", ROOMY)
+    outbox.append("dc", [record(0)])
+    filler = small_disk / "filler"  # what filled the disk: logs, a model, anything
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * (free - 64 * 1024))
+    results = [outbox.append("dc", [record(n, size=1000)]) for n in range(1, 101)]
+    refused = sum(not seqs for seqs in results)
+    assert refused > 0
+    assert outbox.dropped("dc") == refused
+
+    filler.unlink()
+    (seq,) = outbox.append("dc", [record(101)])
+    assert seq == 1 + sum(bool(seqs) for seqs in results) + 1  # no seq was spent on a refusal
+    outbox.close()
+    reopened = Outbox(small_disk / "outbox.db", ROOMY)
+    assert reopened.dropped("dc") == refused  # persisted once the disk had room again
+    reopened.close()
 
 
 _CHILD = """
