@@ -5,6 +5,11 @@ simulator runs thousands). The hub's database is the source of truth: on every (
 agent asks for its desired state again, so nothing depends on a retained message or a broker
 queue surviving. Every report is an event with a per-device sequence number, kept until the
 hub's ``ack`` says it was stored and sent again after a reconnect.
+
+Telemetry and collected scoring calls take the same road on disk: each goes into the outbox
+(``agent.outbox``) and leaves it only when the hub's ack for its stream covers its seq. One batch
+per stream is in flight at a time; it is sent again after ``telemetry.resend_s`` without an ack,
+and at once after a reconnect.
 """
 
 import asyncio
@@ -18,18 +23,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
 from agent.archive import ArchiveLimits
+from agent.collection import BUDGET_NOTE, CollectionCounts, Collector, ScoredSample
 from agent.download import ChunkAssembler
 from agent.errors import AgentError, InstallError, NoSpaceError, RejectedError, TrustError
 from agent.failpoints import Failpoint, FailpointCrash, Failpoints
 from agent.install import HealthChecker, ModelStore, RuntimeLoader, StepReporter, TrustContext
 from agent.mqtt import Backoff, BrokerAddress, MqttLink, Will
+from agent.outbox import STREAMS, Outbox, OutboxError, OutboxLimits, Stream, restored, stored
 from agent.protocol.documents import DesiredState, Keyring, PackageRef
 from agent.protocol.messages import (
+    MAX_BATCH_RECORDS,
     AckBody,
     ChunkRequestBody,
+    CollectedRecord,
+    DataBody,
     DesiredBody,
     DesiredRequestBody,
     EventBody,
@@ -39,14 +50,18 @@ from agent.protocol.messages import (
     StateBody,
     StatusBody,
     Step,
+    TelemetryBody,
+    TelemetryRecord,
     decode,
     encode,
 )
 from agent.protocol.topics import Channel, TopicError, Topics
 from agent.runtimes import available_frameworks
 from agent.runtimes.base import ActiveModel
+from agent.scoring import ScoringCall
 from agent.settings import AgentSettings
 from agent.state import BadVersion, InstallAttempt, StateDir
+from agent.telemetry import Health, IntervalMeter, ModelCalls
 from agent.trust import DesiredVerdict, verify_desired, verify_keyring
 
 logger = logging.getLogger(__name__)
@@ -77,6 +92,22 @@ class Download:
 
 
 MAX_CHUNK_TIMEOUT_S = 30.0
+# Room in a telemetry or data message for its envelope, and for each record's seq and comma
+# (the outbox stores records without their seq).
+ENVELOPE_BYTES = 2048
+RECORD_SEQ_BYTES = 32
+OUTBOX_FILE = "outbox.db"
+
+
+@dataclass
+class Sender:
+    """One outbox stream's way to the hub: at most one batch in flight, until its ack."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    in_flight: int | None = None  # the last seq of the batch sent and not yet acknowledged
+    sent_at: float = 0.0  # time.monotonic() of that send
+    acked: int = 0  # the highest seq the hub said it stored
+    deleted: int = 0  # the outbox is cleared up to this seq
 
 
 def utc_now() -> datetime:
@@ -99,9 +130,11 @@ class Agent:
         link_factory: LinkFactory = MqttLink,
         on_event: Callable[[EventBody], None] | None = None,
         runtimes: Sequence[str] | None = None,
+        collect_rng: random.Random | None = None,
     ) -> None:
         """The keyword hooks default to the real device; the simulator replaces them to give
-        each simulated device its own clock, disk, network and crash points."""
+        each simulated device its own clock, disk, network and crash points. ``collect_rng``
+        draws data collection's samples (seeded in tests)."""
         self.settings = settings
         self._failpoints = failpoints or Failpoints.from_env()
         self._disk_free = disk_free
@@ -140,6 +173,19 @@ class Agent:
         self.corrupt_chunks_received = 0
         self.rejections: Counter[str] = Counter()  # refused desired states, by reason
         self._rng = rng or random.Random()
+        self._calls = ModelCalls(self._rng)
+        self._meter = IntervalMeter(self._calls)
+        self._collector = Collector(
+            rng=collect_rng or random.Random(),
+            max_record_bytes=settings.telemetry.max_message_bytes - ENVELOPE_BYTES,
+            max_pending_bytes=settings.collection.max_pending_bytes,
+        )
+        self._collected = asyncio.Event()
+        self._outbox: Outbox | None = None
+        self._outbox_opening = asyncio.Lock()
+        self._senders: dict[Stream, Sender] = {s: Sender() for s in STREAMS}
+        # Records lost because no outbox could be opened (a read-only or full disk).
+        self.records_lost = 0
         broker = self.identity.broker
         self._link = link_factory(
             client_id=self.device_id,
@@ -194,6 +240,57 @@ class Agent:
     @property
     def link(self) -> MqttLink:
         return self._link
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """The outbox, once it is open (at start when a file is there, else at first use)."""
+        return self._outbox
+
+    @property
+    def collection(self) -> CollectionCounts:
+        """What data collection did with the scoring calls offered to it."""
+        return self._collector.counts
+
+    # -- the scoring endpoint's observer --------------------------------------------------
+
+    def scored(self, call: ScoringCall) -> None:
+        """Count a scoring call for telemetry, and offer it to data collection."""
+        model = call.model
+        latency_ms = call.latency_s * 1000
+        self._calls.record(model.name, model.version, latency_ms, failed=call.outputs is None)
+        if call.outputs is None:
+            return
+        ref = self._served_ref(model)
+        if ref is None or ref.collect is None:
+            return
+        sample = ScoredSample(
+            policy=ref.collect,
+            at=self._clock(),
+            model=model.name,
+            version=model.version,
+            deployment_id=ref.deployment_id,
+            correlation_id=call.correlation_id,
+            latency_ms=latency_ms,
+            inputs=call.data,
+            outputs=call.outputs,
+            size_hint=call.body_bytes,
+        )
+        if self._collector.offer(sample):
+            self._collected.set()
+
+    def _served_ref(self, model: ActiveModel) -> PackageRef | None:
+        """The desired state's entry for exactly the package being served, if it lists it.
+
+        Its collection policy is the deployment's; while another version is being installed,
+        the one still served is no longer listed, and nothing is collected from it.
+        """
+        desired = self._desired
+        if desired is None:
+            return None
+        for ref in desired.packages:
+            if ref.model == model.name and ref.digest == model.digest:
+                return ref
+        return None
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -286,13 +383,21 @@ class Agent:
         self.load_installed()
         if self._desired is not None:
             self._wake.set()
+        self._meter.start()
+        if (self.state.root / OUTBOX_FILE).exists():
+            await self._ensure_outbox()  # records from before the restart go out first
+        name = self.device_id
         tasks = [
-            asyncio.create_task(self._link.run(), name=f"{self.device_id}-mqtt"),
-            asyncio.create_task(self._reconcile_loop(), name=f"{self.device_id}-reconcile"),
-            asyncio.create_task(self._resend_loop(), name=f"{self.device_id}-resend"),
-            asyncio.create_task(self._heartbeat_loop(), name=f"{self.device_id}-heartbeat"),
+            asyncio.create_task(self._link.run(), name=f"{name}-mqtt"),
+            asyncio.create_task(self._reconcile_loop(), name=f"{name}-reconcile"),
+            asyncio.create_task(self._resend_loop(), name=f"{name}-resend"),
+            asyncio.create_task(self._heartbeat_loop(), name=f"{name}-heartbeat"),
+            asyncio.create_task(self._collect_loop(), name=f"{name}-collect"),
+            *(asyncio.create_task(self._send_loop(s), name=f"{name}-send-{s}") for s in STREAMS),
         ]
-        stopper = asyncio.create_task(stop.wait(), name=f"{self.device_id}-stop")
+        if self.settings.telemetry.enabled:
+            tasks.append(asyncio.create_task(self._telemetry_loop(), name=f"{name}-telemetry"))
+        stopper = asyncio.create_task(stop.wait(), name=f"{name}-stop")
         try:
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -306,6 +411,7 @@ class Agent:
             for task in [stopper, *tasks]:
                 task.cancel()
             await asyncio.gather(stopper, *tasks, return_exceptions=True)
+            await self._close_outbox(flush=stop.is_set())
 
     def _on_connected(self) -> None:
         topics = [
@@ -324,6 +430,10 @@ class Agent:
             self._publish(Channel.EVT, payload)
         for download in self._downloads.values():
             download.new_chunk.set()
+        for sender in self._senders.values():
+            # What was in flight may have been lost with the connection: send it again now.
+            sender.in_flight = None
+            sender.wake.set()
 
     async def _heartbeat_loop(self) -> None:
         started = time.monotonic()
@@ -346,6 +456,197 @@ class Agent:
             if self._link.connected:
                 for payload in list(self._pending_events.values()):
                     self._publish(Channel.EVT, payload)
+
+    # -- telemetry, data collection and the outbox -----------------------------------------
+
+    async def _telemetry_loop(self) -> None:
+        interval_s = self.settings.telemetry.interval_s
+        # Devices that started together should not report together: the first interval is
+        # shortened by a random part (each record says how long its interval was).
+        due = time.monotonic() + self._rng.uniform(0.5, 1.0) * interval_s
+        while True:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await self.record_telemetry()
+            due = max(due + interval_s, time.monotonic())
+
+    async def record_telemetry(self) -> None:
+        """End the current telemetry interval: its record goes into the outbox."""
+        backlog, dropped = self.outbox_figures()
+        fields = self._meter.take(
+            at=self._clock(),
+            health=self.health(),
+            connects=self._link.connects,
+            outbox_backlog=backlog,
+            outbox_dropped=dropped,
+            disk_free_bytes=self._disk_free_or_none(),
+            active=[(m.name, m.version) for m in self._active.values()],
+        )
+        await self._keep("tm", [stored(TelemetryRecord, fields)])
+
+    def outbox_figures(self) -> tuple[int, int]:
+        """Records waiting for the hub's ack, and records lost since install, all streams."""
+        outbox = self._outbox
+        if outbox is None:
+            return 0, self.records_lost
+        backlog = sum(outbox.backlog(s) for s in STREAMS)
+        return backlog, sum(outbox.dropped(s) for s in STREAMS) + self.records_lost
+
+    def health(self) -> Health:
+        """Degraded while a package the desired state lists has failed here for its deployment:
+        the device does not run what it was told to."""
+        desired = self._desired
+        if desired is None:
+            return "ok"
+        for ref in desired.packages:
+            bad = self._progress.bad.get(ref.digest)
+            if bad is not None and bad.deployment_id == ref.deployment_id:
+                return "degraded"
+        return "ok"
+
+    def _disk_free_or_none(self) -> int | None:
+        try:
+            return self._disk_free(self.state.root)
+        except OSError:
+            return None
+
+    async def _collect_loop(self) -> None:
+        while True:
+            await self._collected.wait()
+            # Sampled calls gather for a moment, so a burst costs one commit (one fsync).
+            await asyncio.sleep(self.settings.collection.flush_s)
+            self._collected.clear()
+            await self.flush_collected()
+
+    async def flush_collected(self) -> None:
+        """Move the sampled calls waiting in memory into the outbox."""
+        if not self._collector.pending:
+            return
+        # Opened before the draw: the day's byte budget is restored from it on opening.
+        await self._ensure_outbox()
+        records, note = self._collector.drain()
+        await self._keep("dc", records, note=note)
+
+    async def _keep(
+        self, stream: Stream, records: list[bytes], *, note: tuple[str, str] | None = None
+    ) -> None:
+        """Append to the outbox off the event loop (a commit waits for the disk)."""
+        if not records:
+            return
+        outbox = await self._ensure_outbox()
+        if outbox is not None:
+            try:
+                if await asyncio.to_thread(outbox.append, stream, records, note=note):
+                    self._senders[stream].wake.set()
+                return  # stored, or dropped and counted by the outbox
+            except OutboxError as exc:
+                logger.error("outbox lost: %s", exc)
+                self._outbox = None
+        self.records_lost += len(records)
+
+    async def _ensure_outbox(self) -> Outbox | None:
+        """The outbox, opened on first use; None while it cannot be (tried again next use)."""
+        async with self._outbox_opening:
+            if self._outbox is None:
+                limits = OutboxLimits(
+                    max_records=self.settings.outbox.max_records,
+                    max_bytes=self.settings.outbox.max_bytes,
+                )
+                try:
+                    outbox = await asyncio.to_thread(Outbox, self.state.root / OUTBOX_FILE, limits)
+                except OutboxError as exc:
+                    logger.error("no outbox, records are dropped and counted: %s", exc)
+                    return None
+                self._collector.restore(await asyncio.to_thread(outbox.note, BUDGET_NOTE))
+                self._outbox = outbox
+                for sender in self._senders.values():
+                    sender.wake.set()
+        return self._outbox
+
+    async def _close_outbox(self, *, flush: bool) -> None:
+        if flush:
+            # A clean stop keeps the sampled calls still in memory; a crash loses them.
+            await self.flush_collected()
+        outbox, self._outbox = self._outbox, None
+        if outbox is not None:
+            await asyncio.to_thread(outbox.close)
+
+    async def _send_loop(self, stream: Stream) -> None:
+        sender = self._senders[stream]
+        resend_s = self.settings.telemetry.resend_s
+        while True:
+            timeout = None
+            if sender.in_flight is not None:
+                timeout = max(0.0, sender.sent_at + resend_s - time.monotonic())
+            try:
+                await asyncio.wait_for(sender.wake.wait(), timeout)
+            except TimeoutError:
+                sender.in_flight = None  # no ack in time: the oldest records go again
+            sender.wake.clear()
+            await self._send_batch(stream, sender)
+
+    async def _send_batch(self, stream: Stream, sender: Sender) -> None:
+        outbox = self._outbox
+        if outbox is None:
+            return
+        try:
+            if sender.acked > sender.deleted:
+                up_to = sender.acked
+                await asyncio.to_thread(outbox.ack, stream, up_to)
+                sender.deleted = up_to
+            if sender.in_flight is not None or not self._link.connected:
+                return
+            built = await asyncio.to_thread(self._build_batch, outbox, stream)
+        except OutboxError as exc:
+            logger.error("outbox lost: %s", exc)
+            self._outbox = None
+            return
+        if built is None:
+            return
+        last_seq, payload = built
+        if sender.acked >= last_seq or sender.in_flight is not None:
+            sender.wake.set()  # an ack overtook the batch while it was built: build anew
+            return
+        channel = Channel.TM if stream == "tm" else Channel.DC
+        if self._publish(channel, payload):
+            sender.in_flight = last_seq
+            sender.sent_at = time.monotonic()
+
+    def _build_batch(self, outbox: Outbox, stream: Stream) -> tuple[int, bytes] | None:
+        """The next message of ``stream`` and its last seq; runs in a worker thread."""
+        max_bytes = self.settings.telemetry.max_message_bytes - ENVELOPE_BYTES
+        while True:
+            batch = outbox.batch(
+                stream,
+                max_records=MAX_BATCH_RECORDS,
+                max_bytes=max_bytes,
+                record_overhead=RECORD_SEQ_BYTES,
+            )
+            if batch is None:
+                return None
+            records: list[Any] = []
+            for record in batch.records:
+                try:
+                    if stream == "tm":
+                        records.append(restored(TelemetryRecord, record))
+                    else:
+                        records.append(restored(CollectedRecord, record))
+                except ValueError as exc:
+                    if records:
+                        break  # sent up to it; once those are acked it is the oldest
+                    # It can never be sent (written by another agent version?): it must not
+                    # hold the stream back for ever.
+                    logger.error("dropping an outbox record that cannot be sent: %s", exc)
+                    if not outbox.discard(stream, record.seq):
+                        return None  # could not even do that: try again at the next wake
+                    break
+            if not records:
+                continue
+            body: TelemetryBody | DataBody
+            if stream == "tm":
+                body = TelemetryBody(first_kept=batch.first_kept, records=records)
+            else:
+                body = DataBody(first_kept=batch.first_kept, records=records)
+            return records[-1].seq, encode(body)
 
     # -- incoming messages --------------------------------------------------------------------
 
@@ -412,6 +713,12 @@ class Agent:
         if body.stream == "evt":
             for seq in [s for s in self._pending_events if s <= body.seq]:
                 del self._pending_events[seq]
+            return
+        sender = self._senders[body.stream]
+        sender.acked = max(sender.acked, body.seq)
+        if sender.in_flight is not None and body.seq >= sender.in_flight:
+            sender.in_flight = None  # stored: the next batch may go
+        sender.wake.set()  # the send loop deletes what the ack covers, off the event loop
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         chunk = self._topics.parse_chunk(topic)

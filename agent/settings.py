@@ -48,6 +48,35 @@ class DownloadSettings(_Section):
     max_archive_entries: int = 10_000
 
 
+class TelemetrySettings(_Section):
+    # Off: no telemetry records (a simulated fleet of thousands in one process, where each
+    # device's outbox file costs file descriptors). Data collection is the deployments' say.
+    enabled: bool = True
+    # One telemetry record every this many seconds.
+    interval_s: float = Field(default=60.0, gt=0)
+    # A batch the hub has not acknowledged in this long is sent again.
+    resend_s: float = Field(default=30.0, gt=0)
+    # A telemetry or data-collection message stays under this (brokers cap messages, e.g.
+    # at 256 KB; THREATS.md B11); a collected record that cannot fit in one is not kept.
+    max_message_bytes: int = Field(default=256 * 1024, ge=16 * 1024, le=1024 * 1024)
+
+
+class OutboxSettings(_Section):
+    """The bound of each outbox stream (telemetry, data collection); past it, the oldest
+    records are dropped and counted."""
+
+    max_records: int = Field(default=100_000, ge=1)
+    max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+
+
+class CollectionSettings(_Section):
+    # Sampled calls wait this long in memory, so that a burst is stored in one commit; a
+    # SIGKILL loses at most this window's records.
+    flush_s: float = Field(default=0.5, ge=0)
+    # Sampled calls waiting for the outbox; past this, calls are skipped and counted.
+    max_pending_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="OUTPOST_AGENT_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -59,6 +88,9 @@ class AgentSettings(BaseSettings):
     scoring: ScoringSettings = ScoringSettings()
     mqtt: MqttSettings = MqttSettings()
     download: DownloadSettings = DownloadSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    outbox: OutboxSettings = OutboxSettings()
+    collection: CollectionSettings = CollectionSettings()
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> "AgentSettings":

@@ -1,12 +1,16 @@
 """A scripted hub on a real broker, for agent tests that must not depend on the hub's code.
 
 It answers desired-state and chunk requests from a RepositorySimulator's documents, records
-every event and state a device sends, and acknowledges events like the real hub.
+every event and state a device sends, and acknowledges events like the real hub. Telemetry and
+data-collection records are stored once per ``(device, seq)`` and acknowledged by the rule the
+agent relies on: everything below a batch's ``first_kept`` counts as done, then the ack moves up
+through the seqs stored without a gap.
 """
 
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -14,11 +18,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.protocol.messages import (
     AckBody,
     ChunkRequestBody,
+    CollectedRecord,
+    DataBody,
     DesiredRequestBody,
     Envelope,
     EventBody,
     StateBody,
     StatusBody,
+    TelemetryBody,
+    TelemetryRecord,
     decode,
     encode,
 )
@@ -42,6 +50,15 @@ class FakeHub:
     chunk_requests: int = 0
     chunk_bytes: int = 4096
     changed: threading.Condition = field(default_factory=threading.Condition)
+    # Telemetry and collected records as stored: (device id, seq) -> record, in arrival order.
+    telemetry: dict[tuple[str, int], TelemetryRecord] = field(default_factory=dict)
+    collected: dict[tuple[str, int], CollectedRecord] = field(default_factory=dict)
+    # Every tm/dc message: (device id, stream, first_kept, seqs, payload bytes).
+    batches: list[tuple[str, str, int, list[int], int]] = field(default_factory=list)
+    duplicates: int = 0  # records received again after they were stored
+    acked: dict[tuple[str, str], int] = field(default_factory=dict)  # (device, stream) -> seq
+    # False: store tm/dc records but never acknowledge them (a hub that stops confirming).
+    ack_records: bool = True
 
     def __post_init__(self) -> None:
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id="fake-hub")
@@ -61,7 +78,14 @@ class FakeHub:
         self._client.disconnect()
 
     def _on_connect(self, client: paho.Client, *args: object) -> None:
-        for channel in (Channel.REQ, Channel.EVT, Channel.STATE, Channel.STATUS):
+        for channel in (
+            Channel.REQ,
+            Channel.EVT,
+            Channel.STATE,
+            Channel.STATUS,
+            Channel.TM,
+            Channel.DC,
+        ):
             client.subscribe(self.topics.device_wildcard(channel), qos=1)
         self._connected.set()
 
@@ -109,6 +133,43 @@ class FakeHub:
             with self.changed:
                 self.statuses.append((device, body))
                 self.changed.notify_all()
+        elif isinstance(body, TelemetryBody):
+            self._store_records(client, device, "tm", body, len(msg.payload))
+        elif isinstance(body, DataBody):
+            self._store_records(client, device, "dc", body, len(msg.payload))
+
+    def _store_records(
+        self,
+        client: paho.Client,
+        device: str,
+        stream: str,
+        body: TelemetryBody | DataBody,
+        size: int,
+    ) -> None:
+        store: dict[tuple[str, int], Any] = self.telemetry if stream == "tm" else self.collected
+        with self.changed:
+            self.batches.append(
+                (device, stream, body.first_kept, [r.seq for r in body.records], size)
+            )
+            for record in body.records:
+                if (device, record.seq) in store:
+                    self.duplicates += 1
+                else:
+                    store[(device, record.seq)] = record
+            # Below first_kept the device holds nothing more: acknowledge past that gap.
+            acked = max(self.acked.get((device, stream), 0), body.first_kept - 1)
+            while (device, acked + 1) in store:
+                acked += 1
+            self.acked[(device, stream)] = acked
+            self.changed.notify_all()
+        if self.ack_records:
+            self.ack(device, stream)
+
+    def ack(self, device: str, stream: str) -> None:
+        """Acknowledge what is stored of ``stream`` (as the hub does after its commit)."""
+        seq = self.acked.get((device, stream), 0)
+        body = AckBody(stream="tm" if stream == "tm" else "dc", seq=seq)
+        self._client.publish(self.topics.device(device, Channel.ACK), encode(body), qos=1)
 
     def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
         with self.changed:
