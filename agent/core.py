@@ -481,7 +481,13 @@ class Agent:
             disk_free_bytes=self._disk_free_or_none(),
             active=[(m.name, m.version) for m in self._active.values()],
         )
-        await self._keep("tm", [stored(TelemetryRecord, fields)])
+        try:
+            record = stored(TelemetryRecord, fields)
+        except ValueError:
+            # A figure out of the contract's range is a bug, but not one to stop a device for.
+            logger.exception("telemetry record refused by its own schema, skipped")
+            return
+        await self._keep("tm", [record])
 
     def outbox_figures(self) -> tuple[int, int]:
         """Records waiting for the hub's ack, and records lost since install, all streams."""

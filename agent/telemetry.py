@@ -167,13 +167,13 @@ class IntervalMeter:
         """
         now = self.monotonic()
         cpu_s = self.probe.cpu_seconds()
-        interval_s = max(now - self._last_at, 1e-6)
+        interval_s = max(now - self._last_at, 0.001)  # a record's interval is never zero
         cpu_percent = max(0.0, (cpu_s - self._last_cpu_s) / interval_s * 100)
         reconnects = max(0, connects - max(self._last_connects, 1))
         self._last_at, self._last_cpu_s, self._last_connects = now, cpu_s, connects
         return {
             "at": at,
-            "interval_s": round(interval_s, 3),
+            "interval_s": max(round(interval_s, 3), 0.001),
             "health": health,
             "uptime_s": round(now - self._started, 3),
             "cpu_percent": round(cpu_percent, 2),

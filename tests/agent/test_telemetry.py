@@ -4,6 +4,7 @@ way through the outbox to a hub that acknowledges them (or does not)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
@@ -108,6 +109,22 @@ def test_reconnects_count_the_connects_after_the_first() -> None:
     assert meter.take(connects=1, **common)["reconnects"] == 0
     assert meter.take(connects=4, **common)["reconnects"] == 3
     assert meter.take(connects=4, **common)["reconnects"] == 0
+
+
+def test_intervals_taken_back_to_back_still_make_valid_records() -> None:
+    meter = IntervalMeter(ModelCalls(random.Random(0)))
+    meter.start()
+    for _ in range(3):
+        fields = meter.take(
+            at=NOW,
+            health="ok",
+            connects=1,
+            outbox_backlog=0,
+            outbox_dropped=0,
+            disk_free_bytes=None,
+            active=[],
+        )
+        assert json.loads(stored(TelemetryRecord, fields))["interval_s"] > 0
 
 
 def test_the_hottest_thermal_zone_gives_the_temperature(tmp_path: Path) -> None:
