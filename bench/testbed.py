@@ -88,9 +88,10 @@ def quiet_agents() -> None:
 
 
 def bench_settings(**mqtt: Any) -> AgentSettings:
-    """Agent settings for bench devices: no scoring endpoint (thousands would fight over ports),
-    MQTT as given; everything else the agent's defaults."""
-    return AgentSettings(scoring={"enabled": False}, mqtt=mqtt)
+    """Agent settings for bench devices: no scoring endpoint (thousands would fight over ports)
+    and no telemetry (each device's outbox holds three files open: 10,000 devices in one
+    process would pass the file limit), MQTT as given; everything else the agent's defaults."""
+    return AgentSettings(scoring={"enabled": False}, telemetry={"enabled": False}, mqtt=mqtt)
 
 
 @asynccontextmanager

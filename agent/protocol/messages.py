@@ -161,7 +161,9 @@ class TelemetryRecord(_Body):
     temperature_c: float | None = None  # where the platform gives one
     reconnects: int = Field(default=0, ge=0)  # during the interval
     outbox_backlog: int = Field(default=0, ge=0)  # records waiting for the hub's ack
-    outbox_dropped: int = Field(default=0, ge=0)  # dropped by the outbox bound, since install
+    # Records lost since install: dropped by the outbox bound, refused by a full disk, or lost
+    # with a corrupt outbox file.
+    outbox_dropped: int = Field(default=0, ge=0)
     models: list[ModelStats] = Field(default_factory=list, max_length=100)
 
 
