@@ -2,7 +2,7 @@
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,11 @@ class AgentThread:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout_s)
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float = 10.0) -> Any:
+        """Run a coroutine on the agent's loop (start a scoring server there, say)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
     def join(self, timeout_s: float = 20.0) -> None:
         """Wait for the agent to stop by itself; raise what stopped it."""
