@@ -23,6 +23,7 @@ from hub.cli_client import (
     settings_for,
     split_ref,
 )
+from hub.cli_data import data
 from hub.cli_deploy import deploy
 from hub.cli_deployments import deployment
 from hub.devices.schemas import GROUP_PATTERN, check_tags
@@ -56,6 +57,7 @@ def main(ctx: click.Context, hub_url: str, data_dir: Path | None, verbose: bool)
 
 main.add_command(deploy)
 main.add_command(deployment)
+main.add_command(data)
 
 
 def _local_settings(ctx: click.Context, data_dir: Path | None) -> HubSettings:

@@ -86,6 +86,26 @@ from hub.deployments.policy import MAX_SOAK_S
 )
 @click.option("--retry-bad", is_flag=True, help="also retry devices where this version failed")
 @click.option(
+    "--collect",
+    "collect_rate",
+    type=click.FloatRange(0, 1),
+    help="collect this share of scoring calls (inputs, outputs, latency), e.g. 0.05",
+)
+@click.option(
+    "--collect-per-minute",
+    type=click.IntRange(0),
+    default=60,
+    show_default=True,
+    help="at most this many collected calls per device and minute",
+)
+@click.option(
+    "--collect-bytes-per-day",
+    type=click.IntRange(0),
+    default=10 * 1024 * 1024,
+    show_default=True,
+    help="at most this many bytes of collected calls per device and day (metered links)",
+)
+@click.option(
     "--device-timeout",
     "device_timeout_s",
     type=click.IntRange(1),
@@ -119,6 +139,9 @@ def deploy(
     priority: int,
     continuous: bool,
     retry_bad: bool,
+    collect_rate: float | None,
+    collect_per_minute: int,
+    collect_bytes_per_day: int,
     device_timeout_s: int,
     dry_run: bool,
     wait: bool,
@@ -163,6 +186,13 @@ def deploy(
         "priority": priority,
         "continuous": continuous,
         "retry_bad": retry_bad,
+        "data_collection": None
+        if collect_rate is None
+        else {
+            "sample_rate": collect_rate,
+            "max_per_minute": collect_per_minute,
+            "max_bytes_per_day": collect_bytes_per_day,
+        },
     }
     api = client(ctx)
     if dry_run:
