@@ -403,6 +403,7 @@ def test_every_deploy_option_reaches_the_api_in_a_dry_run_and_a_deployment(
         "priority": 5,
         "continuous": True,
         "retry_bad": True,
+        "data_collection": None,
     }
     assert (sent[-1].path, sent[-1].json) == ("/api/v1/deployments/dry-run", expected)
 
