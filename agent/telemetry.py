@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -45,10 +45,13 @@ class Reservoir:
             self.values[slot] = value
 
 
-def percentile(ordered: list[float], q: float) -> float:
-    """The nearest-rank ``q``-th percentile of sorted, non-empty ``ordered``."""
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The value below which ``fraction`` of ``values`` lie (nearest rank); the one definition
+    the agent's telemetry, the simulator's report and the benchmarks share."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
 
 
 @dataclass
@@ -85,8 +88,8 @@ class ModelCalls:
             if found is None or not found.latencies.values:
                 stats.append(ModelStats(model=model, version=version, inferences=0, errors=0))
                 continue
-            ordered = sorted(found.latencies.values)
-            p50, p95, p99 = (round(percentile(ordered, q), 3) for q in (50, 95, 99))
+            latencies = found.latencies.values
+            p50, p95, p99 = (round(percentile(latencies, q), 3) for q in (0.50, 0.95, 0.99))
             stats.append(
                 ModelStats(
                     model=model,

@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass
 
 from agent.protocol.topics import Topics
+from agent.telemetry import percentile
 from bench.bare import Account, BareClients
 from bench.machine import raise_fd_limit
 from bench.timing import BenchTimeout
-from outpost_sim.report import percentile
 
 IN_FLIGHT = 100
 KEEPALIVE_S = 60  # one large message can keep a busy loop from pinging for a while

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.state import StateDir
+from agent.telemetry import percentile
 from bench.bare import Account
 from bench.fanout import FanoutConfig, FanoutRun, run_fanout
 from bench.hub import HubProcess
@@ -48,7 +49,6 @@ from bench.timing import BenchTimeout, wait_until
 from hub.broker import DEFAULT_HUB_USERNAME
 from outpost_sim.enrollment import enroll_missing
 from outpost_sim.fleet import Fleet, device_dirs
-from outpost_sim.report import percentile
 
 MIB = 1024 * 1024
 MODEL_NAME = "bench-mlp"

@@ -13,9 +13,9 @@ from pathlib import Path
 from sqlmodel import Session, select
 
 from agent.protocol.messages import Step
+from agent.telemetry import percentile
 from hub.database import make_engine
 from hub.deployments.models import DeviceEvent
-from outpost_sim.report import percentile
 
 # (phase name, step that starts it, step that ends it); None starts at the deployment request.
 PHASES: tuple[tuple[str, Step | None, Step], ...] = (

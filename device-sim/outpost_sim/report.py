@@ -1,6 +1,5 @@
 """The end-of-run report: what the fleet did, what was injected, what it cost the simulator."""
 
-import math
 import resource
 import time
 from collections import Counter
@@ -9,19 +8,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.telemetry import percentile
 from outpost_sim.fleet import Fleet
 
 if TYPE_CHECKING:
     # The rollout module builds its report with ``percentiles`` from here.
     from outpost_sim.rollout import RolloutReport
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """The value below which ``fraction`` of ``values`` lie (nearest rank)."""
-    if not values:
-        raise ValueError("no values")
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:

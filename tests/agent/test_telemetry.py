@@ -44,8 +44,8 @@ def wait_until(condition: Any, timeout_s: float = 20.0) -> None:
 
 def test_percentiles_are_nearest_rank() -> None:
     ordered = [float(v) for v in range(1, 101)]
-    assert [percentile(ordered, q) for q in (50, 95, 99, 100)] == [50.0, 95.0, 99.0, 100.0]
-    assert percentile([7.0], 99) == 7.0
+    assert [percentile(ordered, q) for q in (0.50, 0.95, 0.99, 1.0)] == [50.0, 95.0, 99.0, 100.0]
+    assert percentile([7.0], 0.99) == 7.0
 
 
 def test_a_busy_model_keeps_a_bounded_uniform_sample_of_its_latencies() -> None:
@@ -55,7 +55,7 @@ def test_a_busy_model_keeps_a_bounded_uniform_sample_of_its_latencies() -> None:
     assert len(reservoir.values) == 1000
     assert reservoir.seen == 100_000
     # Uniform: the sample's median is near the whole range's (50,000), not stuck at the start.
-    assert 40_000 < percentile(sorted(reservoir.values), 50) < 60_000
+    assert 40_000 < percentile(reservoir.values, 0.50) < 60_000
 
 
 def test_every_active_model_is_reported_even_without_calls() -> None:
