@@ -9,7 +9,7 @@ from hub.deployments.policy import plan_waves
 from hub.deployments.schemas import DeploymentCreate, DryRunDevice, DryRunPublic
 from hub.packages.models import Package
 from hub.registry.models import ModelFile
-from hub.registry.service import device_classes_of, get_version
+from hub.registry.service import get_version
 
 # A tar archive adds a 512-byte header per member and pads it to 512 bytes; the estimate for a
 # version not packaged yet adds that and the manifest's few kilobytes.
@@ -33,12 +33,9 @@ def dry_run(*, session: Session, body: DeploymentCreate, devices: list[str]) -> 
         size = _MANIFEST_ESTIMATE + sum(f.size + _TAR_OVERHEAD_PER_FILE for f in files)
     verdicts = judge(
         session=session,
-        candidate=Candidate(
-            model=model_version.name,
-            version=model_version.version,
-            digest=package.digest if package is not None else None,
-            framework=model_version.framework,
-            device_classes=device_classes_of(model_version),
+        candidate=Candidate.of(
+            model_version,
+            package.digest if package is not None else None,
             priority=body.priority,
             retry_bad=body.retry_bad,
         ),

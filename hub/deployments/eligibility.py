@@ -13,6 +13,8 @@ from sqlmodel import Session, col, select
 from agent.protocol.documents import ANY_DEVICE_CLASS
 from hub.deployments.models import Deployment, DeviceDesired, DeviceState, RolloutState
 from hub.devices.models import Device
+from hub.registry.models import ModelVersion
+from hub.registry.service import device_classes_of
 
 # Deployments that no longer hold the devices they reached: a lower priority may take them.
 _LET_GO = frozenset({RolloutState.ABORTED, RolloutState.ROLLED_BACK})
@@ -37,6 +39,27 @@ class Candidate:
     priority: int = 0
     retry_bad: bool = False  # try again where this version was marked bad
     deployment_id: str | None = None  # the deployment itself, once it exists
+
+    @classmethod
+    def of(
+        cls,
+        model_version: ModelVersion,
+        digest: str | None,
+        *,
+        priority: int,
+        retry_bad: bool,
+        deployment_id: str | None = None,
+    ) -> "Candidate":
+        return cls(
+            model=model_version.name,
+            version=model_version.version,
+            digest=digest,
+            framework=model_version.framework,
+            device_classes=device_classes_of(model_version),
+            priority=priority,
+            retry_bad=retry_bad,
+            deployment_id=deployment_id,
+        )
 
 
 def judge(*, session: Session, candidate: Candidate, devices: Sequence[str]) -> list[Verdict]:

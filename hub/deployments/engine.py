@@ -22,7 +22,6 @@ from hub.database import utcnow
 from hub.deployments.audit import record
 from hub.deployments.models import (
     DEVICE_FAILURES,
-    DEVICE_FINISHED,
     Deployment,
     DeploymentDevice,
     DeviceState,
@@ -64,8 +63,7 @@ def lock(session: Session, deployment_id: str, now: datetime) -> Deployment | No
     session.execute(
         update(Deployment).where(col(Deployment.id) == deployment_id).values(updated_at=now)
     )
-    deployment = session.get(Deployment, deployment_id, populate_existing=True)
-    return deployment
+    return session.get(Deployment, deployment_id, populate_existing=True)
 
 
 def policy_of(deployment: Deployment) -> RolloutPolicy:
@@ -484,6 +482,3 @@ def expire_overdue_devices(*, session: Session, now: datetime | None = None) -> 
         session.commit()
         logger.warning("devices timed out", extra={"devices": expired})
     return expired
-
-
-__all__ = ["DEVICE_FINISHED", "RolloutEngine", "abort", "advance", "rollback"]

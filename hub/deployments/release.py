@@ -22,7 +22,6 @@ from hub.deployments.models import (
 from hub.errors import NotFound
 from hub.packages.models import Package
 from hub.registry.models import ModelVersion
-from hub.registry.service import device_classes_of
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +31,9 @@ def candidate_for(session: Session, deployment: Deployment) -> Candidate:
     model_version = session.get(ModelVersion, package.model_version_id) if package else None
     if model_version is None:
         raise NotFound(f"the package of {deployment.id} is gone from the registry")
-    return Candidate(
-        model=deployment.model,
-        version=deployment.version,
-        digest=deployment.package_digest,
-        framework=model_version.framework,
-        device_classes=device_classes_of(model_version),
+    return Candidate.of(
+        model_version,
+        deployment.package_digest,
         priority=deployment.priority,
         retry_bad=deployment.retry_bad,
         deployment_id=deployment.id,

@@ -37,7 +37,7 @@ from hub.deployments.schemas import (
 from hub.devices.models import Device
 from hub.errors import HubError, NotFound
 from hub.packages.service import ensure_package
-from hub.registry.service import device_classes_of, get_version
+from hub.registry.service import get_version
 from hub.signing.keystore import KeyStore
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ _UNFINISHED_IN_WAVE = (DeviceState.PENDING, DeviceState.IN_PROGRESS, DeviceState
 
 
 def publish(director: Director, session: Session, device_ids: Sequence[str], why: str) -> None:
-    """Publish new desired states after a commit. A failure is logged, not raised: each device
-    asks for its desired state on every connect, so it still gets it."""
+    """Publish new desired states after a commit. A failure is logged, not raised: the commit
+    stands, and the rollout engine publishes again to released devices that stay silent
+    (``engine.republish_unheard``), besides each device asking on every connect."""
     if not device_ids:
         return
     try:
@@ -113,14 +114,8 @@ def create_deployment(
     )
     verdicts = judge(
         session=session,
-        candidate=Candidate(
-            model=model_version.name,
-            version=model_version.version,
-            digest=package.digest,
-            framework=model_version.framework,
-            device_classes=device_classes_of(model_version),
-            priority=body.priority,
-            retry_bad=body.retry_bad,
+        candidate=Candidate.of(
+            model_version, package.digest, priority=body.priority, retry_bad=body.retry_bad
         ),
         devices=device_ids,
     )
