@@ -1,6 +1,7 @@
 """Hub fixtures: a hub app on real SQLite files in tmp_path, with a recording publisher in place
 of MQTT, and sessions on a migrated database for service-level tests."""
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from hub.messaging.publisher import RecordingPublisher
 from hub.migrations.runner import upgrade
 from hub.settings import HubSettings
 from hub.signing.keystore import KeyStore
+from tests.support.postgres import pg_available, pg_schema
 
 if TYPE_CHECKING:
     from examples.build_example_model import IrisModel
@@ -62,15 +64,33 @@ class RunningHub:
         return body
 
 
-@pytest.fixture
-def running_hub(hub_settings: HubSettings) -> Iterator[RunningHub]:
+@contextlib.contextmanager
+def hub_app(settings: HubSettings) -> Iterator[RunningHub]:
     """``create_app`` with a RecordingPublisher (no broker), lifespan entered."""
     publisher = RecordingPublisher()
-    app = create_app(hub_settings, publisher=publisher)
+    app = create_app(settings, publisher=publisher)
     with TestClient(app) as client:
         ctx: HubContext = app.state.hub
         client.headers["Authorization"] = f"Bearer {ctx.admin_token}"
-        yield RunningHub(client=client, publisher=publisher, ctx=ctx, settings=hub_settings)
+        yield RunningHub(client=client, publisher=publisher, ctx=ctx, settings=settings)
+
+
+@pytest.fixture
+def running_hub(hub_settings: HubSettings) -> Iterator[RunningHub]:
+    with hub_app(hub_settings) as hub:
+        yield hub
+
+
+@pytest.fixture
+def pg_hub(tmp_path: Path) -> Iterator[RunningHub]:
+    """The same hub on PostgreSQL, in a schema of its own."""
+    if not pg_available():
+        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
+    with pg_schema() as url:
+        settings = HubSettings(data_dir=tmp_path / "hub", database_url=url)
+        with hub_app(settings) as hub:
+            yield hub
+            hub.ctx.engine.dispose()
 
 
 @pytest.fixture

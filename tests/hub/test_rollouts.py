@@ -2,13 +2,10 @@
 messages they would send. The simulator tests (tests/sim/test_rollouts.py) run the same with real
 agents over a real broker; these pin the engine's rules one by one."""
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from agent.protocol.documents import DesiredState
@@ -24,17 +21,12 @@ from agent.protocol.messages import (
     encode,
 )
 from agent.protocol.topics import Channel
-from hub.context import HubContext
 from hub.database import utcnow
 from hub.deployments.engine import RolloutEngine, Tick
 from hub.deployments.policy import RolloutPolicy
 from hub.devices.models import Device
-from hub.main import create_app
 from hub.messaging.chunks import ChunkScheduler
 from hub.messaging.handlers import Handlers, handle_message
-from hub.messaging.publisher import RecordingPublisher
-from hub.settings import HubSettings
-from tests.support.postgres import pg_available, pg_schema
 
 from .conftest import RunningHub
 
@@ -142,22 +134,6 @@ class Fleet:
 def fleet(running_hub: RunningHub, iris_model: "IrisModel") -> Fleet:
     assert running_hub.register_iris(iris_model).status_code == 201
     return Fleet(running_hub)
-
-
-@pytest.fixture
-def pg_hub(tmp_path: Path) -> Iterator[RunningHub]:
-    """The same hub on PostgreSQL: the engine's row lock and lease on the other backend."""
-    if not pg_available():
-        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
-    with pg_schema() as url:
-        settings = HubSettings(data_dir=tmp_path / "hub", database_url=url)
-        publisher = RecordingPublisher()
-        app = create_app(settings, publisher=publisher)
-        with TestClient(app) as client:
-            ctx: HubContext = app.state.hub
-            client.headers["Authorization"] = f"Bearer {ctx.admin_token}"
-            yield RunningHub(client=client, publisher=publisher, ctx=ctx, settings=settings)
-            ctx.engine.dispose()
 
 
 def _in(states: dict[str, str], state: str) -> list[str]:

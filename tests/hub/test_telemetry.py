@@ -3,16 +3,13 @@ duplicates dropped and acked again, the ack cursor across gaps, malformed messag
 letters while ingest goes on, batches coalesced by the worker, retention, a restart between two
 batches, the query API, and the same ingest and aggregation on PostgreSQL."""
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
@@ -30,11 +27,8 @@ from agent.protocol.messages import (
     encode,
 )
 from agent.protocol.topics import Channel
-from hub.context import HubContext
 from hub.database import make_engine
-from hub.main import create_app
 from hub.messaging.handlers import Handlers, handle_ingest_messages, handle_message
-from hub.messaging.publisher import RecordingPublisher
 from hub.messaging.worker import MessageWorker
 from hub.migrations.runner import upgrade
 from hub.settings import HubSettings, TelemetrySettings
@@ -47,7 +41,7 @@ from hub.telemetry.models import (
 )
 from tests.support.postgres import pg_available, pg_schema
 
-from .conftest import RunningHub
+from .conftest import RunningHub, hub_app
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
@@ -445,7 +439,7 @@ def test_retention_deletes_rows_received_before_it_and_nothing_newer(
 
 def test_the_worker_sweeps_with_the_configured_retention(tmp_path: Path) -> None:
     settings = HubSettings(data_dir=tmp_path / "hub", telemetry=TelemetrySettings(retention_days=1))
-    with _hub(settings) as hub:
+    with hub_app(settings) as hub:
         device_id = hub.enroll()["device_id"]
         with Session(hub.ctx.engine) as session:
             before = datetime.now(UTC) - timedelta(days=2)
@@ -466,25 +460,15 @@ def test_the_worker_sweeps_with_the_configured_retention(tmp_path: Path) -> None
 # -- restart ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _hub(settings: HubSettings) -> Iterator[RunningHub]:
-    publisher = RecordingPublisher()
-    app = create_app(settings, publisher=publisher)
-    with TestClient(app) as client:
-        ctx: HubContext = app.state.hub
-        client.headers["Authorization"] = f"Bearer {ctx.admin_token}"
-        yield RunningHub(client=client, publisher=publisher, ctx=ctx, settings=settings)
-
-
 def test_a_hub_restart_between_two_batches_loses_nothing(hub_settings: HubSettings) -> None:
-    with _hub(hub_settings) as first:
+    with hub_app(hub_settings) as first:
         device = Device(first, _handlers(first), first.enroll()["device_id"])
         device.send(Channel.TM, _batch([1, 2, 3, 4, 5]))
         # 7 arrived, 6 did not: the hub goes down with a hole.
         device.send(Channel.TM, _batch([7], first_kept=6))
         assert device.acks("tm") == [5, 5]
 
-    with _hub(hub_settings) as second:
+    with hub_app(hub_settings) as second:
         device = Device(second, _handlers(second), device.id)
         # The device resends what it holds (the ack of 5 reached it; 6 and 7 did not go).
         device.send(Channel.TM, _batch([6, 7, 8], first_kept=6))
