@@ -24,10 +24,10 @@ from agent.protocol.messages import CollectedRecord, Step
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
 from agent.scoring import ScoringServer
-from tests.agent.test_telemetry import wait_until
 from tests.support.agents import DEVICE, AgentThread, fast_settings
 from tests.support.fake_hub import FakeHub
 from tests.support.repository import NOW, RepositorySimulator, iris_files
+from tests.support.waiting import wait_until
 
 if TYPE_CHECKING:
     from examples.build_example_model import IrisModel

@@ -23,20 +23,12 @@ from agent.telemetry import IntervalMeter, ModelCalls, ProcessProbe, Reservoir, 
 from tests.agent.test_scoring import AUTH, KEY, ROWS, Models, active
 from tests.support.agents import DEVICE, running_agent
 from tests.support.fake_hub import FakeHub
+from tests.support.waiting import wait_until
 
 if TYPE_CHECKING:
     from examples.build_example_model import IrisModel
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-
-
-def wait_until(condition: Any, timeout_s: float = 20.0) -> None:
-    """Poll ``condition`` until true, or fail at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.02)
 
 
 # -- the figures --------------------------------------------------------------------------------

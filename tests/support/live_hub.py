@@ -24,6 +24,7 @@ from hub.context import HubContext
 from hub.main import create_app
 from hub.settings import HubSettings
 from tests.support.agents import AgentThread, fast_settings, make_agent
+from tests.support.waiting import wait_until
 
 
 def _free_port() -> int:
@@ -129,12 +130,7 @@ class LiveHub:
         return body
 
     def wait_until(self, predicate: Any, timeout_s: float = 30.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{what} not met within {timeout_s} s")
+        wait_until(predicate, timeout_s, what)
 
 
 class ServedHub:
