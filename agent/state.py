@@ -65,6 +65,7 @@ class Progress(BaseModel):
     desired_fingerprint: str | None = None
     evt_seq: int = 0
     state_seq: int = 0
+    command_seq: int = 0  # the seq of the last command run; older ones are replays
     bad: dict[str, BadVersion] = Field(default_factory=dict)  # digest -> why
     installing: InstallAttempt | None = None
 

@@ -20,6 +20,7 @@ from agent.protocol.canonical import canonical_bytes
 from agent.protocol.documents import (
     ANY_DEVICE_CLASS,
     MANIFEST_FORMAT,
+    Command,
     DesiredState,
     DetachedSignatures,
     Keyring,
@@ -175,6 +176,29 @@ def verify_desired(
             reason=Reason.EXPIRED,
         )
     return VerifiedDesired(state, DesiredVerdict.NEW, fingerprint)
+
+
+def verify_command(
+    signed: Signed, *, keyring: Keyring, device_id: str, last_seq: int, now: datetime
+) -> Command:
+    """Accept a director-signed command for this device, newer than the last one run, and not
+    expired (a command is for now: it is never run late)."""
+    _check_role(signed.signed, signed.signatures, keyring, Role.DIRECTOR)
+    try:
+        command = Command.model_validate(signed.signed)
+    except ValidationError as exc:
+        raise RejectedError(f"malformed command: {_first_errors(exc)}") from None
+    if command.device_id != device_id:
+        raise TrustError(f"command is for device {command.device_id!r}", reason=Reason.WRONG_DEVICE)
+    if command.seq <= last_seq:
+        raise TrustError(f"command seq {command.seq} is not above {last_seq}", reason=Reason.REPLAY)
+    if command.expires_at <= now:
+        raise TrustError(
+            f"command expired at {command.expires_at:%Y-%m-%dT%H:%M:%SZ}"
+            f" (device clock {now:%Y-%m-%dT%H:%M:%SZ})",
+            reason=Reason.EXPIRED,
+        )
+    return command
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

@@ -94,6 +94,35 @@ class DesiredState(_Doc):
         return utc_iso(value)
 
 
+class CommandAction(StrEnum):
+    """What a command asks a device to do. An agent answers an action it does not know with
+    ``E_INCOMPATIBLE``, so a newer hub can add actions without breaking older agents."""
+
+    LOGS = "logs"  # send recent log entries: args tail (int), since (ISO time), level (name)
+    PING = "ping"  # answer at once: shows the device hears commands and how fast
+
+
+class Command(_Doc):
+    """A one-off command for one device; signed by a director key.
+
+    ``seq`` counts the device's commands: the agent runs a command only if its seq is above the
+    last one it ran, so a captured command cannot be replayed (as with the desired counter).
+    """
+
+    type: Literal["command"] = "command"
+    device_id: str
+    seq: int = Field(ge=1)
+    command_id: str = Field(min_length=1, max_length=64)  # the hub's id, echoed in the result
+    action: str = Field(min_length=1, max_length=32)  # a CommandAction, or one from a newer hub
+    args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    issued_at: AwareDatetime
+    expires_at: AwareDatetime
+
+    @field_serializer("issued_at", "expires_at")
+    def _ser_time(self, value: datetime) -> str:
+        return utc_iso(value)
+
+
 class Framework(StrEnum):
     ONNX = "onnx"
     TFLITE = "tflite"

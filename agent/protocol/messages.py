@@ -182,6 +182,44 @@ class CollectedRecord(_Body):
     outputs: Any
 
 
+class CommandBody(_Body):
+    """A signed command (``documents.Command``) with the keyring that names its director key."""
+
+    kind: Literal["command"] = "command"
+    keyring: Signed
+    command: Signed
+
+
+MAX_LOG_ENTRIES = 1000
+
+
+class LogEntry(_Body):
+    at: AwareDatetime
+    level: str = Field(max_length=16)
+    logger: str = Field(max_length=200)
+    message: str
+
+
+class LogsResult(_Body):
+    """The result of a ``logs`` command: the newest entries that match, oldest first."""
+
+    entries: list[LogEntry] = Field(max_length=MAX_LOG_ENTRIES)
+    # True when older matching entries were left out (by ``tail`` or the message size bound).
+    more: bool = False
+
+
+class CommandResultBody(_Body):
+    """What became of a command: sent on the ``req`` channel."""
+
+    kind: Literal["command_result"] = "command_result"
+    command_id: str = Field(min_length=1, max_length=64)
+    seq: int = Field(ge=0)  # 0 when the command was too malformed to read its seq
+    ok: bool
+    reason: Reason | None = None  # why it was refused or failed
+    detail: str = Field(default="", max_length=2000)
+    result: dict[str, Any] = Field(default_factory=dict)  # by action: LogsResult for logs
+
+
 class TelemetryBody(_Body):
     kind: Literal["telemetry"] = "telemetry"
     # The oldest seq of the stream the device still holds. Every seq below it was acknowledged
@@ -205,7 +243,9 @@ Body = Annotated[
     | ChunkRequestBody
     | AckBody
     | TelemetryBody
-    | DataBody,
+    | DataBody
+    | CommandBody
+    | CommandResultBody,
     Field(discriminator="kind"),
 ]
 

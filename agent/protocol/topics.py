@@ -26,7 +26,7 @@ class Channel(StrEnum):
     EVT = "evt"  # device -> hub, deployment progress events
     TM = "tm"  # device -> hub, telemetry batch
     DC = "dc"  # device -> hub, data-collection batch
-    REQ = "req"  # device -> hub, requests (desired state again, missing chunks)
+    REQ = "req"  # device -> hub, requests (desired state again, missing chunks), command results
     ACK = "ack"  # hub -> device, what the hub has stored
 
 

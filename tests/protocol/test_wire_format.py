@@ -11,6 +11,8 @@ import pytest
 
 from agent.protocol.canonical import CanonicalizationError, canonical_bytes
 from agent.protocol.documents import (
+    Command,
+    CommandAction,
     DesiredState,
     FileEntry,
     Framework,
@@ -29,9 +31,12 @@ from agent.protocol.messages import (
     AckBody,
     ChunkRequestBody,
     CollectedRecord,
+    CommandResultBody,
     DataBody,
     DesiredRequestBody,
     EventBody,
+    LogEntry,
+    LogsResult,
     MessageError,
     ModelStats,
     ModelStatus,
@@ -69,6 +74,15 @@ DOCUMENTS: dict[str, Any] = {
     ),
     "desired": DesiredState(
         device_id="dev-1", counter=7, issued_at=T0, expires_at=T0, packages=[REF]
+    ),
+    "command": Command(
+        device_id="dev-1",
+        seq=3,
+        command_id="c0ffee",
+        action=CommandAction.LOGS,
+        args={"tail": 50, "since": "2026-11-25T11:00:00Z", "level": "warning"},
+        issued_at=T0,
+        expires_at=T0,
     ),
     "manifest": Manifest(
         model=ModelInfo(name="iris", version=3, framework=Framework.ONNX),
@@ -130,6 +144,17 @@ MESSAGES: dict[str, Any] = {
                 ],
             )
         ],
+    ),
+    "command_result": CommandResultBody(
+        command_id="c0ffee",
+        seq=3,
+        ok=True,
+        result=LogsResult(
+            entries=[
+                LogEntry(at=T0, level="WARNING", logger="agent.core", message="disk almost full")
+            ],
+            more=True,
+        ).model_dump(mode="json"),
     ),
     "data": DataBody(
         first_kept=7,
