@@ -28,18 +28,21 @@ from typing import Any
 from agent import __version__
 from agent.archive import ArchiveLimits
 from agent.collection import BUDGET_NOTE, CollectionCounts, Collector, ScoredSample
+from agent.commands import CommandRunner, refused
 from agent.download import ChunkAssembler
 from agent.errors import AgentError, InstallError, NoSpaceError, RejectedError, TrustError
 from agent.failpoints import Failpoint, FailpointCrash, Failpoints
 from agent.install import HealthChecker, ModelStore, RuntimeLoader, StepReporter, TrustContext
+from agent.logbook import LogBook, current_logbook, install_handler, level_number
 from agent.mqtt import Backoff, BrokerAddress, MqttLink, Will
 from agent.outbox import STREAMS, Outbox, OutboxError, OutboxLimits, Stream, restored, stored
-from agent.protocol.documents import DesiredState, Keyring, PackageRef
+from agent.protocol.documents import Command, DesiredState, Keyring, PackageRef, Signed
 from agent.protocol.messages import (
     MAX_BATCH_RECORDS,
     AckBody,
     ChunkRequestBody,
     CollectedRecord,
+    CommandBody,
     DataBody,
     DesiredBody,
     DesiredRequestBody,
@@ -62,7 +65,7 @@ from agent.scoring import ScoringCall
 from agent.settings import AgentSettings
 from agent.state import BadVersion, InstallAttempt, StateDir
 from agent.telemetry import Health, IntervalMeter, ModelCalls
-from agent.trust import DesiredVerdict, verify_desired, verify_keyring
+from agent.trust import DesiredVerdict, verify_command, verify_desired, verify_keyring
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +189,15 @@ class Agent:
         self._senders: dict[Stream, Sender] = {s: Sender() for s in STREAMS}
         # Records lost because no outbox could be opened (a read-only or full disk).
         self.records_lost = 0
+        self.logbook: LogBook | None = None
+        if settings.logs.enabled:
+            install_handler(level_number(settings.logs.level))
+            self.logbook = LogBook(self.state.root / "logs", max_bytes=settings.logs.max_bytes)
+        self._commands = CommandRunner(
+            logbook=self.logbook, max_result_bytes=settings.logs.max_result_bytes
+        )
+        self._command_tasks: set[asyncio.Task[None]] = set()
+        self.commands_refused: Counter[str] = Counter()  # by reason
         broker = self.identity.broker
         self._link = link_factory(
             client_id=self.device_id,
@@ -380,6 +392,14 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, reconcile and report until ``stop`` is set."""
+        # Every task started from here inherits it: this agent's log entries go to its book.
+        logbook_token = current_logbook.set(self.logbook)
+        try:
+            await self._run(stop)
+        finally:
+            current_logbook.reset(logbook_token)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         self.load_installed()
         if self._desired is not None:
             self._wake.set()
@@ -408,15 +428,17 @@ class Agent:
                 self._publish(
                     Channel.STATUS, encode(StatusBody(online=False, reason="shutdown")), retain=True
                 )
-            for task in [stopper, *tasks]:
+            running = [stopper, *tasks, *self._command_tasks]
+            for task in running:
                 task.cancel()
-            await asyncio.gather(stopper, *tasks, return_exceptions=True)
+            await asyncio.gather(*running, return_exceptions=True)
             await self._close_outbox(flush=stop.is_set())
 
     def _on_connected(self) -> None:
         topics = [
             (self._topics.device(self.device_id, Channel.DESIRED), 1),
             (self._topics.device(self.device_id, Channel.ACK), 1),
+            (self._topics.device(self.device_id, Channel.CMD), 1),
         ]
         topics += [(self._topics.package_wildcard(d), 1) for d in self._downloads]
         self._link.subscribe(topics)
@@ -674,6 +696,8 @@ class Agent:
             self._on_desired(body)
         elif channel.channel is Channel.ACK and isinstance(body, AckBody):
             self._on_ack(body)
+        elif channel.channel is Channel.CMD and isinstance(body, CommandBody):
+            self._on_command(body)
         else:
             self.malformed_received += 1
             logger.warning("dropping %s message on %s", body.kind, topic)
@@ -708,6 +732,49 @@ class Agent:
             self.state.save_progress(self._progress)
             self._desired = verified.state
         self._wake.set()
+
+    def _on_command(self, body: CommandBody) -> None:
+        now = self._clock()
+        try:
+            keyring = verify_keyring(
+                body.keyring,
+                root_public_b64=self.identity.root_public_key,
+                current=self._keyring,
+                now=now,
+            )
+            command = verify_command(
+                body.command,
+                keyring=keyring,
+                device_id=self.device_id,
+                last_seq=self._progress.command_seq,
+                now=now,
+            )
+        except AgentError as exc:
+            self._refuse_command(body.command, exc)
+            return
+        if keyring != self._keyring:
+            self.state.save_keyring(body.keyring)
+            self._keyring = keyring
+        # Taken before it runs: a crash mid-command must not let the same command run again.
+        self._progress.command_seq = command.seq
+        self.state.save_progress(self._progress)
+        logger.info("running command %s (%s)", command.action, command.command_id)
+        task = asyncio.get_running_loop().create_task(self._answer(command))
+        self._command_tasks.add(task)
+        task.add_done_callback(self._command_tasks.discard)
+
+    async def _answer(self, command: Command) -> None:
+        result = await self._commands.run(command)
+        if not result.ok:
+            self.commands_refused[str(result.reason)] += 1
+        self._publish(Channel.REQ, encode(result))
+
+    def _refuse_command(self, signed: Signed, exc: AgentError) -> None:
+        self.commands_refused[str(exc.reason)] += 1
+        logger.warning("refused command: %s", exc)
+        answer = refused(signed, exc)
+        if answer is not None:
+            self._publish(Channel.REQ, encode(answer))
 
     def _reject(self, exc: AgentError) -> None:
         self.last_rejection = str(exc)

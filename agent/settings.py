@@ -7,8 +7,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agent.logbook import level_number
 
 
 class _Section(BaseModel):
@@ -77,6 +79,24 @@ class CollectionSettings(_Section):
     max_pending_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
 
+class LogSettings(_Section):
+    """The agent's own log entries kept on disk for ``outpost-hub device logs``."""
+
+    enabled: bool = True
+    # Entries below this level are not kept (the loggers' own level applies first).
+    level: str = "info"
+    # Both files together (the current one and the one before it) stay under this.
+    max_bytes: int = Field(default=2 * 1024 * 1024, ge=16 * 1024)
+    # A logs command's answer stays under this, whatever its tail asks for.
+    max_result_bytes: int = Field(default=192 * 1024, ge=4 * 1024, le=768 * 1024)
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level_number(value)  # ValueError names the levels
+        return value.lower()
+
+
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="OUTPOST_AGENT_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -91,6 +111,7 @@ class AgentSettings(BaseSettings):
     telemetry: TelemetrySettings = TelemetrySettings()
     outbox: OutboxSettings = OutboxSettings()
     collection: CollectionSettings = CollectionSettings()
+    logs: LogSettings = LogSettings()
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> "AgentSettings":

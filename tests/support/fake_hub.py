@@ -19,6 +19,7 @@ from agent.protocol.messages import (
     AckBody,
     ChunkRequestBody,
     CollectedRecord,
+    CommandResultBody,
     DataBody,
     DesiredRequestBody,
     Envelope,
@@ -47,6 +48,7 @@ class FakeHub:
     events: list[tuple[str, EventBody]] = field(default_factory=list)
     states: list[tuple[str, StateBody]] = field(default_factory=list)
     statuses: list[tuple[str, StatusBody]] = field(default_factory=list)
+    command_results: list[tuple[str, CommandResultBody]] = field(default_factory=list)
     chunk_requests: int = 0
     chunk_bytes: int = 4096
     changed: threading.Condition = field(default_factory=threading.Condition)
@@ -100,6 +102,18 @@ class FakeHub:
             self.topics.device(device_id, Channel.DESIRED), message, qos=1, retain=True
         )
 
+    def send_command(self, device_id: str, message: bytes) -> None:
+        self._client.publish(self.topics.device(device_id, Channel.CMD), message, qos=1)
+
+    def command_result(self, command_id: str, timeout_s: float = 20.0) -> CommandResultBody:
+        """The (latest) answer to a command, waiting for it with a deadline."""
+
+        def answers() -> list[CommandResultBody]:
+            return [r for _, r in self.command_results if r.command_id == command_id]
+
+        self.wait_for(lambda: bool(answers()), timeout_s=timeout_s)
+        return answers()[-1]
+
     def publish_raw(self, topic: str, payload: bytes) -> None:
         self._client.publish(topic, payload, qos=1)
 
@@ -132,6 +146,10 @@ class FakeHub:
         elif isinstance(body, StatusBody):
             with self.changed:
                 self.statuses.append((device, body))
+                self.changed.notify_all()
+        elif isinstance(body, CommandResultBody):
+            with self.changed:
+                self.command_results.append((device, body))
                 self.changed.notify_all()
         elif isinstance(body, TelemetryBody):
             self._store_records(client, device, "tm", body, len(msg.payload))

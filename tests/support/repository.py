@@ -15,6 +15,7 @@ from typing import Any
 
 from agent.protocol.canonical import canonical_bytes
 from agent.protocol.documents import (
+    Command,
     DesiredState,
     DetachedSignatures,
     FileEntry,
@@ -32,7 +33,7 @@ from agent.protocol.documents import (
     document_dict,
 )
 from agent.protocol.keys import SigningKey
-from agent.protocol.messages import DesiredBody, encode
+from agent.protocol.messages import CommandBody, DesiredBody, encode
 from agent.protocol.package import FILES_DIR, MANIFEST_NAME, SIGNATURE_NAME, plan_chunks
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -81,6 +82,7 @@ class RepositorySimulator:
     keyring_version: int = 1
     counter: int = 0
     deployment_seq: int = 0
+    command_seq: int = 0
 
     def keyring_doc(self, *, expires_in: timedelta = timedelta(days=365)) -> Keyring:
         return Keyring(
@@ -195,6 +197,38 @@ class RepositorySimulator:
 
     def desired_message(self, packages: list[PackageRef], **kwargs: Any) -> bytes:
         return encode(DesiredBody(keyring=self.keyring(), desired=self.desired(packages, **kwargs)))
+
+    def command(
+        self,
+        action: str,
+        args: dict[str, Any] | None = None,
+        *,
+        seq: int | None = None,
+        expires_in: timedelta = timedelta(minutes=1),
+        signer: SigningKey | None = None,
+        device_id: str | None = None,
+    ) -> Signed:
+        """A director-signed command; seqs count up unless one is given. Times are real (not
+        ``now``): the agent judges a command's expiry against its own clock."""
+        if seq is None:
+            self.command_seq += 1
+            seq = self.command_seq
+        issued = datetime.now(UTC)
+        doc = document_dict(
+            Command(
+                device_id=device_id or self.device_id,
+                seq=seq,
+                command_id=f"cmd-{seq:04d}",
+                action=action,
+                args=args or {},
+                issued_at=issued,
+                expires_at=issued + expires_in,
+            )
+        )
+        return Signed(signed=doc, signatures=[(signer or self.director).sign(doc)])
+
+    def command_message(self, action: str, args: dict[str, Any] | None = None, **kw: Any) -> bytes:
+        return encode(CommandBody(keyring=self.keyring(), command=self.command(action, args, **kw)))
 
 
 def iris_files(model_dir: Path) -> dict[str, bytes]:
