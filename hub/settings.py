@@ -72,6 +72,13 @@ class TelemetrySettings(_Frozen):
     coalesce_max_messages: int = Field(default=64, ge=1, le=10_000)
 
 
+class DeviceSettings(_Frozen):
+    # A device online by its last status that has not been heard from (heartbeat, state,
+    # event, telemetry) in this long is marked offline. Keep it a few times the agents'
+    # ``mqtt.heartbeat_s`` (30 s by default), so one late heartbeat does not flap a device.
+    offline_after_s: float = Field(default=90.0, ge=5.0)
+
+
 class HubSettings(BaseSettings):
     """Everything the hub process is configured by."""
 
@@ -91,6 +98,7 @@ class HubSettings(BaseSettings):
     signing: SigningSettings = SigningSettings()
     registry: RegistrySettings = RegistrySettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    devices: DeviceSettings = DeviceSettings()
 
     @property
     def resolved_database_url(self) -> str:

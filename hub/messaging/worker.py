@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from sqlmodel import Session
@@ -22,6 +23,7 @@ from sqlmodel import Session
 from hub.database import utcnow
 from hub.deployments.engine import RolloutEngine
 from hub.deployments.service import publish
+from hub.devices.liveness import mark_silent_offline
 from hub.failpoints import HubFailpoint, hit
 from hub.messaging.chunks import publish_chunks
 from hub.messaging.handlers import (
@@ -58,6 +60,11 @@ class MessageWorker:
         self._next_tick = 0.0
         self._telemetry = ctx.settings.telemetry
         self._next_sweep = 0.0
+        # No device is judged silent before the hub has listened for a whole offline_after_s:
+        # after a restart, last_seen is as old as the hub's downtime, and devices that are
+        # online would flap offline until their next heartbeat.
+        self._offline_after_s = ctx.settings.devices.offline_after_s
+        self._next_liveness = time.monotonic() + self._offline_after_s
         # A message taken from the queue while gathering an ingest batch, handled next.
         self._held: tuple[str, bytes] | None = None
         # The engine runs on this thread, so its row changes never race the handlers'.
@@ -146,6 +153,8 @@ class MessageWorker:
                 self._tick_rollouts()
             if time.monotonic() >= self._next_sweep and item is not _STOP:
                 self._sweep()
+            if time.monotonic() >= self._next_liveness and item is not _STOP:
+                self._mark_silent_offline()
             if item is _STOP:
                 self._release_leases()
                 return
@@ -194,6 +203,23 @@ class MessageWorker:
         if not swept.done:
             # More to delete: go on after a turn of message handling, not in a few minutes.
             self._next_sweep = time.monotonic() + SWEEP_AGAIN_S
+
+    def _mark_silent_offline(self) -> None:
+        # A quarter of the bound: a silent device is marked at most 25 % late.
+        self._next_liveness = time.monotonic() + self._offline_after_s / 4
+        self._flush_heartbeats()  # last_seen of the heartbeats still held here first
+        try:
+            with Session(self._ctx.engine, expire_on_commit=False) as session:
+                silent = mark_silent_offline(
+                    session, silent_since=utcnow() - timedelta(seconds=self._offline_after_s)
+                )
+        except Exception:
+            self.handlers.stats.bump("failed")
+            logger.exception("marking silent devices offline failed")
+            return
+        for device_id in silent:
+            # Its next heartbeat takes the full path and marks it online again.
+            self.handlers.heartbeats.status_written(device_id, online=False)
 
     def _tick_rollouts(self) -> None:
         self._next_tick = time.monotonic() + ROLLOUT_TICK_S

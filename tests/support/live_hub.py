@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,9 +166,15 @@ class ServedHub:
 
 @pytest.fixture
 def live_hub(tmp_path: Path) -> Iterator[LiveHub]:
-    settings = HubSettings(data_dir=tmp_path / "hub")
-    served = ServedHub(settings)
-    hub = LiveHub(served.url, served.ctx.admin_token, served.ctx, settings, tmp_path)
+    with live_hub_with(tmp_path) as hub:
+        yield hub
+
+
+@contextmanager
+def live_hub_with(tmp_path: Path, **settings: Any) -> Iterator[LiveHub]:
+    """``live_hub`` with settings of the test's own (``devices={"offline_after_s": 5}``)."""
+    served = ServedHub(HubSettings(data_dir=tmp_path / "hub", **settings))
+    hub = LiveHub(served.url, served.ctx.admin_token, served.ctx, served.ctx.settings, tmp_path)
     hub.served = served
     try:
         yield hub
