@@ -39,6 +39,8 @@ class Device(SQLModel, table=True):
     enrolled_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     # The counter of the last desired state signed for this device; each publish takes the next.
     desired_counter: int = 0
+    # The seq of the last command created for this device (hub.commands); each takes the next.
+    command_seq: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     online: bool = False
     last_seen: datetime | None = Field(default=None, sa_type=UTCDateTime)
     reported_state: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
