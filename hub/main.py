@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from hub.broker.passwords import BrokerUser, hash_password
 from hub.broker.supervisor import EmbeddedBroker
+from hub.commands.router import router as commands_router
 from hub.context import HubContext
 from hub.database import make_engine
 from hub.deployments.router import router as deployments_router
@@ -130,6 +131,7 @@ def create_app(settings: HubSettings, *, publisher: Publisher | None = None) -> 
     app.include_router(registry_router)
     app.include_router(enroll_router)
     app.include_router(devices_router)
+    app.include_router(commands_router)
     app.include_router(deployments_router)
     app.include_router(messaging_router)
     app.include_router(telemetry_router)

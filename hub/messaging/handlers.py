@@ -19,6 +19,7 @@ from agent.protocol.messages import (
     TERMINAL_STEPS,
     AckBody,
     ChunkRequestBody,
+    CommandResultBody,
     DataBody,
     DesiredRequestBody,
     Envelope,
@@ -31,12 +32,14 @@ from agent.protocol.messages import (
     encode,
 )
 from agent.protocol.topics import Channel, TopicError, Topics, is_valid_device_id
+from hub.commands import service as command_service
 from hub.database import utcnow
 from hub.deployments.desired import Director
 from hub.deployments.models import DeviceDesired, DeviceEvent
 from hub.deployments.progress import on_event, on_reported_state
 from hub.devices.models import Device
 from hub.errors import HubError
+from hub.failpoints import HubFailpoint, hit
 from hub.messaging.chunks import ChunkScheduler, ChunkWanted
 from hub.messaging.publisher import Publisher
 from hub.packages.models import Package
@@ -55,7 +58,7 @@ _KINDS_BY_CHANNEL: dict[Channel, frozenset[str]] = {
     Channel.STATE: frozenset({"state"}),
     Channel.STATUS: frozenset({"status"}),
     Channel.EVT: frozenset({"event"}),
-    Channel.REQ: frozenset({"desired_request", "chunk_request"}),
+    Channel.REQ: frozenset({"desired_request", "chunk_request", "command_result"}),
     Channel.TM: frozenset({"telemetry"}),
     Channel.DC: frozenset({"data"}),
 }
@@ -263,8 +266,13 @@ def _dispatch(*, session: Session, handlers: Handlers, incoming: Incoming) -> No
         )
     elif isinstance(body, StateBody):
         handle_state(session=session, device_id=device_id, body=body, nudge=handlers.nudge_rollouts)
+    elif isinstance(body, CommandResultBody):
+        command_service.record_result(session=session, device_id=device_id, body=body, now=utcnow())
     elif isinstance(body, StatusBody):
-        handle_status(session=session, device_id=device_id, body=body)
+        sender = command_service.CommandSender(
+            keys=handlers.director.keys, publisher=handlers.publisher, topics=handlers.topics
+        )
+        handle_status(session=session, device_id=device_id, body=body, commands=sender)
         handlers.heartbeats.status_written(device_id, body.online)
     handlers.stats.bump("handled")
 
@@ -306,6 +314,8 @@ def handle_ingest_messages(
         now = utcnow()
         acked = [ingest.store(session, batch, now) for batch in batches]
         session.commit()
+        if batches:
+            hit(HubFailpoint.AFTER_INGEST_COMMIT)  # stored, not yet acked: the worst moment
     except Exception:
         session.rollback()
         logger.exception("storing batches together failed; storing them one by one")
@@ -466,10 +476,22 @@ def handle_state(
     session.commit()
 
 
-def handle_status(*, session: Session, device_id: str, body: StatusBody) -> None:
+def handle_status(
+    *,
+    session: Session,
+    device_id: str,
+    body: StatusBody,
+    commands: command_service.CommandSender | None = None,
+) -> None:
+    """Store the device's online flag; a device that came (back) online gets its pending
+    commands again (with ``commands``): what was sent while it was away never reached it."""
     device = session.get(Device, device_id)
     assert device is not None
+    # The status without an uptime is the one sent on every connect.
+    came_online = body.online and (not device.online or body.uptime_s is None)
     device.online = body.online
     device.last_seen = utcnow()
     session.add(device)
     session.commit()
+    if came_online and commands is not None:
+        command_service.resend_pending(session=session, sender=commands, device_id=device_id)
