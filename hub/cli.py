@@ -26,6 +26,7 @@ from hub.cli_client import (
 from hub.cli_data import data
 from hub.cli_deploy import deploy
 from hub.cli_deployments import deployment
+from hub.cli_device_commands import device_logs, device_ping
 from hub.devices.schemas import GROUP_PATTERN, check_tags
 from hub.errors import HubError
 from hub.settings import HubSettings
@@ -323,7 +324,11 @@ def model_download(ctx: click.Context, ref: str, out: Path) -> None:
 
 @main.group()
 def device() -> None:
-    """Devices and enrolment."""
+    """Devices and enrolment, and one-off commands to a device (logs, ping)."""
+
+
+device.add_command(device_logs)
+device.add_command(device_ping)
 
 
 @device.command("token")
