@@ -113,6 +113,13 @@ class Sender:
     deleted: int = 0  # the outbox is cleared up to this seq
 
 
+@dataclass(frozen=True)
+class OutboxFigures:
+    made: int  # records numbered (the streams' last seqs: seqs are never reused)
+    backlog: int  # waiting for the hub's ack
+    dropped: int  # lost since install: the bound, a full disk, a corrupt file
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -185,6 +192,7 @@ class Agent:
         )
         self._collected = asyncio.Event()
         self._outbox: Outbox | None = None
+        self._outbox_at_close = OutboxFigures(0, 0, 0)
         self._outbox_opening = asyncio.Lock()
         self._senders: dict[Stream, Sender] = {s: Sender() for s in STREAMS}
         # Records lost because no outbox could be opened (a read-only or full disk).
@@ -493,13 +501,13 @@ class Agent:
 
     async def record_telemetry(self) -> None:
         """End the current telemetry interval: its record goes into the outbox."""
-        backlog, dropped = self.outbox_figures()
+        figures = self.outbox_figures()
         fields = self._meter.take(
             at=self._clock(),
             health=self.health(),
             connects=self._link.connects,
-            outbox_backlog=backlog,
-            outbox_dropped=dropped,
+            outbox_backlog=figures.backlog,
+            outbox_dropped=figures.dropped,
             disk_free_bytes=self._disk_free_or_none(),
             active=[(m.name, m.version) for m in self._active.values()],
         )
@@ -511,13 +519,21 @@ class Agent:
             return
         await self._keep("tm", [record])
 
-    def outbox_figures(self) -> tuple[int, int]:
-        """Records waiting for the hub's ack, and records lost since install, all streams."""
+    def outbox_figures(self) -> OutboxFigures:
+        """Records numbered, waiting for the hub's ack, and lost since install, all streams;
+        after the agent stopped, as they were when its outbox closed."""
+        inside = self._outbox_figures()
+        return OutboxFigures(inside.made, inside.backlog, inside.dropped + self.records_lost)
+
+    def _outbox_figures(self) -> OutboxFigures:
         outbox = self._outbox
         if outbox is None:
-            return 0, self.records_lost
-        backlog = sum(outbox.backlog(s) for s in STREAMS)
-        return backlog, sum(outbox.dropped(s) for s in STREAMS) + self.records_lost
+            return self._outbox_at_close
+        return OutboxFigures(
+            made=sum(outbox.last_seq(s) for s in STREAMS),
+            backlog=sum(outbox.backlog(s) for s in STREAMS),
+            dropped=sum(outbox.dropped(s) for s in STREAMS),
+        )
 
     def health(self) -> Health:
         """Degraded while a package the desired state lists has failed here for its deployment:
@@ -594,6 +610,8 @@ class Agent:
         if flush:
             # A clean stop keeps the sampled calls still in memory; a crash loses them.
             await self.flush_collected()
+        if self._outbox is not None:
+            self._outbox_at_close = self._outbox_figures()
         outbox, self._outbox = self._outbox, None
         if outbox is not None:
             await asyncio.to_thread(outbox.close)

@@ -74,7 +74,7 @@ class TelemetrySettings(_Frozen):
 
 class DeviceSettings(_Frozen):
     # A device online by its last status that has not been heard from (heartbeat, state,
-    # event, telemetry) in this long is marked offline. Keep it a few times the agents'
+    # event) in this long is marked offline. Keep it a few times the agents'
     # ``mqtt.heartbeat_s`` (30 s by default), so one late heartbeat does not flap a device.
     offline_after_s: float = Field(default=90.0, ge=5.0)
 

@@ -149,6 +149,7 @@ def run_report(
         rejections.update(device.agent.rejections)
     sent = sum(d.record.events_sent for d in devices)
     unconfirmed = sum(a.unconfirmed_events for a in fleet.agents)
+    outboxes = [a.outbox_figures() for a in fleet.agents]
     lost_in_crashes = sum(d.record.events_lost_in_crashes for d in devices)
     return RunReport(
         scenario=scenario,
@@ -172,6 +173,10 @@ def run_report(
             "events_lost_in_crashes": lost_in_crashes,
             "heartbeats_sent": sum(a.heartbeats_sent for a in fleet.agents),
             "malformed_received": sum(a.malformed_received for a in fleet.agents),
+            # Telemetry and data collection through the agents' outboxes to the hub's ack.
+            "records_made": sum(o.made for o in outboxes),
+            "records_unacked": sum(o.backlog for o in outboxes),
+            "records_dropped": sum(o.dropped for o in outboxes),
         },
         simulator=meter.read(len(devices)),
         unexpected_errors=dict(fleet.crashed),
@@ -203,6 +208,11 @@ def format_report(report: RunReport) -> str:
         f" unconfirmed {m['events_unconfirmed']}, lost in crashes {m['events_lost_in_crashes']};"
         f" heartbeats {m['heartbeats_sent']}"
     )
+    if m["records_made"]:
+        lines.append(
+            f"  telemetry and data records made {m['records_made']},"
+            f" waiting for the hub's ack {m['records_unacked']}, dropped {m['records_dropped']}"
+        )
     active = report.fleet.get("active", {})
     lines.append(
         f"  at the end: connected {report.fleet.get('connected')}, serving "

@@ -225,7 +225,7 @@ def test_records_over_the_bound_are_dropped_counted_and_acknowledged_past(
         "outbox": {"max_records": 3},
     }
     with running_agent(state_dir, **settings) as (runner, agent):
-        wait_until(lambda: runner.call(lambda: agent.outbox_figures()[1]) >= 10)
+        wait_until(lambda: runner.call(lambda: agent.outbox_figures().dropped) >= 10)
         assert _held(runner, agent) <= 3
         hub.ack_records = True
         # A resend carries first_kept past the dropped seqs; the hub acks across that gap.
@@ -246,6 +246,6 @@ def test_a_stored_record_that_no_longer_validates_is_dropped_not_stuck(
     with running_agent(state_dir, telemetry={"interval_s": 3600}) as (runner, agent):
         hub.wait_for(lambda: (DEVICE, 3) in hub.telemetry)
         wait_until(lambda: _held(runner, agent) == 0)
-        assert runner.call(lambda: agent.outbox_figures()[1]) == 1
+        assert runner.call(lambda: agent.outbox_figures().dropped) == 1
     assert sorted(seq for _, seq in hub.telemetry) == [1, 3]
     assert hub.acked[(DEVICE, "tm")] == 3  # past the dropped seq, by first_kept
