@@ -3,7 +3,9 @@ one and the hub SIGKILLs itself there, so a crash at the worst moment is tested 
 rather than by killing at a random time.
 
 ``OUTPOST_HUB_FAILPOINT=after_release_commit`` kills the hub after the rollout engine has
-committed a wave's release and before it has published the devices' desired states.
+committed a wave's release and before it has published the devices' desired states;
+``after_ingest_commit`` after telemetry or data-collection records are committed and before the
+devices are told (their ack).
 """
 
 import logging
@@ -18,6 +20,7 @@ ENV_VAR = "OUTPOST_HUB_FAILPOINT"
 
 class HubFailpoint(StrEnum):
     AFTER_RELEASE_COMMIT = "after_release_commit"
+    AFTER_INGEST_COMMIT = "after_ingest_commit"
 
 
 def hit(point: HubFailpoint) -> None:

@@ -39,6 +39,7 @@ from hub.deployments.models import DeviceDesired, DeviceEvent
 from hub.deployments.progress import on_event, on_reported_state
 from hub.devices.models import Device
 from hub.errors import HubError
+from hub.failpoints import HubFailpoint, hit
 from hub.messaging.chunks import ChunkScheduler, ChunkWanted
 from hub.messaging.publisher import Publisher
 from hub.packages.models import Package
@@ -313,6 +314,8 @@ def handle_ingest_messages(
         now = utcnow()
         acked = [ingest.store(session, batch, now) for batch in batches]
         session.commit()
+        if batches:
+            hit(HubFailpoint.AFTER_INGEST_COMMIT)  # stored, not yet acked: the worst moment
     except Exception:
         session.rollback()
         logger.exception("storing batches together failed; storing them one by one")
