@@ -3,16 +3,20 @@ counters (a collector, not counters kept in memory: every hub replica reports th
 figures from the shared database, and a restart loses nothing)."""
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
+import sqlalchemy as sa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from hub.database import utcnow
 from hub.deployments.models import Deployment, DeploymentDevice, RolloutState
 from hub.devices.models import Device
 from hub.messaging.handlers import MessageStats
+from hub.telemetry.models import CollectedRecord, DeadLetter, ModelInterval, TelemetryPoint
 
 # The message worker's counters, by the name they carry in the metric's ``result`` label.
 _MESSAGE_RESULTS = ("handled", "malformed", "unknown_device", "overflow", "failed")
@@ -23,14 +27,25 @@ _LIVE = (RolloutState.RUNNING, RolloutState.PAUSED)
 class FleetCollector(Collector):
     """Devices, rollouts and message handling, as Prometheus metrics."""
 
-    def __init__(self, engine: Engine, stats: Callable[[], MessageStats | None]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        stats: Callable[[], MessageStats | None],
+        *,
+        window_s: float = 300.0,
+    ) -> None:
         self._engine = engine
         self._stats = stats
+        # Rates and latencies are over the last window_s: a few telemetry intervals, so one
+        # late interval moves them little, and a scrape reads a bounded, indexed range.
+        self._window_s = window_s
 
     def collect(self) -> Iterator[Metric]:
         with Session(self._engine) as session:
             yield from self._devices(session)
             yield from self._deployments(session)
+            yield from self._models(session)
+            yield from self._ingest(session)
         yield from self._messages()
 
     def _devices(self, session: Session) -> Iterator[Metric]:
@@ -69,6 +84,89 @@ class FleetCollector(Collector):
         ).all():
             devices.add_metric([device_state], count)
         yield devices
+
+    def _models(self, session: Session) -> Iterator[Metric]:
+        since = utcnow() - timedelta(seconds=self._window_s)
+        rows = session.execute(
+            sa.select(
+                col(ModelInterval.model),
+                col(ModelInterval.version),
+                func.sum(col(ModelInterval.inferences)),
+                func.sum(col(ModelInterval.errors)),
+                # Each device's percentile weighted by its calls: a fleet-wide estimate (the
+                # devices send percentiles, not their calls), with the worst device beside it.
+                func.sum(col(ModelInterval.p50_ms) * col(ModelInterval.inferences)),
+                func.sum(col(ModelInterval.p95_ms) * col(ModelInterval.inferences)),
+                func.sum(col(ModelInterval.p99_ms) * col(ModelInterval.inferences)),
+                func.max(col(ModelInterval.p99_ms)),
+            )
+            .where(col(ModelInterval.at) >= since)
+            .group_by(col(ModelInterval.model), col(ModelInterval.version))
+        ).all()
+        window = f"over the last {self._window_s:g} s of devices' telemetry"
+        rate = GaugeMetricFamily(
+            "outpost_model_inferences_per_second",
+            f"Scoring calls per second on devices, {window}",
+            labels=["model", "version"],
+        )
+        errors = GaugeMetricFamily(
+            "outpost_model_errors_per_second",
+            f"Failed scoring calls per second on devices, {window}",
+            labels=["model", "version"],
+        )
+        latency = GaugeMetricFamily(
+            "outpost_model_latency_ms",
+            f"Scoring latency on devices: each device's percentile weighted by its calls, {window}",
+            labels=["model", "version", "quantile"],
+        )
+        worst = GaugeMetricFamily(
+            "outpost_model_latency_worst_p99_ms",
+            f"The highest p99 scoring latency any device reported, {window}",
+            labels=["model", "version"],
+        )
+        for model, version, calls, failed, p50, p95, p99, max_p99 in rows:
+            labels = [model, str(version)]
+            rate.add_metric(labels, (calls or 0) / self._window_s)
+            errors.add_metric(labels, (failed or 0) / self._window_s)
+            if calls:
+                for quantile, weighted in (("0.5", p50), ("0.95", p95), ("0.99", p99)):
+                    if weighted is not None:
+                        latency.add_metric([*labels, quantile], weighted / calls)
+            if max_p99 is not None:
+                worst.add_metric(labels, max_p99)
+        yield from (rate, errors, latency, worst)
+
+    def _ingest(self, session: Session) -> Iterator[Metric]:
+        since = utcnow() - timedelta(seconds=self._window_s)
+        stored = GaugeMetricFamily(
+            "outpost_ingest_records_per_second",
+            f"Records stored per second, by stream, over the last {self._window_s:g} s",
+            labels=["stream"],
+        )
+        for stream, table in (("tm", TelemetryPoint), ("dc", CollectedRecord)):
+            count = session.exec(select(func.count()).where(col(table.received_at) >= since)).one()
+            stored.add_metric([stream], count / self._window_s)
+        yield stored
+        # Cumulative per device (since its install), so the latest report of each device
+        # that reported in the window is its whole count.
+        latest = (
+            select(func.max(TelemetryPoint.outbox_dropped).label("dropped"))
+            .where(col(TelemetryPoint.at) >= since)
+            .group_by(col(TelemetryPoint.device_id))
+            .subquery()
+        )
+        dropped = session.exec(select(func.coalesce(func.sum(latest.c.dropped), 0))).one()
+        yield GaugeMetricFamily(
+            "outpost_device_records_dropped",
+            "Records devices' outboxes dropped since their install (bound hit, disk full),"
+            f" summed over the devices that reported in the last {self._window_s:g} s",
+            value=dropped,
+        )
+        yield GaugeMetricFamily(
+            "outpost_dead_letters",
+            "Malformed device messages kept aside (within the telemetry retention)",
+            value=session.exec(select(func.count()).select_from(DeadLetter)).one(),
+        )
 
     def _messages(self) -> Iterator[Metric]:
         stats = self._stats()

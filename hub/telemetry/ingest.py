@@ -17,7 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,7 +30,14 @@ from agent.protocol.topics import Channel, Topics
 from hub.database import UTCDateTime
 from hub.errors import MessagingUnavailable
 from hub.messaging.publisher import Publisher
-from hub.telemetry.models import CollectedRecord, DeadLetter, IngestCursor, Stream, TelemetryPoint
+from hub.telemetry.models import (
+    CollectedRecord,
+    DeadLetter,
+    IngestCursor,
+    ModelInterval,
+    Stream,
+    TelemetryPoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,7 @@ _TOPIC_CHARS = 255
 _POINTS: Table = TelemetryPoint.__table__  # type: ignore[attr-defined]
 _RECORDS: Table = CollectedRecord.__table__  # type: ignore[attr-defined]
 _CURSORS: Table = IngestCursor.__table__  # type: ignore[attr-defined]
+_MODEL_INTERVALS: Table = ModelInterval.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,8 @@ class Batch:
     stream: Stream
     first_kept: int
     rows: list[dict[str, Any]]
+    # Telemetry only: one row per model per record (``model_interval``).
+    model_rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def table(self) -> Table:
@@ -108,14 +118,32 @@ def prepare(device_id: str, body: TelemetryBody | DataBody) -> Batch:
     """The rows of a telemetry or data-collection batch; raises MessageError for a value the
     database cannot store."""
     rows: list[dict[str, Any]] = []
+    model_rows: list[dict[str, Any]] = []
     if isinstance(body, TelemetryBody):
         stream = Stream.TM
         for r in body.records:
+            at = _utc(r.seq, r.at)
+            for m in {m.model: m for m in r.models}.values():  # one row per model: the key
+                model_row = {
+                    "device_id": device_id,
+                    "seq": r.seq,
+                    "model": m.model,
+                    "version": m.version,
+                    "at": at,
+                    "interval_s": r.interval_s,
+                    "inferences": m.inferences,
+                    "errors": m.errors,
+                    "p50_ms": m.p50_ms,
+                    "p95_ms": m.p95_ms,
+                    "p99_ms": m.p99_ms,
+                }
+                _check_row(r.seq, model_row)
+                model_rows.append(model_row)
             models = [m.model_dump(mode="json") for m in r.models]
             row = {
                 "device_id": device_id,
                 "seq": r.seq,
-                "at": _utc(r.seq, r.at),
+                "at": at,
                 "interval_s": r.interval_s,
                 "health": r.health,
                 "uptime_s": r.uptime_s,
@@ -153,7 +181,13 @@ def prepare(device_id: str, body: TelemetryBody | DataBody) -> Batch:
             row["outputs"] = c.outputs
             rows.append(row)
     _check_number("first_kept", body.first_kept)
-    return Batch(device_id=device_id, stream=stream, first_kept=body.first_kept, rows=rows)
+    return Batch(
+        device_id=device_id,
+        stream=stream,
+        first_kept=body.first_kept,
+        rows=rows,
+        model_rows=model_rows,
+    )
 
 
 @functools.cache
@@ -219,6 +253,11 @@ def store(session: Session, batch: Batch, now: datetime) -> int:
     dialect = connection.dialect.name
     rows = [{**row, "received_at": now} for row in batch.rows]
     connection.execute(_insert_ignoring_duplicates(dialect, batch.table), rows)
+    if batch.model_rows:
+        connection.execute(
+            _insert_ignoring_duplicates(dialect, _MODEL_INTERVALS),
+            [{**row, "received_at": now} for row in batch.model_rows],
+        )
     key = {"c_device": batch.device_id, "c_stream": str(batch.stream)}
     cursor = connection.execute(_CURSOR_SEQ, key).scalar()
     acked = cursor if cursor is not None else 0

@@ -1,4 +1,5 @@
-"""Deleting telemetry, data-collection records and dead letters past the retention.
+"""Deleting telemetry (with its per-model rows), data-collection records and dead letters past
+the retention.
 
 Age is counted from ``received_at``, the hub's clock: a device with a wrong clock must not have
 its records deleted on arrival, nor kept for ever. Rows go in chunks, each in its own commit,
@@ -16,7 +17,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlmodel import Session, col
 
-from hub.telemetry.models import CollectedRecord, DeadLetter, TelemetryPoint
+from hub.telemetry.models import CollectedRecord, DeadLetter, ModelInterval, TelemetryPoint
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def sweep(
     cutoff = now - timedelta(days=retention_days)
     deleted: dict[str, int] = {}
     done = True
-    for model in (TelemetryPoint, CollectedRecord, DeadLetter):
+    for model in (TelemetryPoint, ModelInterval, CollectedRecord, DeadLetter):
         count, finished = _delete_older(session, model, cutoff, chunk_rows, max_chunks)
         deleted[str(model.__tablename__)] = count
         done = done and finished

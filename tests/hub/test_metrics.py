@@ -1,11 +1,16 @@
 """``GET /metrics``: the Prometheus exposition of the fleet, read from the database at scrape
 time, parsed back with prometheus_client's own parser."""
 
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlmodel import Session
 
-from hub.messaging.handlers import MessageStats
+from agent.protocol.messages import ModelStats, TelemetryBody, TelemetryRecord, encode
+from agent.protocol.topics import Channel
+from hub.messaging.handlers import Handlers, MessageStats, handle_message
 
 from .conftest import RunningHub
 
@@ -50,3 +55,98 @@ def test_metrics_count_devices_rollouts_and_messages(
 def test_metrics_need_the_admin_token(running_hub: RunningHub) -> None:
     running_hub.client.headers.pop("Authorization")
     assert running_hub.client.get("/metrics").status_code == 401
+
+
+def _telemetry(hub: RunningHub, device_id: str, records: list[TelemetryRecord]) -> None:
+    handlers = Handlers(
+        director=hub.ctx.director(),
+        publisher=hub.publisher,
+        topics=hub.ctx.topics,
+        packages_dir=hub.settings.packages_dir,
+    )
+    body = TelemetryBody(first_kept=records[0].seq, records=records)
+    with Session(hub.ctx.engine, expire_on_commit=False) as session:
+        handle_message(
+            session=session,
+            handlers=handlers,
+            topic=hub.ctx.topics.device(device_id, Channel.TM),
+            payload=encode(body),
+        )
+
+
+def _interval(seq: int, at: datetime, *models: ModelStats, dropped: int = 0) -> TelemetryRecord:
+    return TelemetryRecord(
+        seq=seq, at=at, interval_s=60, uptime_s=60 * seq, outbox_dropped=dropped, models=models
+    )
+
+
+def test_metrics_give_per_model_rates_and_latency_ingest_rate_and_losses(
+    running_hub: RunningHub,
+) -> None:
+    now = datetime.now(UTC)
+    a, b = (running_hub.enroll()["device_id"] for _ in range(2))
+    iris = "iris"
+    _telemetry(
+        running_hub,
+        a,
+        [
+            _interval(
+                1,
+                now - timedelta(seconds=120),
+                ModelStats(
+                    model=iris, version=2, inferences=300, errors=3, p50_ms=1, p95_ms=2, p99_ms=4
+                ),
+                dropped=5,
+            ),
+            _interval(
+                2,
+                now - timedelta(seconds=60),
+                ModelStats(
+                    model=iris, version=2, inferences=300, errors=0, p50_ms=1, p95_ms=2, p99_ms=4
+                ),
+                dropped=7,
+            ),
+            # Older than the window: counted in no rate.
+            _interval(
+                3,
+                now - timedelta(hours=1),
+                ModelStats(
+                    model=iris, version=1, inferences=10_000, errors=0, p50_ms=9, p95_ms=9, p99_ms=9
+                ),
+            ),
+        ],
+    )
+    _telemetry(
+        running_hub,
+        b,
+        [
+            _interval(
+                1,
+                now - timedelta(seconds=30),
+                ModelStats(
+                    model=iris, version=2, inferences=600, errors=0, p50_ms=4, p95_ms=8, p99_ms=20
+                ),
+                dropped=1,
+            ),
+        ],
+    )
+    samples = _samples(running_hub)
+    v2 = (("model", iris), ("version", "2"))
+    assert samples[("outpost_model_inferences_per_second", v2)] == pytest.approx(1200 / 300)
+    assert samples[("outpost_model_errors_per_second", v2)] == pytest.approx(3 / 300)
+    # Weighted by calls: (300*1 + 300*1 + 600*4) / 1200 = 2.5
+    assert samples[
+        ("outpost_model_latency_ms", (("model", iris), ("quantile", "0.5"), ("version", "2")))
+    ] == pytest.approx(2.5)
+    assert samples[
+        ("outpost_model_latency_ms", (("model", iris), ("quantile", "0.99"), ("version", "2")))
+    ] == pytest.approx(12)
+    assert samples[("outpost_model_latency_worst_p99_ms", v2)] == 20
+    assert ("outpost_model_inferences_per_second", (("model", iris), ("version", "1"))) not in (
+        samples
+    )
+    assert samples[("outpost_ingest_records_per_second", (("stream", "tm"),))] == pytest.approx(
+        4 / 300
+    )
+    assert samples[("outpost_device_records_dropped", ())] == 7 + 1
+    assert samples[("outpost_dead_letters", ())] == 0
