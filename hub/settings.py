@@ -70,6 +70,8 @@ class TelemetrySettings(_Frozen):
     # Telemetry and data-collection messages already queued are stored together in one
     # transaction, up to this many (1: one transaction per message).
     coalesce_max_messages: int = Field(default=64, ge=1, le=10_000)
+    # ``/metrics`` gives per-model rates and latency, and the ingest rate, over this window.
+    metrics_window_s: float = Field(default=300.0, ge=10.0, le=86_400.0)
 
 
 class DeviceSettings(_Frozen):

@@ -16,5 +16,11 @@ def metrics(ctx: ContextDep) -> Response:
     # A registry per scrape: the collector reads everything fresh, and nothing is global to
     # the process (tests run several hubs side by side).
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(ctx.engine, lambda: ctx.message_stats))
+    registry.register(
+        FleetCollector(
+            ctx.engine,
+            lambda: ctx.message_stats,
+            window_s=ctx.settings.telemetry.metrics_window_s,
+        )
+    )
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
