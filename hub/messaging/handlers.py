@@ -100,8 +100,10 @@ class Heartbeats:
         self.flushed = 0
 
     def absorb(self, device_id: str, body: StatusBody) -> bool:
-        """True when this status is a plain heartbeat that was taken care of here."""
-        if body.online and device_id in self._online:
+        """True when this status is a plain heartbeat that was taken care of here. The status
+        a device sends on each connect (no uptime) always takes the full path: a reconnect the
+        hub did not see as a drop still gets the device's pending commands."""
+        if body.online and body.uptime_s is not None and device_id in self._online:
             self._pending[device_id] = utcnow()
             return True
         return False

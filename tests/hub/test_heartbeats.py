@@ -77,3 +77,14 @@ def test_heartbeats_from_online_devices_are_written_in_one_batch(running_hub: Ru
     send(devices[0], StatusBody(online=True, uptime_s=1))
     assert _device(running_hub, devices[0]).online
     assert handlers.stats.handled == 5 + 15 + 2
+
+    # A connect status (no uptime) takes the full path even from a device online already: a
+    # reconnect the hub never saw as a drop still gets the device's pending commands.
+    statements.clear()
+    event.listen(running_hub.ctx.engine, "before_cursor_execute", count)
+    try:
+        send(devices[1], StatusBody(online=True))
+    finally:
+        event.remove(running_hub.ctx.engine, "before_cursor_execute", count)
+    assert statements, "written at once, not held for the heartbeat batch"
+
