@@ -89,6 +89,10 @@ class AgentThread:
         assert self.agent is not None
         return self.agent
 
+    def again(self) -> "AgentThread":
+        """A new thread for the same device (state directory and settings), not started."""
+        return AgentThread(self._make)
+
     def call(self, fn: Callable[[], Any], timeout_s: float = 10.0) -> Any:
         """Run ``fn`` on the agent's loop and return its result."""
         assert self._loop is not None
