@@ -87,4 +87,3 @@ def test_heartbeats_from_online_devices_are_written_in_one_batch(running_hub: Ru
     finally:
         event.remove(running_hub.ctx.engine, "before_cursor_execute", count)
     assert statements, "written at once, not held for the heartbeat batch"
-
