@@ -24,6 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from bench.timing import BenchTimeout
 
 MessageSink = Callable[[int, str, bytes | bytearray], None]  # (client index, topic, payload)
+PubackSink = Callable[[int], None]  # (client index): the broker acknowledged a QoS 1 publish
 _MISC_PERIOD_S = 1.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -46,12 +47,14 @@ class BareClients:
         accounts: Sequence[Account],
         keepalive_s: int = 30,
         on_message: MessageSink | None = None,
+        on_puback: PubackSink | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._host = host
         self._port = port
         self._keepalive_s = keepalive_s
         self._sink = on_message
+        self._puback_sink = on_puback
         self.connected_at: list[float | None] = [None] * len(accounts)
         self.refused = 0
         self.subscribed = 0
@@ -79,6 +82,8 @@ class BareClients:
         client.on_socket_unregister_write = self._on_unregister_write
         if self._sink is not None:
             client.on_message = self._on_message
+        if self._puback_sink is not None:
+            client.on_publish = self._on_publish
         return client
 
     # -- paho's callbacks, shared by every client (the index comes in as userdata) -----------
@@ -118,6 +123,12 @@ class BareClients:
     def _on_message(self, client: paho.Client, index: int, msg: paho.MQTTMessage) -> None:
         assert self._sink is not None
         self._sink(index, msg.topic, msg.payload)
+
+    def _on_publish(
+        self, client: paho.Client, index: int, mid: int, reason: ReasonCode, props: Any
+    ) -> None:
+        assert self._puback_sink is not None
+        self._puback_sink(index)
 
     # -- driving them ----------------------------------------------------------------------
 
@@ -168,12 +179,15 @@ class BareClients:
             for client in self.clients:
                 client.loop_misc()
 
-    async def subscribe_all(self, topic: str, *, qos: int = 1, timeout_s: float) -> None:
-        """Subscribe every client to ``topic`` and wait for every SUBACK."""
+    async def subscribe_all(
+        self, topic: str | Callable[[int], str], *, qos: int = 1, timeout_s: float
+    ) -> None:
+        """Subscribe every client to ``topic`` (or to ``topic(index)``, each its own) and wait
+        for every SUBACK."""
         deadline = time.monotonic() + timeout_s
         self.subscribed = 0
-        for client in self.clients:
-            client.subscribe(topic, qos)
+        for index, client in enumerate(self.clients):
+            client.subscribe(topic if isinstance(topic, str) else topic(index), qos)
         while self.subscribed < len(self.clients):
             await self._wait_changed(deadline, f"SUBACKs within {timeout_s:g} s")
 
