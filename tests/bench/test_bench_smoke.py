@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import rollout, scale, storm, waves
+from bench import ingest, rollout, scale, storm, waves
 from bench.results import RESULTS_PATH, Report
 from hub.broker import MosquittoNotFoundError, find_mosquitto
 
@@ -121,3 +121,36 @@ def test_waves_release_a_canary_then_waves_and_compare_with_all_at_once(
     # The cap counts devices fetching the package; installing ones no longer count.
     assert 0 < report.figure("most devices released and not yet active at once").project <= 20
     assert "ended completed: {'succeeded': 20}" in report.notes[1]
+
+
+@pytest.mark.e2e
+def test_ingest_stores_every_record_once_and_times_score_with_and_without_collection(
+    results: Path, tmp_path: Path
+) -> None:
+    before = _results_now()
+    argv = [
+        *("--devices", "5", "--messages", "200", "--batched-messages", "20"),
+        *("--records-per-message", "10", "--score-calls", "40", "--score-warmup", "10"),
+        *("--score-rounds", "2", "--pass-timeout-s", "60", "--score-timeout-s", "60"),
+        "--no-record",
+    ]
+    report = _unrecorded(
+        ingest.main([*argv, "--work-dir", str(tmp_path)], results_path=results), results, before
+    )
+    for name in (
+        "messages stored durably, 1 record each",
+        "records stored durably, 10 per message",
+    ):
+        figure = report.figure(name)
+        assert figure.project > 0, name
+        assert (figure.ratio or 0) > 0, name
+    assert (
+        report.figure("batching: records/s at 10 per message / at 1 per message").ratio or 0
+    ) > 0
+    assert report.figure("records missing or extra in the database, both passes").project == 0
+    assert report.figure("messages dropped at the hub's full queue").project == 0
+    for name in ("/score p50, collection on / off", "/score p99, collection on / off"):
+        assert (report.figure(name).ratio or 0) > 0, name
+    # Two rounds (off, on; on, off) of 10 warm-up and 20 timed calls: 60 calls collected.
+    stored = report.figure("collected calls stored by the hub")
+    assert (stored.project, stored.target) == (60, "60")
