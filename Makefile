@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: all test lint typecheck unit demo mosquitto clean bench bench-rollout bench-scale bench-storm bench-waves
+.PHONY: all test lint typecheck unit demo mosquitto clean bench bench-rollout bench-scale bench-storm bench-waves bench-ingest
 
 all: test
 
@@ -33,8 +33,8 @@ test: $(STAMP) mosquitto lint typecheck
 demo: $(STAMP) mosquitto
 	$(BIN)/python -m examples.demo
 
-## make bench-rollout / bench-scale / bench-storm / bench-waves: one benchmark at the issue's sizes, printed
-## with its floor and ratio and appended to bench/RESULTS.md (see bench/README.md).
+## make bench-rollout / bench-scale / bench-storm / bench-waves / bench-ingest: one benchmark at the issue's
+## sizes, printed with its floor and ratio and appended to bench/RESULTS.md (see bench/README.md).
 bench-rollout: $(STAMP) mosquitto
 	$(BIN)/python -m bench.rollout
 
@@ -47,8 +47,13 @@ bench-storm: $(STAMP) mosquitto
 bench-waves: $(STAMP) mosquitto
 	$(BIN)/python -m bench.waves
 
-## make bench: all four, one after the other (the machine is small: never at once).
-bench: bench-rollout bench-scale bench-storm bench-waves
+## INGEST_ARGS="--database-url postgresql://postgres@127.0.0.1:5432/test" also runs it on PostgreSQL.
+INGEST_ARGS ?=
+bench-ingest: $(STAMP) mosquitto
+	$(BIN)/python -m bench.ingest $(INGEST_ARGS)
+
+## make bench: all five, one after the other (the machine is small: never at once).
+bench: bench-rollout bench-scale bench-storm bench-waves bench-ingest
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache examples/build
