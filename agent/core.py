@@ -720,15 +720,22 @@ class Agent:
             self.malformed_received += 1
             logger.warning("dropping %s message on %s", body.kind, topic)
 
+    def _check_keyring(self, signed: Signed, now: datetime) -> Keyring:
+        """The keyring a desired state or command came with: signed by the pinned root key,
+        and not older than the one kept."""
+        return verify_keyring(
+            signed, root_public_b64=self.identity.root_public_key, current=self._keyring, now=now
+        )
+
+    def _adopt_keyring(self, signed: Signed, keyring: Keyring) -> None:
+        if keyring != self._keyring:
+            self.state.save_keyring(signed)
+            self._keyring = keyring
+
     def _on_desired(self, body: DesiredBody) -> None:
         now = self._clock()
         try:
-            keyring = verify_keyring(
-                body.keyring,
-                root_public_b64=self.identity.root_public_key,
-                current=self._keyring,
-                now=now,
-            )
+            keyring = self._check_keyring(body.keyring, now)
             verified = verify_desired(
                 body.desired,
                 keyring=keyring,
@@ -740,9 +747,7 @@ class Agent:
         except AgentError as exc:
             self._reject(exc)
             return
-        if keyring != self._keyring:
-            self.state.save_keyring(body.keyring)
-            self._keyring = keyring
+        self._adopt_keyring(body.keyring, keyring)
         if verified.verdict is DesiredVerdict.NEW:
             self.state.save_desired(body.desired)
             self._progress.desired_counter = verified.state.counter
@@ -754,12 +759,7 @@ class Agent:
     def _on_command(self, body: CommandBody) -> None:
         now = self._clock()
         try:
-            keyring = verify_keyring(
-                body.keyring,
-                root_public_b64=self.identity.root_public_key,
-                current=self._keyring,
-                now=now,
-            )
+            keyring = self._check_keyring(body.keyring, now)
             command = verify_command(
                 body.command,
                 keyring=keyring,
@@ -770,9 +770,7 @@ class Agent:
         except AgentError as exc:
             self._refuse_command(body.command, exc)
             return
-        if keyring != self._keyring:
-            self.state.save_keyring(body.keyring)
-            self._keyring = keyring
+        self._adopt_keyring(body.keyring, keyring)
         # Taken before it runs: a crash mid-command must not let the same command run again.
         self._progress.command_seq = command.seq
         self.state.save_progress(self._progress)
