@@ -36,7 +36,9 @@ from agent.protocol.keys import SigningKey
 from agent.protocol.messages import CommandBody, DesiredBody, encode
 from agent.protocol.package import FILES_DIR, MANIFEST_NAME, SIGNATURE_NAME, plan_chunks
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+# Documents are issued "now" (to the hour, so a run sees one value): tests that run a real agent
+# judge expiry against the real clock, and a fixed date made them fail a week after it.
+NOW = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 
 
 @dataclass(frozen=True)
