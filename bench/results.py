@@ -14,8 +14,8 @@ from bench.machine import Machine
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 _HEADER = (
     "# Benchmark results\n\n"
-    "Appended by `bench/rollout.py`, `bench/scale.py` and `bench/storm.py`; each section is one\n"
-    "run, with the project and its floor measured in that same run. See `bench/README.md`.\n"
+    "Appended by each benchmark in `bench/` (`make bench`); each section is one run, with the\n"
+    "project and its floor measured in that same run. See `bench/README.md`.\n"
 )
 
 
