@@ -198,19 +198,34 @@ def parse_message(
     except (TopicError, MessageError) as exc:
         handlers.stats.bump("malformed")
         logger.warning("dropped malformed message", extra={"topic": topic, "reason": str(exc)})
-        session.add(
-            ingest.dead_letter(
-                topic=topic,
-                device_id=_device_in_topic(handlers.topics, topic),
-                reason=str(exc),
-                payload=payload,
-                max_payload_bytes=handlers.dead_letter_payload_bytes,
-                now=utcnow(),
-            )
-        )
-        session.commit()
+        _keep_aside(session, handlers, topic, str(exc), payload, handlers.dead_letter_payload_bytes)
         return None
+    if batch is not None and batch.refused:
+        # The rest of the batch is stored and the ack passes these; so the message is kept
+        # whole (it is at most a message's size), or the refused records would be lost.
+        handlers.stats.bump("malformed")
+        reason = f"{len(batch.refused)} of {len(batch.rows) + len(batch.refused)} records refused: "
+        reason += "; ".join(batch.refused.values())
+        logger.warning("refused records", extra={"topic": topic, "reason": reason})
+        _keep_aside(session, handlers, topic, reason, payload, len(payload))
     return Incoming(device_id=where.device_id, envelope=envelope, batch=batch)
+
+
+def _keep_aside(
+    session: Session, handlers: Handlers, topic: str, reason: str, payload: bytes, keep: int
+) -> None:
+    """A dead letter, committed at once, whatever else fails later."""
+    session.add(
+        ingest.dead_letter(
+            topic=topic,
+            device_id=_device_in_topic(handlers.topics, topic),
+            reason=reason,
+            payload=payload,
+            max_payload_bytes=keep,
+            now=utcnow(),
+        )
+    )
+    session.commit()
 
 
 def handle_message(*, session: Session, handlers: Handlers, topic: str, payload: bytes) -> None:

@@ -21,11 +21,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, select, union, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
-from agent.protocol.messages import AckBody, DataBody, MessageError, TelemetryBody, encode
+from agent.protocol.messages import (
+    AckBody,
+    DataBody,
+    MessageError,
+    TelemetryBody,
+    TelemetryRecord,
+    encode,
+)
+from agent.protocol.messages import CollectedRecord as CollectedRecordBody
 from agent.protocol.topics import Channel, Topics
 from hub.database import UTCDateTime
 from hub.errors import MessagingUnavailable
@@ -34,6 +42,7 @@ from hub.telemetry.models import (
     CollectedRecord,
     DeadLetter,
     IngestCursor,
+    IngestRefused,
     ModelInterval,
     Stream,
     TelemetryPoint,
@@ -50,6 +59,7 @@ _POINTS: Table = TelemetryPoint.__table__  # type: ignore[attr-defined]
 _RECORDS: Table = CollectedRecord.__table__  # type: ignore[attr-defined]
 _CURSORS: Table = IngestCursor.__table__  # type: ignore[attr-defined]
 _MODEL_INTERVALS: Table = ModelInterval.__table__  # type: ignore[attr-defined]
+_REFUSED: Table = IngestRefused.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,9 @@ class Batch:
     rows: list[dict[str, Any]]
     # Telemetry only: one row per model per record (``model_interval``).
     model_rows: list[dict[str, Any]] = field(default_factory=list)
+    # Records with a value the database cannot hold, by seq: why. Not stored; the caller keeps
+    # the message as a dead letter, and the ack passes them.
+    refused: dict[int, str] = field(default_factory=dict)
 
     @property
     def table(self) -> Table:
@@ -115,71 +128,31 @@ def _utc(seq: int, value: datetime) -> datetime:
 
 
 def prepare(device_id: str, body: TelemetryBody | DataBody) -> Batch:
-    """The rows of a telemetry or data-collection batch; raises MessageError for a value the
-    database cannot store."""
+    """The rows of a telemetry or data-collection batch. A record with a value the database
+    cannot store is refused on its own (``Batch.refused``); MessageError when the batch as a
+    whole cannot be taken (a seq out of the 64-bit range: no cursor can pass it)."""
     rows: list[dict[str, Any]] = []
     model_rows: list[dict[str, Any]] = []
+    refused: dict[int, str] = {}
     if isinstance(body, TelemetryBody):
         stream = Stream.TM
         for r in body.records:
-            at = _utc(r.seq, r.at)
-            for m in {m.model: m for m in r.models}.values():  # one row per model: the key
-                model_row = {
-                    "device_id": device_id,
-                    "seq": r.seq,
-                    "model": m.model,
-                    "version": m.version,
-                    "at": at,
-                    "interval_s": r.interval_s,
-                    "inferences": m.inferences,
-                    "errors": m.errors,
-                    "p50_ms": m.p50_ms,
-                    "p95_ms": m.p95_ms,
-                    "p99_ms": m.p99_ms,
-                }
-                _check_row(r.seq, model_row)
-                model_rows.append(model_row)
-            models = [m.model_dump(mode="json") for m in r.models]
-            row = {
-                "device_id": device_id,
-                "seq": r.seq,
-                "at": at,
-                "interval_s": r.interval_s,
-                "health": r.health,
-                "uptime_s": r.uptime_s,
-                "cpu_percent": r.cpu_percent,
-                "memory_bytes": r.memory_bytes,
-                "disk_free_bytes": r.disk_free_bytes,
-                "temperature_c": r.temperature_c,
-                "reconnects": r.reconnects,
-                "outbox_backlog": r.outbox_backlog,
-                "outbox_dropped": r.outbox_dropped,
-                "inferences": sum(m.inferences for m in r.models),
-                "errors": sum(m.errors for m in r.models),
-                "models": models,
-            }
-            _check_row(r.seq, row)
+            _check_number(f"record {r.seq}: seq", r.seq)  # no seq, no way to pass it: refuse all
+            try:
+                row, per_model = _telemetry_rows(device_id, r)
+            except MessageError as exc:
+                refused[r.seq] = str(exc)
+                continue
             rows.append(row)
+            model_rows += per_model
     else:
         stream = Stream.DC
         for c in body.records:
-            row = {
-                "device_id": device_id,
-                "seq": c.seq,
-                "at": _utc(c.seq, c.at),
-                "model": c.model,
-                "version": c.version,
-                "deployment_id": c.deployment_id,
-                "correlation_id": c.correlation_id,
-                "latency_ms": c.latency_ms,
-            }
-            _check_row(c.seq, row)
-            # inputs and outputs may be any JSON, scalars included.
-            _check_json(f"record {c.seq}: inputs", c.inputs)
-            _check_json(f"record {c.seq}: outputs", c.outputs)
-            row["inputs"] = c.inputs
-            row["outputs"] = c.outputs
-            rows.append(row)
+            _check_number(f"record {c.seq}: seq", c.seq)
+            try:
+                rows.append(_collected_row(device_id, c))
+            except MessageError as exc:
+                refused[c.seq] = str(exc)
     _check_number("first_kept", body.first_kept)
     return Batch(
         device_id=device_id,
@@ -187,7 +160,74 @@ def prepare(device_id: str, body: TelemetryBody | DataBody) -> Batch:
         first_kept=body.first_kept,
         rows=rows,
         model_rows=model_rows,
+        refused=refused,
     )
+
+
+def _telemetry_rows(
+    device_id: str, r: TelemetryRecord
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One telemetry record's row and its per-model rows; MessageError for a value the
+    database cannot hold."""
+    at = _utc(r.seq, r.at)
+    model_rows: list[dict[str, Any]] = []
+    for m in {m.model: m for m in r.models}.values():  # one row per model: the key
+        model_row = {
+            "device_id": device_id,
+            "seq": r.seq,
+            "model": m.model,
+            "version": m.version,
+            "at": at,
+            "interval_s": r.interval_s,
+            "inferences": m.inferences,
+            "errors": m.errors,
+            "p50_ms": m.p50_ms,
+            "p95_ms": m.p95_ms,
+            "p99_ms": m.p99_ms,
+        }
+        _check_row(r.seq, model_row)
+        model_rows.append(model_row)
+    row = {
+        "device_id": device_id,
+        "seq": r.seq,
+        "at": at,
+        "interval_s": r.interval_s,
+        "health": r.health,
+        "uptime_s": r.uptime_s,
+        "cpu_percent": r.cpu_percent,
+        "memory_bytes": r.memory_bytes,
+        "disk_free_bytes": r.disk_free_bytes,
+        "temperature_c": r.temperature_c,
+        "reconnects": r.reconnects,
+        "outbox_backlog": r.outbox_backlog,
+        "outbox_dropped": r.outbox_dropped,
+        "inferences": sum(m.inferences for m in r.models),
+        "errors": sum(m.errors for m in r.models),
+        "models": [m.model_dump(mode="json") for m in r.models],
+    }
+    _check_row(r.seq, row)
+    return row, model_rows
+
+
+def _collected_row(device_id: str, c: CollectedRecordBody) -> dict[str, Any]:
+    """One collected record's row; MessageError for a value the database cannot hold."""
+    row = {
+        "device_id": device_id,
+        "seq": c.seq,
+        "at": _utc(c.seq, c.at),
+        "model": c.model,
+        "version": c.version,
+        "deployment_id": c.deployment_id,
+        "correlation_id": c.correlation_id,
+        "latency_ms": c.latency_ms,
+    }
+    _check_row(c.seq, row)
+    # inputs and outputs may be any JSON, scalars included.
+    _check_json(f"record {c.seq}: inputs", c.inputs)
+    _check_json(f"record {c.seq}: outputs", c.outputs)
+    row["inputs"] = c.inputs
+    row["outputs"] = c.outputs
+    return row
 
 
 @functools.cache
@@ -220,13 +260,28 @@ _CURSOR_FORWARD = (
     )
     .values(seq=bindparam("c_seq"), updated_at=bindparam("c_at", type_=UTCDateTime()))
 )
+# The seqs the cursor may pass: stored, or refused (kept as a dead letter). UNION, not UNION
+# ALL: a seq both stored and later refused again (a resend) must count once in the walk.
 _STORED_SEQS = {
-    table.name: select(table.c.seq)
-    .where(table.c.device_id == bindparam("w_device"), table.c.seq > bindparam("w_after"))
-    .order_by(table.c.seq)
+    table.name: union(
+        select(table.c.seq).where(
+            table.c.device_id == bindparam("w_device"), table.c.seq > bindparam("w_after")
+        ),
+        select(_REFUSED.c.seq).where(
+            _REFUSED.c.device_id == bindparam("w_device"),
+            _REFUSED.c.stream == bindparam("w_stream"),
+            _REFUSED.c.seq > bindparam("w_after"),
+        ),
+    )
+    .order_by("seq")
     .limit(_CURSOR_SCAN_ROWS)
     for table in (_POINTS, _RECORDS)
 }
+_FORGET_REFUSED = delete(_REFUSED).where(
+    _REFUSED.c.device_id == bindparam("r_device"),
+    _REFUSED.c.stream == bindparam("r_stream"),
+    _REFUSED.c.seq <= bindparam("r_seq"),
+)
 
 
 def _stored_run(connection: Connection, batch: Batch, after: int) -> int:
@@ -234,7 +289,8 @@ def _stored_run(connection: Connection, batch: Batch, after: int) -> int:
     last = after
     while True:
         seqs = connection.execute(
-            _STORED_SEQS[batch.table.name], {"w_device": batch.device_id, "w_after": last}
+            _STORED_SEQS[batch.table.name],
+            {"w_device": batch.device_id, "w_stream": str(batch.stream), "w_after": last},
         ).scalars()
         count = 0
         for seq in seqs:
@@ -251,8 +307,20 @@ def store(session: Session, batch: Batch, now: datetime) -> int:
     Returns the cursor: every seq of the stream up to it is stored or given up by the device."""
     connection = session.connection()
     dialect = connection.dialect.name
-    rows = [{**row, "received_at": now} for row in batch.rows]
-    connection.execute(_insert_ignoring_duplicates(dialect, batch.table), rows)
+    if batch.rows:
+        rows = [{**row, "received_at": now} for row in batch.rows]
+        connection.execute(_insert_ignoring_duplicates(dialect, batch.table), rows)
+    if batch.refused:
+        refused = [
+            {
+                "device_id": batch.device_id,
+                "stream": str(batch.stream),
+                "seq": seq,
+                "received_at": now,
+            }
+            for seq in batch.refused
+        ]
+        connection.execute(_insert_ignoring_duplicates(dialect, _REFUSED), refused)
     if batch.model_rows:
         connection.execute(
             _insert_ignoring_duplicates(dialect, _MODEL_INTERVALS),
@@ -278,6 +346,12 @@ def store(session: Session, batch: Batch, now: datetime) -> int:
         )
     if new > acked:
         connection.execute(_CURSOR_FORWARD, {**key, "c_seq": new, "c_at": now})
+    if batch.refused:
+        # Passed by the cursor: never looked at again.
+        connection.execute(
+            _FORGET_REFUSED,
+            {"r_device": batch.device_id, "r_stream": str(batch.stream), "r_seq": new},
+        )
     return new
 
 

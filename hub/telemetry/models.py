@@ -115,6 +115,20 @@ class IngestCursor(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
+class IngestRefused(SQLModel, table=True):
+    """A record seq the hub refused to store (a value the database cannot hold), kept aside in
+    full as a dead letter. The ack cursor passes it as if stored: the device would otherwise
+    send the same record for ever and every later record of the stream would wait behind it.
+    Rows go once the cursor has passed them (or by retention)."""
+
+    __tablename__ = "ingest_refused"
+
+    device_id: str = Field(primary_key=True, max_length=63)
+    stream: str = Field(primary_key=True, max_length=8)  # Stream
+    seq: int = Field(primary_key=True, sa_type=BigInteger)
+    received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+
+
 class DeadLetter(SQLModel, table=True):
     """A device message the hub could not take (any channel), kept so an operator can see what
     a device sends and why it was refused. The payload is truncated to a configured bound."""

@@ -17,7 +17,13 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlmodel import Session, col
 
-from hub.telemetry.models import CollectedRecord, DeadLetter, ModelInterval, TelemetryPoint
+from hub.telemetry.models import (
+    CollectedRecord,
+    DeadLetter,
+    IngestRefused,
+    ModelInterval,
+    TelemetryPoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +76,7 @@ def sweep(
     cutoff = now - timedelta(days=retention_days)
     deleted: dict[str, int] = {}
     done = True
-    for model in (TelemetryPoint, ModelInterval, CollectedRecord, DeadLetter):
+    for model in (TelemetryPoint, ModelInterval, CollectedRecord, DeadLetter, IngestRefused):
         count, finished = _delete_older(session, model, cutoff, chunk_rows, max_chunks)
         deleted[str(model.__tablename__)] = count
         done = done and finished

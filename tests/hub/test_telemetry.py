@@ -37,6 +37,7 @@ from hub.telemetry.models import (
     CollectedRecord,
     DeadLetter,
     IngestCursor,
+    IngestRefused,
     ModelInterval,
     TelemetryPoint,
 )
@@ -261,15 +262,21 @@ def test_malformed_payloads_are_dead_lettered_and_ingest_goes_on_between_them(
     assert _stored(running_hub.ctx.engine, TelemetryPoint, device.id) == list(
         range(1, len(bad) + 1)
     )
-    assert device.acks("tm") == list(range(1, len(bad) + 1))
+    # The record with an infinite CPU figure is refused on its own: its message is acked like
+    # any other (the device must not resend it for ever) and kept whole, not cut to 64 bytes.
+    refused = [i for i, (_, _, reason) in enumerate(bad, start=1) if reason == "finite"]
+    assert refused == [6]
+    acks = list(range(1, len(bad) + 1))
+    acks.insert(5, 5)
+    assert device.acks("tm") == acks
     letters = _dead_letters(running_hub.ctx.engine)
     assert len(letters) == len(bad)
     assert device.handlers.stats.malformed == len(bad)
-    for letter, (channel, payload, reason) in zip(letters, bad, strict=True):
+    for n, (letter, (channel, payload, reason)) in enumerate(zip(letters, bad, strict=True), 1):
         assert letter.topic == device.topic(channel)
         assert letter.device_id == device.id
         assert reason in letter.reason
-        assert letter.payload == payload[:64]
+        assert letter.payload == (payload if n in refused else payload[:64])
         assert letter.payload_bytes == len(payload)
 
     # A topic the hub has no channel for is kept too; its device is named when it is valid.
@@ -294,6 +301,37 @@ def test_malformed_payloads_are_dead_lettered_and_ingest_goes_on_between_them(
 
 
 # -- coalescing in the worker -------------------------------------------------------------------
+
+
+def test_a_record_the_database_cannot_hold_is_kept_aside_and_the_ack_passes_it(
+    running_hub: RunningHub, device: Device
+) -> None:
+    # Records 3 and 4 arrive before 2 (which went missing): the refused 3 must not stop the
+    # cursor once 2 comes, nor be forgotten before then.
+    nul = messages.CollectedRecord(
+        seq=3,
+        at=T0,
+        model="iris",
+        version=1,
+        latency_ms=1.0,
+        inputs=[[1]],
+        outputs=[0],
+        correlation_id="a\x00b",
+    )
+    device.send(Channel.DC, DataBody(first_kept=1, records=[_collected(1)]))
+    device.send(Channel.DC, DataBody(first_kept=1, records=[nul, _collected(4)]))
+    assert device.acks("dc") == [1, 1], "2 is missing: the cursor waits at 1"
+    device.send(Channel.DC, DataBody(first_kept=1, records=[_collected(2)]))
+    assert device.acks("dc") == [1, 1, 4], "2 came: the cursor passes the refused 3"
+    device.send(Channel.DC, DataBody(first_kept=3, records=[nul]))  # the device resends it
+    assert device.acks("dc")[-1] == 4
+    assert _stored(running_hub.ctx.engine, CollectedRecord, device.id) == [1, 2, 4]
+    letters = _dead_letters(running_hub.ctx.engine)
+    assert len(letters) == 2
+    assert all("1 of " in d.reason and "record 3: correlation_id" in d.reason for d in letters)
+    assert b"a\\u0000b" in letters[0].payload, "the refused record kept whole"
+    with Session(running_hub.ctx.engine) as session:
+        assert session.exec(select(func.count()).select_from(IngestRefused)).one() == 0
 
 
 def test_queued_batches_are_stored_in_one_transaction_and_each_acked(
@@ -432,6 +470,7 @@ def test_retention_deletes_rows_received_before_it_and_nothing_newer(
             "model_interval": 3,  # one model in each of the three old records
             "collected_record": 2,
             "dead_letter": 2,
+            "ingest_refused": 0,
         }
         assert not partly.done, "one chunk a table: the sweep does not know it finished"
         rest = retention.sweep(session, retention_days=30, now=now, chunk_rows=2)

@@ -1,0 +1,35 @@
+"""Record seqs the hub refused to store (kept as dead letters), which the ack cursor passes.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-03 17:45:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0008"
+down_revision: str | None = "0007"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "ingest_refused",
+        sa.Column("device_id", sa.String(length=63), nullable=False),
+        sa.Column("stream", sa.String(length=8), nullable=False),
+        sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("device_id", "stream", "seq"),
+    )
+    op.create_index(
+        "ix_ingest_refused_received_at", "ingest_refused", ["received_at"], unique=False
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_ingest_refused_received_at", table_name="ingest_refused")
+    op.drop_table("ingest_refused")
