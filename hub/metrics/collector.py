@@ -124,7 +124,11 @@ class FleetCollector(Collector):
             f"The highest p99 scoring latency any device reported, {window}",
             labels=["model", "version"],
         )
-        for model, version, calls, failed, p50, p95, p99, max_p99 in rows:
+        for model, version, *figures in rows:
+            # PostgreSQL sums integers as NUMERIC (Decimal), which does not mix with float.
+            calls, failed, p50, p95, p99, max_p99 = (
+                None if f is None else float(f) for f in figures
+            )
             labels = [model, str(version)]
             rate.add_metric(labels, (calls or 0) / self._window_s)
             errors.add_metric(labels, (failed or 0) / self._window_s)
@@ -155,7 +159,7 @@ class FleetCollector(Collector):
             .group_by(col(TelemetryPoint.device_id))
             .subquery()
         )
-        dropped = session.exec(select(func.coalesce(func.sum(latest.c.dropped), 0))).one()
+        dropped = float(session.exec(select(func.coalesce(func.sum(latest.c.dropped), 0))).one())
         yield GaugeMetricFamily(
             "outpost_device_records_dropped",
             "Records devices' outboxes dropped since their install (bound hit, disk full),"
