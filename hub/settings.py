@@ -68,8 +68,9 @@ class TelemetrySettings(_Frozen):
     # device sending 1 MB of garbage a second cannot fill the disk faster than its ingest would.
     dead_letter_payload_bytes: int = Field(default=4096, ge=0, le=1024 * 1024)
     # Telemetry and data-collection messages already queued are stored together in one
-    # transaction, up to this many (1: one transaction per message).
-    coalesce_max_messages: int = Field(default=64, ge=1, le=10_000)
+    # transaction, up to this many (1: one transaction per message). A commit costs a few ms
+    # (the fsync that makes "stored" true), so under load it is shared by many messages.
+    coalesce_max_messages: int = Field(default=512, ge=1, le=10_000)
     # ``/metrics`` gives per-model rates and latency, and the ingest rate, over this window.
     metrics_window_s: float = Field(default=300.0, ge=10.0, le=86_400.0)
 

@@ -37,6 +37,7 @@ from hub.database import utcnow
 from hub.deployments.desired import Director
 from hub.deployments.models import DeviceDesired, DeviceEvent
 from hub.deployments.progress import on_event, on_reported_state
+from hub.devices.known import KnownDevices
 from hub.devices.models import Device
 from hub.errors import HubError
 from hub.failpoints import HubFailpoint, hit
@@ -142,6 +143,7 @@ class Handlers:
     chunks: ChunkScheduler = field(default_factory=ChunkScheduler)
     stats: MessageStats = field(default_factory=MessageStats)
     heartbeats: Heartbeats = field(default_factory=Heartbeats)
+    known_devices: KnownDevices = field(default_factory=KnownDevices)
     # Called when a device finished or changed state in a deployment, so the rollout engine
     # looks at it soon instead of at its next regular tick.
     nudge_rollouts: Callable[[], None] = field(default=lambda: None)
@@ -314,22 +316,29 @@ def handle_batch(
 def handle_ingest_messages(
     *, session: Session, handlers: Handlers, messages: Sequence[tuple[str, bytes]]
 ) -> None:
-    """Several telemetry and data-collection messages stored in one transaction, each acked
-    after the commit. Should that transaction fail, they are stored one by one, so one message
-    the database refuses cannot hold back the others."""
-    batches: list[ingest.Batch] = []
+    """Several telemetry and data-collection messages stored in one transaction, and after
+    the commit one ack per stream (acks are cumulative: the highest stored seq says it for
+    every message of the stream). Should that transaction fail, they are stored one by one, so
+    one message the database refuses cannot hold back the others."""
+    parsed: list[Incoming] = []
     others: list[Incoming] = []
     for topic, payload in messages:
         incoming = parse_message(session=session, handlers=handlers, topic=topic, payload=payload)
         if incoming is None:
             continue
-        if incoming.batch is None:
-            others.append(incoming)  # not telemetry after all: the usual path
-        elif _known(session, handlers, incoming.device_id):
+        (others if incoming.batch is None else parsed).append(incoming)  # others: usual path
+    known = handlers.known_devices.enrolled(session, {i.device_id for i in parsed})
+    batches: list[ingest.Batch] = []
+    for incoming in parsed:
+        if incoming.device_id not in known:
+            handlers.stats.bump("unknown_device")
+            logger.warning(
+                "dropped message from unknown device", extra={"device_id": incoming.device_id}
+            )
+        elif incoming.batch is not None:
             batches.append(incoming.batch)
     try:
-        now = utcnow()
-        acked = [ingest.store(session, batch, now) for batch in batches]
+        acked = ingest.store_many(session, batches, utcnow())
         session.commit()
         if batches:
             hit(HubFailpoint.AFTER_INGEST_COMMIT)  # stored, not yet acked: the worst moment
@@ -353,14 +362,15 @@ def handle_ingest_messages(
                     extra={"device_id": batch.device_id, "stream": str(batch.stream)},
                 )
     else:
-        for batch, seq in zip(batches, acked, strict=True):
+        for (device_id, stream), seq in acked.items():
             ingest.acknowledge(
                 publisher=handlers.publisher,
                 topics=handlers.topics,
-                device_id=batch.device_id,
-                stream=batch.stream,
+                device_id=device_id,
+                stream=stream,
                 seq=seq,
             )
+        for _ in batches:
             handlers.stats.bump("handled")
     for incoming in others:
         _dispatch(session=session, handlers=handlers, incoming=incoming)

@@ -16,12 +16,12 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, delete, select, union, update
+from sqlalchemy import Connection, Table, bindparam, case, delete, select, union, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
@@ -38,6 +38,7 @@ from agent.protocol.topics import Channel, Topics
 from hub.database import UTCDateTime
 from hub.errors import MessagingUnavailable
 from hub.messaging.publisher import Publisher
+from hub.telemetry import bulk
 from hub.telemetry.models import (
     CollectedRecord,
     DeadLetter,
@@ -51,6 +52,7 @@ from hub.telemetry.models import (
 logger = logging.getLogger(__name__)
 
 INT64_MAX = 2**63 - 1
+_INT64_MIN = -INT64_MAX - 1
 # Stored seqs are read this many at a time while the cursor walks forward.
 _CURSOR_SCAN_ROWS = 1000
 _REASON_CHARS = 1000
@@ -60,6 +62,8 @@ _RECORDS: Table = CollectedRecord.__table__  # type: ignore[attr-defined]
 _CURSORS: Table = IngestCursor.__table__  # type: ignore[attr-defined]
 _MODEL_INTERVALS: Table = ModelInterval.__table__  # type: ignore[attr-defined]
 _REFUSED: Table = IngestRefused.__table__  # type: ignore[attr-defined]
+_TABLES = {Stream.TM: _POINTS, Stream.DC: _RECORDS}
+_MODELS_COLUMN = frozenset({"models"})
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,6 @@ class Batch:
     # Records with a value the database cannot hold, by seq: why. Not stored; the caller keeps
     # the message as a dead letter, and the ack passes them.
     refused: dict[int, str] = field(default_factory=dict)
-
-    @property
-    def table(self) -> Table:
-        return _POINTS if self.stream is Stream.TM else _RECORDS
 
 
 def _check_text(name: str, value: str | None) -> None:
@@ -107,17 +107,24 @@ def _check_json(name: str, value: Any) -> None:
         raise MessageError(f"{name} cannot be stored as JSON: {exc}") from None
 
 
-def _check_row(seq: int, row: Mapping[str, Any]) -> None:
+def _check_row(
+    seq: int, row: Mapping[str, Any], *, json_checked: frozenset[str] = frozenset()
+) -> None:
+    """Every value of ``row`` as the database can hold it. One pass with exact type checks: it
+    runs for every record, and the error message is only built on a failure."""
     for name, value in row.items():
-        where = f"record {seq}: {name}"
-        if isinstance(value, str):
-            _check_text(where, value)
-        elif isinstance(value, datetime):
-            continue
-        elif isinstance(value, list | dict):
-            _check_json(where, value)
-        else:
-            _check_number(where, value)
+        kind = type(value)
+        if kind is float:
+            if value - value != 0.0:  # inf - inf and nan - nan are nan: not finite
+                _check_number(f"record {seq}: {name}", value)
+        elif kind is int:
+            if not _INT64_MIN <= value <= INT64_MAX:
+                _check_number(f"record {seq}: {name}", value)
+        elif kind is str:
+            if "\x00" in value:
+                _check_text(f"record {seq}: {name}", value)
+        elif (kind is list or kind is dict) and name not in json_checked:
+            _check_json(f"record {seq}: {name}", value)
 
 
 def _utc(seq: int, value: datetime) -> datetime:
@@ -170,8 +177,8 @@ def _telemetry_rows(
     """One telemetry record's row and its per-model rows; MessageError for a value the
     database cannot hold."""
     at = _utc(r.seq, r.at)
-    model_rows: list[dict[str, Any]] = []
-    for m in {m.model: m for m in r.models}.values():  # one row per model: the key
+    by_model: dict[str, dict[str, Any]] = {}
+    for m in r.models:
         model_row = {
             "device_id": device_id,
             "seq": r.seq,
@@ -186,7 +193,8 @@ def _telemetry_rows(
             "p99_ms": m.p99_ms,
         }
         _check_row(r.seq, model_row)
-        model_rows.append(model_row)
+        by_model[m.model] = model_row  # one row per model: the key
+    model_rows = list(by_model.values())
     row = {
         "device_id": device_id,
         "seq": r.seq,
@@ -205,7 +213,8 @@ def _telemetry_rows(
         "errors": sum(m.errors for m in r.models),
         "models": [m.model_dump(mode="json") for m in r.models],
     }
-    _check_row(r.seq, row)
+    # Every value of "models" is in a model row, checked above.
+    _check_row(r.seq, row, json_checked=_MODELS_COLUMN)
     return row, model_rows
 
 
@@ -247,18 +256,21 @@ def _insert_ignoring_duplicates(dialect: str, table: Table) -> Any:
 
 # Built once: ingest runs these for every message, and building a statement costs more than
 # SQLite takes to run it.
-_CURSOR_SEQ = select(_CURSORS.c.seq).where(
-    _CURSORS.c.device_id == bindparam("c_device"), _CURSORS.c.stream == bindparam("c_stream")
-)
+# Only ever forward, both figures: another hub replica may have stored a later batch.
 _CURSOR_FORWARD = (
     update(_CURSORS)
     .where(
         _CURSORS.c.device_id == bindparam("c_device"),
         _CURSORS.c.stream == bindparam("c_stream"),
-        # Only ever forward: another hub replica may have stored a later batch of the stream.
-        _CURSORS.c.seq < bindparam("c_seq"),
     )
-    .values(seq=bindparam("c_seq"), updated_at=bindparam("c_at", type_=UTCDateTime()))
+    .values(
+        seq=case((_CURSORS.c.seq < bindparam("c_seq"), bindparam("c_seq")), else_=_CURSORS.c.seq),
+        stored_max=case(
+            (_CURSORS.c.stored_max < bindparam("c_max"), bindparam("c_max")),
+            else_=_CURSORS.c.stored_max,
+        ),
+        updated_at=bindparam("c_at", type_=UTCDateTime()),
+    )
 )
 # The seqs the cursor may pass: stored, or refused (kept as a dead letter). UNION, not UNION
 # ALL: a seq both stored and later refused again (a resend) must count once in the walk.
@@ -284,13 +296,15 @@ _FORGET_REFUSED = delete(_REFUSED).where(
 )
 
 
-def _stored_run(connection: Connection, batch: Batch, after: int) -> int:
-    """The highest S such that every seq in [after + 1, S] is stored (``after`` when none is)."""
+def _stored_run(connection: Connection, key: "StreamKey", after: int) -> int:
+    """The highest S such that every seq in [after + 1, S] is stored or refused (``after``
+    when none is), walked in the database."""
+    device_id, stream = key
     last = after
     while True:
         seqs = connection.execute(
-            _STORED_SEQS[batch.table.name],
-            {"w_device": batch.device_id, "w_stream": str(batch.stream), "w_after": last},
+            _STORED_SEQS[_TABLES[stream].name],
+            {"w_device": device_id, "w_stream": str(stream), "w_after": last},
         ).scalars()
         count = 0
         for seq in seqs:
@@ -302,56 +316,120 @@ def _stored_run(connection: Connection, batch: Batch, after: int) -> int:
             return last
 
 
+StreamKey = tuple[str, Stream]  # (device id, stream): what one cursor and one ack are for
+
+
+@dataclass
+class _Arrivals:
+    """What one transaction brings for one stream: its seqs and the highest first_kept."""
+
+    seqs: set[int] = field(default_factory=set)
+    first_kept: int = 1
+    refused: bool = False
+
+
 def store(session: Session, batch: Batch, now: datetime) -> int:
-    """Insert the batch (duplicates dropped) and advance the stream's cursor; no commit.
-    Returns the cursor: every seq of the stream up to it is stored or given up by the device."""
+    """``store_many`` for one batch; returns its stream's cursor."""
+    return store_many(session, [batch], now)[(batch.device_id, batch.stream)]
+
+
+def store_many(session: Session, batches: Sequence[Batch], now: datetime) -> dict[StreamKey, int]:
+    """Insert the batches (duplicates dropped) and advance their streams' cursors; no commit.
+    Returns each stream's cursor: every seq up to it is stored or given up by the device.
+
+    A few statements for the whole group, whatever its size: one insert per table, one read of
+    the cursors, one cursor update. A cursor is advanced in memory through the seqs that
+    arrived; only a stream with seqs stored above its cursor (they came out of order: its
+    ``stored_max`` says so) is walked in the database."""
+    if not batches:
+        return {}
     connection = session.connection()
     dialect = connection.dialect.name
-    if batch.rows:
-        rows = [{**row, "received_at": now} for row in batch.rows]
-        connection.execute(_insert_ignoring_duplicates(dialect, batch.table), rows)
-    if batch.refused:
-        refused = [
-            {
-                "device_id": batch.device_id,
-                "stream": str(batch.stream),
-                "seq": seq,
-                "received_at": now,
-            }
-            for seq in batch.refused
-        ]
-        connection.execute(_insert_ignoring_duplicates(dialect, _REFUSED), refused)
-    if batch.model_rows:
-        connection.execute(
-            _insert_ignoring_duplicates(dialect, _MODEL_INTERVALS),
-            [{**row, "received_at": now} for row in batch.model_rows],
-        )
-    key = {"c_device": batch.device_id, "c_stream": str(batch.stream)}
-    cursor = connection.execute(_CURSOR_SEQ, key).scalar()
-    acked = cursor if cursor is not None else 0
-    # Below first_kept nothing will come again: start the walk there.
-    start = max(acked + 1, batch.first_kept)
-    new = max(acked, _stored_run(connection, batch, start - 1))
-    if cursor is None:
-        connection.execute(
-            _insert_ignoring_duplicates(dialect, _CURSORS),
-            [
+    arrivals: dict[StreamKey, _Arrivals] = {}
+    rows: dict[Stream, list[dict[str, Any]]] = {Stream.TM: [], Stream.DC: []}
+    model_rows: list[dict[str, Any]] = []
+    refused_rows: list[dict[str, Any]] = []
+    for batch in batches:
+        arrived = arrivals.setdefault((batch.device_id, batch.stream), _Arrivals())
+        arrived.first_kept = max(arrived.first_kept, batch.first_kept)
+        for row in batch.rows:
+            row["received_at"] = now
+            arrived.seqs.add(row["seq"])
+        rows[batch.stream] += batch.rows
+        for row in batch.model_rows:
+            row["received_at"] = now
+        model_rows += batch.model_rows
+        for seq in batch.refused:
+            arrived.seqs.add(seq)
+            arrived.refused = True
+            refused_rows.append(
                 {
                     "device_id": batch.device_id,
                     "stream": str(batch.stream),
-                    "seq": new,
+                    "seq": seq,
+                    "received_at": now,
+                }
+            )
+    for stream, table_rows in rows.items():
+        bulk.insert_ignoring_duplicates(connection, _TABLES[stream], table_rows)
+    bulk.insert_ignoring_duplicates(connection, _MODEL_INTERVALS, model_rows)
+    if refused_rows:
+        connection.execute(_insert_ignoring_duplicates(dialect, _REFUSED), refused_rows)
+
+    devices = sorted({device_id for device_id, _ in arrivals})
+    cursors: dict[StreamKey, tuple[int, int]] = {
+        (device_id, Stream(stream)): (seq, stored_max)
+        for device_id, stream, seq, stored_max in connection.execute(
+            select(
+                _CURSORS.c.device_id, _CURSORS.c.stream, _CURSORS.c.seq, _CURSORS.c.stored_max
+            ).where(_CURSORS.c.device_id.in_(devices))
+        )
+    }
+    new: dict[StreamKey, int] = {}
+    fresh: list[dict[str, Any]] = []
+    forward: list[dict[str, Any]] = []
+    for key, arrived in arrivals.items():
+        acked, stored_max = cursors.get(key, (0, 0))
+        # Below first_kept nothing will come again: the run starts there.
+        last = max(acked + 1, arrived.first_kept) - 1
+        while last + 1 in arrived.seqs:
+            last += 1
+        if stored_max > last:
+            last = _stored_run(connection, key, last)  # seqs stored earlier, out of order
+        new[key] = max(acked, last)
+        device_id, stream = key
+        high = max(stored_max, max(arrived.seqs, default=0))
+        if key not in cursors:
+            fresh.append(
+                {
+                    "device_id": device_id,
+                    "stream": str(stream),
+                    "seq": new[key],
+                    "stored_max": high,
                     "updated_at": now,
                 }
-            ],
+            )
+        forward.append(
+            {
+                "c_device": device_id,
+                "c_stream": str(stream),
+                "c_seq": new[key],
+                "c_max": high,
+                "c_at": now,
+            }
         )
-    if new > acked:
-        connection.execute(_CURSOR_FORWARD, {**key, "c_seq": new, "c_at": now})
-    if batch.refused:
+    if fresh:
+        connection.execute(_insert_ignoring_duplicates(dialect, _CURSORS), fresh)
+    # Also for the fresh ones: another replica may have made the row first.
+    connection.execute(_CURSOR_FORWARD, forward)
+    forget = [
+        {"r_device": d, "r_stream": str(s), "r_seq": new[(d, s)]}
+        for (d, s), arrived in arrivals.items()
+        if arrived.refused
+    ]
+    if forget:
         # Passed by the cursor: never looked at again.
-        connection.execute(
-            _FORGET_REFUSED,
-            {"r_device": batch.device_id, "r_stream": str(batch.stream), "r_seq": new},
-        )
+        connection.execute(_FORGET_REFUSED, forget)
     return new
 
 

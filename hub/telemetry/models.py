@@ -112,6 +112,10 @@ class IngestCursor(SQLModel, table=True):
     device_id: str = Field(primary_key=True, max_length=63)
     stream: str = Field(primary_key=True, max_length=8)  # Stream
     seq: int = Field(default=0, sa_type=BigInteger)
+    # The highest seq of the stream stored or refused so far. Above ``seq`` only when records
+    # came out of order (a gap waits for a resend): only then must a later store walk the
+    # stored seqs in the database to move the cursor; otherwise it moves it in memory.
+    stored_max: int = Field(default=0, sa_type=BigInteger)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 

@@ -1,4 +1,6 @@
-"""Record seqs the hub refused to store (kept as dead letters), which the ack cursor passes.
+"""Record seqs the hub refused to store (kept as dead letters), which the ack cursor passes;
+and each cursor's high-water mark (``stored_max``), so ingest walks stored seqs only after
+records came out of order.
 
 Revision ID: 0008
 Revises: 0007
@@ -28,8 +30,20 @@ def upgrade() -> None:
     op.create_index(
         "ix_ingest_refused_received_at", "ingest_refused", ["received_at"], unique=False
     )
+    with op.batch_alter_table("ingest_cursor", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("stored_max", sa.BigInteger(), nullable=False, server_default="0")
+        )
+    # Existing cursors: the highest seq already stored of their stream.
+    for stream, table in (("tm", "telemetry_point"), ("dc", "collected_record")):
+        op.execute(
+            f"UPDATE ingest_cursor SET stored_max = COALESCE((SELECT MAX(seq) FROM {table}"
+            f" WHERE {table}.device_id = ingest_cursor.device_id), 0) WHERE stream = '{stream}'"
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("ingest_cursor", schema=None) as batch_op:
+        batch_op.drop_column("stored_max")
     op.drop_index("ix_ingest_refused_received_at", table_name="ingest_refused")
     op.drop_table("ingest_refused")
