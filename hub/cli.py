@@ -6,6 +6,7 @@ Local commands (serve, db, keys) work on ``--data-dir``; the rest talk to a runn
 live in ``hub.cli_deploy`` and ``hub.cli_deployments`` and are registered on ``main`` here.
 """
 
+import gc
 import logging
 import re
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ from hub.settings import HubSettings
 __all__ = ["EXIT_FAILED", "EXIT_TIMEOUT", "EXIT_USAGE", "main"]
 
 DEFAULT_HUB_URL = "http://127.0.0.1:8780"
+# Allocations between two young-generation collections (Python: 700).
+GC_GEN0_THRESHOLD = 10_000
 
 data_dir_option = click.option(
     "--data-dir",
@@ -68,6 +71,16 @@ def _local_settings(ctx: click.Context, data_dir: Path | None) -> HubSettings:
 # -- serve and db ---------------------------------------------------------------------------
 
 
+def tune_gc() -> None:
+    """For a long-running hub: the objects of start-up (modules, the app, SQLAlchemy's and
+    pydantic's caches) are set aside from the cyclic collector, and it runs less often. Ingest
+    allocates a few hundred objects a message; with the defaults the collector took about a
+    third of the hub's time per message, walking start-up's objects again and again."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
 @main.command()
 @data_dir_option
 @click.option("--host", default=None, help="API bind address (default from settings)")
@@ -82,6 +95,7 @@ def serve(ctx: click.Context, data_dir: Path | None, host: str | None, port: int
     logging.getLogger().setLevel(logging.INFO)
     settings = _local_settings(ctx, data_dir)
     app = create_app(settings)
+    tune_gc()
     # uvicorn turns Ctrl-C into a lifespan shutdown, which stops the MQTT side and mosquitto.
     uvicorn.run(
         app,
