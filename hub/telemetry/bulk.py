@@ -10,6 +10,7 @@ JSON text or psycopg's ``Json``.
 
 import functools
 import json
+import operator
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -28,8 +29,10 @@ def _sqlite_time(value: datetime | None) -> str | None:
     if value.tzinfo is not UTC:
         value = value.astimezone(UTC)
     # SQLAlchemy's SQLite DATETIME format, microseconds always written: stored times compare
-    # as text there, so every writer must use the same one.
-    return f"{value:%Y-%m-%d %H:%M:%S}.{value.microsecond:06d}"
+    # as text there, so every writer must use the same one. isoformat is C and several times
+    # faster than strftime: "2026-12-03 17:03:26.123000+00:00" without its offset.
+    text = value.isoformat(" ")[:-6]
+    return text if value.microsecond else text + ".000000"
 
 
 def _sqlite_json(value: Any) -> str:
@@ -73,9 +76,12 @@ def insert_ignoring_duplicates(
         return
     columns = tuple(rows[0])
     sql, converters = _plan(connection.dialect.name, table, columns)
-    pairs = list(zip(columns, converters, strict=True))
-    params = [
-        tuple(row[c] if convert is None else convert(row[c]) for c, convert in pairs)
-        for row in rows
-    ]
+    take = operator.itemgetter(*columns)
+    convert = [(i, c) for i, c in enumerate(converters) if c is not None]
+    params = []
+    for row in rows:
+        values = list(take(row))
+        for i, conv in convert:
+            values[i] = conv(values[i])
+        params.append(tuple(values))
     connection.exec_driver_sql(sql, params)
