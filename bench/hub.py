@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Protocol, Self
 
 import httpx
 
@@ -18,6 +18,17 @@ from hub.broker.supervisor import free_loopback_port
 
 _POLL_S = 0.1
 _HTTP_TIMEOUT_S = 300.0  # registering or deploying a large model takes a while
+
+
+class ModelFileSet(Protocol):
+    """A model's files as the registry takes them (the example's and the bench's own)."""
+
+    @property
+    def model(self) -> Path: ...
+    @property
+    def sample_input(self) -> Path: ...
+    @property
+    def expected_output(self) -> Path: ...
 
 
 class HubProcess:
@@ -112,6 +123,22 @@ class HubProcess:
                 f"hub refused {method} {path}: {response.status_code} {response.text}"
             )
         return response.json()
+
+    def register_model(self, name: str, files: ModelFileSet) -> int:
+        """Register an ONNX model's files through the API, as ``outpost-hub model register``
+        does; returns the new version."""
+        body = self.call(
+            "POST",
+            "/api/v1/models",
+            data={"name": name, "framework": "onnx"},
+            files=[
+                ("files", ("model.onnx", files.model.read_bytes())),
+                ("sample_input", ("sample_input.json", files.sample_input.read_bytes())),
+                ("expected_output", ("expected_output.json", files.expected_output.read_bytes())),
+            ],
+        )
+        version: int = body["version"]
+        return version
 
     def kill(self) -> None:
         """SIGKILL the hub, as a crash or an OOM kill would: nothing is cleaned up, and its

@@ -133,22 +133,6 @@ class _Agent:
             self._log = None
 
 
-def _register(hub: HubProcess, model: IrisModel) -> int:
-    """Register the example model's files (again): a new version."""
-    body = hub.call(
-        "POST",
-        "/api/v1/models",
-        data={"name": MODEL, "framework": "onnx"},
-        files=[
-            ("files", ("model.onnx", model.model.read_bytes())),
-            ("sample_input", ("sample_input.json", model.sample_input.read_bytes())),
-            ("expected_output", ("expected_output.json", model.expected_output.read_bytes())),
-        ],
-    )
-    version: int = body["version"]
-    return version
-
-
 def _enroll_one(hub: HubProcess, state_dir: Path) -> str:
     token = hub.call("POST", "/api/v1/enrollment-tokens", json={"uses": 1, "ttl_s": 3600})
     enroll_devices(
@@ -170,7 +154,7 @@ def _deploy(
 ) -> None:
     """Deploy a new version of the model to the agent with (or without) collection, and wait
     until it serves it (its desired state, and so the policy, came before the download)."""
-    version = _register(hub, model)
+    version = hub.register_model(MODEL, model)  # again: a new version
     hub.call(
         "POST",
         "/api/v1/deployments",

@@ -84,19 +84,8 @@ class ProjectRun:
 
 
 def register(hub: HubProcess, model: ModelFiles) -> int:
-    """Register the model through the API, as ``outpost-hub model register`` does."""
-    body = hub.call(
-        "POST",
-        "/api/v1/models",
-        data={"name": MODEL_NAME, "framework": "onnx"},
-        files=[
-            ("files", ("model.onnx", model.model.read_bytes())),
-            ("sample_input", ("sample_input.json", model.sample_input.read_bytes())),
-            ("expected_output", ("expected_output.json", model.expected_output.read_bytes())),
-        ],
-    )
-    version: int = body["version"]
-    return version
+    """Register the bench's model (a new version each time)."""
+    return hub.register_model(MODEL_NAME, model)
 
 
 def enroll(hub: HubProcess, base_dir: Path, devices: int) -> float:

@@ -24,19 +24,6 @@ from .conftest import FAST_AGENT
 pytestmark = pytest.mark.e2e
 
 
-def _register(hub: HubProcess, iris: Any) -> None:
-    hub.call(
-        "POST",
-        "/api/v1/models",
-        data={"name": "iris", "framework": "onnx"},
-        files=[
-            ("files", ("model.onnx", iris.model.read_bytes())),
-            ("sample_input", ("sample_input.json", iris.sample_input.read_bytes())),
-            ("expected_output", ("expected_output.json", iris.expected_output.read_bytes())),
-        ],
-    )
-
-
 def _wait(predicate: Callable[[], str | None], timeout_s: float, what: str) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -59,7 +46,7 @@ def test_a_hub_killed_mid_rollout_finishes_it_after_a_restart_with_one_install_p
     )
     hub.start()
     try:
-        _register(hub, iris_model)
+        hub.register_model("iris", iris_model)
         scenario = parse_scenario(
             {
                 "name": "hub-killed",
