@@ -23,7 +23,14 @@ from hub.database import UTCDateTime
 Convert = Callable[[Any], Any]
 
 
+class RawJson(str):
+    """JSON text already serialised (by pydantic, from the message's own models), written as
+    it is instead of being parsed and serialised again."""
+
+
+@functools.lru_cache(maxsize=4096)
 def _sqlite_time(value: datetime | None) -> str | None:
+    # Cached: a group's rows share their received_at, and a record's time is in two tables.
     if value is None:
         return None
     if value.tzinfo is not UTC:
@@ -36,10 +43,18 @@ def _sqlite_time(value: datetime | None) -> str | None:
 
 
 def _sqlite_json(value: Any) -> str:
+    if isinstance(value, RawJson):
+        return str(value)
     return json.dumps(value)  # None as JSON null, as SQLAlchemy's JSON type writes it
 
 
+def _as_is(text: str) -> str:
+    return text
+
+
 def _pg_json(value: Any) -> Json:
+    if isinstance(value, RawJson):
+        return Json(str(value), dumps=_as_is)
     return Json(value)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import TypeAdapter
 from sqlalchemy import Connection, Table, bindparam, case, delete, select, union, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
@@ -29,6 +30,7 @@ from agent.protocol.messages import (
     AckBody,
     DataBody,
     MessageError,
+    ModelStats,
     TelemetryBody,
     TelemetryRecord,
     encode,
@@ -64,6 +66,7 @@ _MODEL_INTERVALS: Table = ModelInterval.__table__  # type: ignore[attr-defined]
 _REFUSED: Table = IngestRefused.__table__  # type: ignore[attr-defined]
 _TABLES = {Stream.TM: _POINTS, Stream.DC: _RECORDS}
 _MODELS_COLUMN = frozenset({"models"})
+_MODEL_LIST = TypeAdapter(list[ModelStats])
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,7 @@ def _telemetry_rows(
         "outbox_dropped": r.outbox_dropped,
         "inferences": sum(m.inferences for m in r.models),
         "errors": sum(m.errors for m in r.models),
-        "models": [m.model_dump(mode="json") for m in r.models],
+        "models": bulk.RawJson(_MODEL_LIST.dump_json(r.models).decode()),
     }
     # Every value of "models" is in a model row, checked above.
     _check_row(r.seq, row, json_checked=_MODELS_COLUMN)
