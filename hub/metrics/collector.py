@@ -12,16 +12,48 @@ from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from hub.database import utcnow
+from hub.database import UTCDateTime, utcnow
 from hub.deployments.models import Deployment, DeploymentDevice, RolloutState
 from hub.devices.models import Device
 from hub.messaging.handlers import MessageStats
-from hub.telemetry.models import CollectedRecord, DeadLetter, ModelInterval, TelemetryPoint
+from hub.telemetry.models import CollectedRecord, DeadLetter, TelemetryPoint
 
 # The message worker's counters, by the name they carry in the metric's ``result`` label.
 _MESSAGE_RESULTS = ("handled", "malformed", "unknown_device", "overflow", "failed")
 # Rollouts whose devices are still counted per state (finished ones would only grow the list).
 _LIVE = (RolloutState.RUNNING, RolloutState.PAUSED)
+
+
+# Each device's per-model figures, unpacked from ``telemetry_point.models`` in SQL and summed
+# per model and version: calls, errors, each device's percentiles weighted by its calls (a
+# fleet-wide estimate: devices send percentiles, not calls), and the worst device's p99. The
+# same query in each database's JSON dialect.
+_SQLITE_PER_MODEL = """
+SELECT json_extract(m.value, '$.model'), json_extract(m.value, '$.version'),
+       SUM(json_extract(m.value, '$.inferences')), SUM(json_extract(m.value, '$.errors')),
+       SUM(json_extract(m.value, '$.p50_ms') * json_extract(m.value, '$.inferences')),
+       SUM(json_extract(m.value, '$.p95_ms') * json_extract(m.value, '$.inferences')),
+       SUM(json_extract(m.value, '$.p99_ms') * json_extract(m.value, '$.inferences')),
+       MAX(json_extract(m.value, '$.p99_ms'))
+FROM telemetry_point AS t, json_each(t.models) AS m
+WHERE t.at >= :since
+GROUP BY 1, 2
+"""
+_POSTGRESQL_PER_MODEL = """
+SELECT m->>'model', (m->>'version')::bigint,
+       SUM((m->>'inferences')::bigint), SUM((m->>'errors')::bigint),
+       SUM((m->>'p50_ms')::float8 * (m->>'inferences')::bigint),
+       SUM((m->>'p95_ms')::float8 * (m->>'inferences')::bigint),
+       SUM((m->>'p99_ms')::float8 * (m->>'inferences')::bigint),
+       MAX((m->>'p99_ms')::float8)
+FROM telemetry_point AS t, json_array_elements(t.models) AS m
+WHERE t.at >= :since
+GROUP BY 1, 2
+"""
+_PER_MODEL = {
+    dialect: sa.text(sql).bindparams(sa.bindparam("since", type_=UTCDateTime()))
+    for dialect, sql in (("sqlite", _SQLITE_PER_MODEL), ("postgresql", _POSTGRESQL_PER_MODEL))
+}
 
 
 class FleetCollector(Collector):
@@ -87,22 +119,8 @@ class FleetCollector(Collector):
 
     def _models(self, session: Session) -> Iterator[Metric]:
         since = utcnow() - timedelta(seconds=self._window_s)
-        rows = session.execute(
-            sa.select(
-                col(ModelInterval.model),
-                col(ModelInterval.version),
-                func.sum(col(ModelInterval.inferences)),
-                func.sum(col(ModelInterval.errors)),
-                # Each device's percentile weighted by its calls: a fleet-wide estimate (the
-                # devices send percentiles, not their calls), with the worst device beside it.
-                func.sum(col(ModelInterval.p50_ms) * col(ModelInterval.inferences)),
-                func.sum(col(ModelInterval.p95_ms) * col(ModelInterval.inferences)),
-                func.sum(col(ModelInterval.p99_ms) * col(ModelInterval.inferences)),
-                func.max(col(ModelInterval.p99_ms)),
-            )
-            .where(col(ModelInterval.at) >= since)
-            .group_by(col(ModelInterval.model), col(ModelInterval.version))
-        ).all()
+        dialect = session.get_bind().dialect.name
+        rows = session.execute(_PER_MODEL[dialect], {"since": since}).all()
         window = f"over the last {self._window_s:g} s of devices' telemetry"
         rate = GaugeMetricFamily(
             "outpost_model_inferences_per_second",

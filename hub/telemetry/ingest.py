@@ -46,7 +46,6 @@ from hub.telemetry.models import (
     DeadLetter,
     IngestCursor,
     IngestRefused,
-    ModelInterval,
     Stream,
     TelemetryPoint,
 )
@@ -62,10 +61,8 @@ _TOPIC_CHARS = 255
 _POINTS: Table = TelemetryPoint.__table__  # type: ignore[attr-defined]
 _RECORDS: Table = CollectedRecord.__table__  # type: ignore[attr-defined]
 _CURSORS: Table = IngestCursor.__table__  # type: ignore[attr-defined]
-_MODEL_INTERVALS: Table = ModelInterval.__table__  # type: ignore[attr-defined]
 _REFUSED: Table = IngestRefused.__table__  # type: ignore[attr-defined]
 _TABLES = {Stream.TM: _POINTS, Stream.DC: _RECORDS}
-_MODELS_COLUMN = frozenset({"models"})
 _MODEL_LIST = TypeAdapter(list[ModelStats])
 
 
@@ -77,8 +74,6 @@ class Batch:
     stream: Stream
     first_kept: int
     rows: list[dict[str, Any]]
-    # Telemetry only: one row per model per record (``model_interval``).
-    model_rows: list[dict[str, Any]] = field(default_factory=list)
     # Records with a value the database cannot hold, by seq: why. Not stored; the caller keeps
     # the message as a dead letter, and the ack passes them.
     refused: dict[int, str] = field(default_factory=dict)
@@ -110,9 +105,7 @@ def _check_json(name: str, value: Any) -> None:
         raise MessageError(f"{name} cannot be stored as JSON: {exc}") from None
 
 
-def _check_row(
-    seq: int, row: Mapping[str, Any], *, json_checked: frozenset[str] = frozenset()
-) -> None:
+def _check_row(seq: int, row: Mapping[str, Any]) -> None:
     """Every value of ``row`` as the database can hold it. One pass with exact type checks: it
     runs for every record, and the error message is only built on a failure."""
     for name, value in row.items():
@@ -126,7 +119,7 @@ def _check_row(
         elif kind is str:
             if "\x00" in value:
                 _check_text(f"record {seq}: {name}", value)
-        elif (kind is list or kind is dict) and name not in json_checked:
+        elif kind is list or kind is dict:
             _check_json(f"record {seq}: {name}", value)
 
 
@@ -142,19 +135,15 @@ def prepare(device_id: str, body: TelemetryBody | DataBody) -> Batch:
     cannot store is refused on its own (``Batch.refused``); MessageError when the batch as a
     whole cannot be taken (a seq out of the 64-bit range: no cursor can pass it)."""
     rows: list[dict[str, Any]] = []
-    model_rows: list[dict[str, Any]] = []
     refused: dict[int, str] = {}
     if isinstance(body, TelemetryBody):
         stream = Stream.TM
         for r in body.records:
             _check_number(f"record {r.seq}: seq", r.seq)  # no seq, no way to pass it: refuse all
             try:
-                row, per_model = _telemetry_rows(device_id, r)
+                rows.append(_telemetry_row(device_id, r))
             except MessageError as exc:
                 refused[r.seq] = str(exc)
-                continue
-            rows.append(row)
-            model_rows += per_model
     else:
         stream = Stream.DC
         for c in body.records:
@@ -169,35 +158,13 @@ def prepare(device_id: str, body: TelemetryBody | DataBody) -> Batch:
         stream=stream,
         first_kept=body.first_kept,
         rows=rows,
-        model_rows=model_rows,
         refused=refused,
     )
 
 
-def _telemetry_rows(
-    device_id: str, r: TelemetryRecord
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One telemetry record's row and its per-model rows; MessageError for a value the
-    database cannot hold."""
+def _telemetry_row(device_id: str, r: TelemetryRecord) -> dict[str, Any]:
+    """One telemetry record's row; MessageError for a value the database cannot hold."""
     at = _utc(r.seq, r.at)
-    by_model: dict[str, dict[str, Any]] = {}
-    for m in r.models:
-        model_row = {
-            "device_id": device_id,
-            "seq": r.seq,
-            "model": m.model,
-            "version": m.version,
-            "at": at,
-            "interval_s": r.interval_s,
-            "inferences": m.inferences,
-            "errors": m.errors,
-            "p50_ms": m.p50_ms,
-            "p95_ms": m.p95_ms,
-            "p99_ms": m.p99_ms,
-        }
-        _check_row(r.seq, model_row)
-        by_model[m.model] = model_row  # one row per model: the key
-    model_rows = list(by_model.values())
     row = {
         "device_id": device_id,
         "seq": r.seq,
@@ -214,11 +181,12 @@ def _telemetry_rows(
         "outbox_dropped": r.outbox_dropped,
         "inferences": sum(m.inferences for m in r.models),
         "errors": sum(m.errors for m in r.models),
+        # pydantic's JSON of the message's own models: what the per-model metrics read (in
+        # SQL); text any database takes (a non-finite number is written as null).
         "models": bulk.RawJson(_MODEL_LIST.dump_json(r.models).decode()),
     }
-    # Every value of "models" is in a model row, checked above.
-    _check_row(r.seq, row, json_checked=_MODELS_COLUMN)
-    return row, model_rows
+    _check_row(r.seq, row)
+    return row
 
 
 def _collected_row(device_id: str, c: CollectedRecordBody) -> dict[str, Any]:
@@ -350,7 +318,6 @@ def store_many(session: Session, batches: Sequence[Batch], now: datetime) -> dic
     dialect = connection.dialect.name
     arrivals: dict[StreamKey, _Arrivals] = {}
     rows: dict[Stream, list[dict[str, Any]]] = {Stream.TM: [], Stream.DC: []}
-    model_rows: list[dict[str, Any]] = []
     refused_rows: list[dict[str, Any]] = []
     for batch in batches:
         arrived = arrivals.setdefault((batch.device_id, batch.stream), _Arrivals())
@@ -359,9 +326,6 @@ def store_many(session: Session, batches: Sequence[Batch], now: datetime) -> dic
             row["received_at"] = now
             arrived.seqs.add(row["seq"])
         rows[batch.stream] += batch.rows
-        for row in batch.model_rows:
-            row["received_at"] = now
-        model_rows += batch.model_rows
         for seq in batch.refused:
             arrived.seqs.add(seq)
             arrived.refused = True
@@ -375,7 +339,6 @@ def store_many(session: Session, batches: Sequence[Batch], now: datetime) -> dic
             )
     for stream, table_rows in rows.items():
         bulk.insert_ignoring_duplicates(connection, _TABLES[stream], table_rows)
-    bulk.insert_ignoring_duplicates(connection, _MODEL_INTERVALS, model_rows)
     if refused_rows:
         connection.execute(_insert_ignoring_duplicates(dialect, _REFUSED), refused_rows)
 

@@ -56,30 +56,6 @@ class TelemetryPoint(SQLModel, table=True):
     )
 
 
-class ModelInterval(SQLModel, table=True):
-    """One model's scoring on one device over one telemetry interval (a ``ModelStats`` of a
-    telemetry record), as rows so per-model rates and latency aggregate in SQL (``/metrics``)."""
-
-    __tablename__ = "model_interval"
-    __table_args__ = (
-        Index("ix_model_interval_at", "at"),
-        Index("ix_model_interval_received_at", "received_at"),
-    )
-
-    device_id: str = Field(primary_key=True, max_length=63)
-    seq: int = Field(primary_key=True, sa_type=BigInteger)  # the telemetry record's
-    model: str = Field(primary_key=True, max_length=63)
-    version: int = Field(sa_type=BigInteger)
-    at: datetime = Field(sa_type=UTCDateTime)
-    received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-    interval_s: float
-    inferences: int = Field(sa_type=BigInteger)
-    errors: int = Field(sa_type=BigInteger)
-    p50_ms: float | None = None
-    p95_ms: float | None = None
-    p99_ms: float | None = None
-
-
 class CollectedRecord(SQLModel, table=True):
     """One sampled scoring call (``agent.protocol.messages.CollectedRecord``)."""
 

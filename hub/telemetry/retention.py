@@ -1,5 +1,4 @@
-"""Deleting telemetry (with its per-model rows), data-collection records and dead letters past
-the retention.
+"""Deleting telemetry, data-collection records and dead letters past the retention.
 
 Age is counted from ``received_at``, the hub's clock: a device with a wrong clock must not have
 its records deleted on arrival, nor kept for ever. Rows go in chunks, each in its own commit,
@@ -21,7 +20,6 @@ from hub.telemetry.models import (
     CollectedRecord,
     DeadLetter,
     IngestRefused,
-    ModelInterval,
     TelemetryPoint,
 )
 
@@ -76,7 +74,7 @@ def sweep(
     cutoff = now - timedelta(days=retention_days)
     deleted: dict[str, int] = {}
     done = True
-    for model in (TelemetryPoint, ModelInterval, CollectedRecord, DeadLetter, IngestRefused):
+    for model in (TelemetryPoint, CollectedRecord, DeadLetter, IngestRefused):
         count, finished = _delete_older(session, model, cutoff, chunk_rows, max_chunks)
         deleted[str(model.__tablename__)] = count
         done = done and finished

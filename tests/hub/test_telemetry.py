@@ -38,7 +38,6 @@ from hub.telemetry.models import (
     DeadLetter,
     IngestCursor,
     IngestRefused,
-    ModelInterval,
     TelemetryPoint,
 )
 from tests.support.postgres import pg_available, pg_schema
@@ -470,7 +469,6 @@ def test_retention_deletes_rows_received_before_it_and_nothing_newer(
         partly = retention.sweep(session, retention_days=30, now=now, chunk_rows=2, max_chunks=1)
         assert partly.deleted == {
             "telemetry_point": 3,
-            "model_interval": 3,  # one model in each of the three old records
             "collected_record": 2,
             "dead_letter": 2,
             "ingest_refused": 0,
@@ -479,7 +477,6 @@ def test_retention_deletes_rows_received_before_it_and_nothing_newer(
         rest = retention.sweep(session, retention_days=30, now=now, chunk_rows=2)
         assert (rest.deleted, rest.done) == (dict.fromkeys(partly.deleted, 0), True)
     assert _stored(engine, TelemetryPoint, device.id) == [4, 5]
-    assert _stored(engine, ModelInterval, device.id) == [4, 5]
     assert _stored(engine, CollectedRecord, device.id) == []
     assert [d.received_at for d in _dead_letters(engine)] == [recent]
     with Session(engine) as session:
