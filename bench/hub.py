@@ -59,8 +59,9 @@ class HubProcess:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_HUB_")}
         return {**inherited, **self.env}
 
-    def start(self) -> None:
-        """Start the hub (creating its keys the first time) and wait until its API answers."""
+    def start(self, *, wait: bool = True) -> None:
+        """Start the hub (creating its keys the first time) and wait until its API answers;
+        ``wait=False`` only launches it (an armed failpoint may end it before it answers)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not (self.data_dir / "keys").exists():
             subprocess.run(
@@ -78,6 +79,8 @@ class HubProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        if not wait:
+            return
         deadline = time.monotonic() + self._start_timeout_s
         while not self._healthy():
             if self._proc.poll() is not None:
