@@ -1,4 +1,5 @@
-"""Inserting many rows through the database driver.
+"""Inserting many rows through the database driver, skipping rows whose primary key is stored
+already (a resend, a QoS 1 redelivery, another replica's insert).
 
 At ingest rates SQLAlchemy's per-row parameter processing (type processors, parameter
 construction) cost more than the writes themselves: about two thirds of the hub's time for a
@@ -30,7 +31,7 @@ class RawJson(str):
 
 @functools.lru_cache(maxsize=4096)
 def _sqlite_time(value: datetime | None) -> str | None:
-    # Cached: a group's rows share their received_at, and a record's time is in two tables.
+    # Cached: every row of a group shares its received_at.
     if value is None:
         return None
     if value.tzinfo is not UTC:
@@ -77,7 +78,9 @@ def _plan(
         f"INSERT INTO {table.name} ({', '.join(columns)})"  # noqa: S608 - names from metadata
         f" VALUES ({', '.join([mark] * len(columns))}) ON CONFLICT ({keys}) DO NOTHING"
     )
-    by_type = _CONVERTERS[dialect]
+    by_type = _CONVERTERS.get(dialect)
+    if by_type is None:
+        raise NotImplementedError(f"telemetry ingest does not support {dialect}")
     converters = tuple(by_type.get(t) for t in types)
     return sql, converters
 

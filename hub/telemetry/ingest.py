@@ -12,7 +12,6 @@ transaction that the device would resend for ever. ``store`` writes and never co
 commits, possibly several batches at once, and only then sends the acks (``acknowledge``).
 """
 
-import functools
 import json
 import logging
 import math
@@ -23,7 +22,6 @@ from typing import Any
 
 from pydantic import TypeAdapter
 from sqlalchemy import Connection, Table, bindparam, case, delete, select, union, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from agent.protocol.messages import (
@@ -210,21 +208,6 @@ def _collected_row(device_id: str, c: CollectedRecordBody) -> dict[str, Any]:
     return row
 
 
-@functools.cache
-def _insert_ignoring_duplicates(dialect: str, table: Table) -> Any:
-    """An INSERT that skips a row whose primary key is stored already, instead of failing.
-
-    Executed with every row of a batch at once (executemany): the statement is compiled once
-    and cached, where a multi-row VALUES is compiled anew for each batch and cost more than the
-    writes themselves."""
-    keys = [c.name for c in table.primary_key.columns]
-    if dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing(index_elements=keys)
-    if dialect == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
-    raise NotImplementedError(f"telemetry ingest does not support {dialect}")
-
-
 # Built once: ingest runs these for every message, and building a statement costs more than
 # SQLite takes to run it.
 # Only ever forward, both figures: another hub replica may have stored a later batch.
@@ -315,7 +298,6 @@ def store_many(session: Session, batches: Sequence[Batch], now: datetime) -> dic
     if not batches:
         return {}
     connection = session.connection()
-    dialect = connection.dialect.name
     arrivals: dict[StreamKey, _Arrivals] = {}
     rows: dict[Stream, list[dict[str, Any]]] = {Stream.TM: [], Stream.DC: []}
     refused_rows: list[dict[str, Any]] = []
@@ -339,8 +321,7 @@ def store_many(session: Session, batches: Sequence[Batch], now: datetime) -> dic
             )
     for stream, table_rows in rows.items():
         bulk.insert_ignoring_duplicates(connection, _TABLES[stream], table_rows)
-    if refused_rows:
-        connection.execute(_insert_ignoring_duplicates(dialect, _REFUSED), refused_rows)
+    bulk.insert_ignoring_duplicates(connection, _REFUSED, refused_rows)
 
     devices = sorted({device_id for device_id, _ in arrivals})
     cursors: dict[StreamKey, tuple[int, int]] = {
@@ -384,8 +365,7 @@ def store_many(session: Session, batches: Sequence[Batch], now: datetime) -> dic
                 "c_at": now,
             }
         )
-    if fresh:
-        connection.execute(_insert_ignoring_duplicates(dialect, _CURSORS), fresh)
+    bulk.insert_ignoring_duplicates(connection, _CURSORS, fresh)
     # Also for the fresh ones: another replica may have made the row first.
     connection.execute(_CURSOR_FORWARD, forward)
     forget = [
