@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.aio import wait_set
 from agent.archive import ArchiveLimits
 from agent.collection import BUDGET_NOTE, CollectionCounts, Collector, ScoredSample
 from agent.commands import CommandRunner, refused
@@ -623,9 +624,7 @@ class Agent:
             timeout = None
             if sender.in_flight is not None:
                 timeout = max(0.0, sender.sent_at + resend_s - time.monotonic())
-            try:
-                await asyncio.wait_for(sender.wake.wait(), timeout)
-            except TimeoutError:
+            if not await wait_set(sender.wake, timeout):
                 sender.in_flight = None  # no ack in time: the oldest records go again
             sender.wake.clear()
             await self._send_batch(stream, sender)
@@ -1052,9 +1051,7 @@ class Agent:
             self._publish(Channel.REQ, encode(ChunkRequestBody(digest=ref.digest, chunks=window)))
             while any(assembler.lacks(i) for i in window):
                 wakeup.clear()
-                try:
-                    await asyncio.wait_for(wakeup.wait(), timeout)
-                except TimeoutError:
+                if not await wait_set(wakeup, timeout):
                     # Chunks lost (broker queue limits, a dropped link): ask again, slower.
                     timeout = min(timeout * 2, MAX_CHUNK_TIMEOUT_S)
                     break
@@ -1083,9 +1080,7 @@ class Agent:
             return
         while not assembler.done and assembler.failure is None:
             activity.clear()
-            try:
-                await asyncio.wait_for(activity.wait(), self._rng.uniform(listen_s, 2 * listen_s))
-            except TimeoutError:
+            if not await wait_set(activity, self._rng.uniform(listen_s, 2 * listen_s)):
                 return
 
     def _still_wanted(self, ref: PackageRef) -> bool:

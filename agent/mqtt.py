@@ -24,6 +24,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.aio import wait_within
+
 logger = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
@@ -263,7 +265,7 @@ class MqttLink:
             logger.info("cannot reach broker %s:%s: %s", self._broker.host, self._broker.port, exc)
             return False
         try:
-            ok = await asyncio.wait_for(self._connack, self._connect_timeout_s)
+            ok = await wait_within(self._connack, self._connect_timeout_s)
         except TimeoutError:
             ok = False
         if not ok:

@@ -142,7 +142,8 @@ class BareClients:
             raise BenchTimeout(what)
         self._changed.clear()
         try:
-            await asyncio.wait_for(self._changed.wait(), remaining)
+            async with asyncio.timeout(remaining):
+                await self._changed.wait()
         except TimeoutError:
             raise BenchTimeout(what) from None
 
@@ -158,7 +159,8 @@ class BareClients:
         self._misc = self._loop.create_task(self._keepalive(), name="bare-keepalive")
         for client in self.clients:
             try:
-                await asyncio.wait_for(self._slots.acquire(), deadline - time.monotonic())
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await self._slots.acquire()
             except TimeoutError:
                 raise BenchTimeout(what) from None
             try:

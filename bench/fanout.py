@@ -105,7 +105,8 @@ async def _deliver(
     started = time.monotonic()
     publisher.publish(0, topic, payload, qos=1)
     try:
-        await asyncio.wait_for(round_.finished.wait(), cfg.timeout_s)
+        async with asyncio.timeout(cfg.timeout_s):
+            await round_.finished.wait()
     except TimeoutError:
         raise BenchTimeout(
             f"{len(round_.done_at)} of {len(cfg.subscribers)} subscribers got the message "

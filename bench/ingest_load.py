@@ -279,7 +279,8 @@ async def publish_stream(
             resender = asyncio.create_task(_resend_loop(devices), name="ingest-resend")
         what = "the hub's ack of every device's last seq" if ack_topics else "every PUBACK"
         try:
-            await asyncio.wait_for(devices.done.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await devices.done.wait()
         except TimeoutError:
             raise BenchTimeout(
                 f"{what} within {timeout_s:g} s: {devices.pubacks}/{load.messages} published, "

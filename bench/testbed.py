@@ -103,4 +103,5 @@ async def running(fleet: Fleet, *, stop_timeout_s: float = FLEET_STOP_S) -> Asyn
         yield fleet
     finally:
         stop.set()
-        await asyncio.wait_for(task, stop_timeout_s)
+        async with asyncio.timeout(stop_timeout_s):
+            await task

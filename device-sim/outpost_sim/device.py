@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from agent.aio import wait_set
 from agent.core import Agent, disk_free_bytes, utc_now
 from agent.errors import HealthCheckError
 from agent.failpoints import Action, FailpointCrash, Failpoints
@@ -207,12 +208,10 @@ class SimulatedDevice:
                     return
                 except FailpointCrash as crash:
                     self._crashed(crash)
-                try:
-                    await asyncio.wait_for(stop.wait(), self.faults.restart_after_s)
+                if await wait_set(stop, self.faults.restart_after_s):
                     return
-                except TimeoutError:
-                    self.agent = self._new_agent(first=False)
-                    self.record.restarts += 1
+                self.agent = self._new_agent(first=False)
+                self.record.restarts += 1
         finally:
             faults.cancel()
             await asyncio.gather(faults, return_exceptions=True)

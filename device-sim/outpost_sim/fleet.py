@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.aio import wait_set
 from agent.core import Agent
 from agent.install import HealthChecker
 from agent.runtimes.health import check_health
@@ -163,11 +164,8 @@ class Fleet:
             stopper.cancel()
 
     async def _run_one(self, device: SimulatedDevice, delay_s: float, stop: asyncio.Event) -> None:
-        try:
-            await asyncio.wait_for(stop.wait(), delay_s)
+        if await wait_set(stop, delay_s):
             return  # stopped during the ramp-up: never started
-        except TimeoutError:
-            pass
         self.started.add(device.device_id)
         assert self.started_at is not None
         try:

@@ -7,13 +7,13 @@ stays real, so the broker sees exactly what a fleet on bad links would make it s
 """
 
 import asyncio
-import contextlib
 import math
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.aio import wait_set
 from agent.mqtt import MqttLink
 from outpost_sim.profiles import LinkProfile
 
@@ -54,10 +54,7 @@ class SimulatedLink(MqttLink):
         conditions = self.conditions
         while (left := conditions.offline_until - time.monotonic()) > 0:
             conditions.back_online.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    conditions.back_online.wait(), None if math.isinf(left) else left
-                )
+            await wait_set(conditions.back_online, None if math.isinf(left) else left)
 
     def go_offline(self, for_s: float | None = None) -> None:
         """Cut the link now and keep it down for ``for_s`` seconds (None: until ``come_back``)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.aio import wait_set
 from agent.enroll import DeviceRequest
 from agent.errors import AgentError
 from agent.settings import AgentSettings
@@ -224,13 +225,8 @@ class ScenarioRunner:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
-            try:
-                await asyncio.wait_for(
-                    self._stop.wait(), POLL_S if left is None else min(left, POLL_S)
-                )
+            if await wait_set(self._stop, POLL_S if left is None else min(left, POLL_S)):
                 return False
-            except TimeoutError:
-                continue
         return True
 
     async def _wait_connected(self, step: WaitConnectedStep) -> None:
@@ -333,7 +329,4 @@ class ScenarioRunner:
     async def _show_progress(self, meter: ResourceMeter) -> None:
         while not self._stop.is_set():
             self.view.show(self.step_label, self.fleet, meter, self.step_target)
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.view.interval_s)
-            except TimeoutError:
-                continue
+            await wait_set(self._stop, self.view.interval_s)

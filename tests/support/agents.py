@@ -1,7 +1,10 @@
 """Running real agents in a background event loop from a synchronous test."""
 
 import asyncio
+import io
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,12 +118,25 @@ class AgentThread:
         if self.error is not None:
             raise self.error
 
+    def _where(self) -> str:
+        """Where a stuck agent is: its thread's stack and every task still on its loop."""
+        out = io.StringIO()
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        if frame is not None:
+            out.write("thread:\n" + "".join(traceback.format_stack(frame)))
+        if self._loop is not None:
+            # Read from another thread: good enough for a report, not for control.
+            for task in list(asyncio.all_tasks(self._loop)):
+                out.write(f"task {task.get_name()}:\n")
+                task.print_stack(file=out)
+        return out.getvalue()
+
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(20)
         if self._thread.is_alive():
-            raise TimeoutError("agent did not stop")
+            raise TimeoutError(f"agent did not stop\n{self._where()}")
         if self.error is not None:
             raise self.error
 
