@@ -66,7 +66,13 @@ from agent.scoring import ScoringCall
 from agent.settings import AgentSettings
 from agent.state import BadVersion, InstallAttempt, StateDir
 from agent.telemetry import Health, IntervalMeter, ModelCalls
-from agent.trust import DesiredVerdict, verify_command, verify_desired, verify_keyring
+from agent.trust import (
+    DesiredVerdict,
+    verify_command,
+    verify_desired,
+    verify_keyring,
+    verify_stored_keyring,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +325,7 @@ class Agent:
         root = self.identity.root_public_key
         stored = self.state.load_keyring()
         if stored is not None:
-            self._keyring = verify_keyring(stored, root_public_b64=root, current=None, now=None)
+            self._keyring = verify_stored_keyring(stored, root_public_b64=root)
         desired = self.state.load_desired()
         if desired is not None and self._keyring is not None:
             self._desired = verify_desired(
@@ -720,16 +726,25 @@ class Agent:
             logger.warning("dropping %s message on %s", body.kind, topic)
 
     def _check_keyring(self, signed: Signed, now: datetime) -> Keyring:
-        """The keyring a desired state or command came with: signed by the pinned root key,
-        and not older than the one kept."""
+        """The keyring a desired state or command came with: the one kept, or exactly the next
+        version signed by the current and the new root keys (``verify_keyring``). ``now`` is
+        the update's one start time, the same instant the document it came with is judged by."""
         return verify_keyring(
             signed, root_public_b64=self.identity.root_public_key, current=self._keyring, now=now
         )
 
     def _adopt_keyring(self, signed: Signed, keyring: Keyring) -> None:
+        """Keep a new keyring only once the document it came with verified under it too; a
+        refused one never reaches the disk, so the kept file stays byte-identical."""
         if keyring != self._keyring:
             self.state.save_keyring(signed)
+            previous = self._keyring
             self._keyring = keyring
+            logger.info(
+                "adopted keyring version %s (was %s)",
+                keyring.version,
+                previous.version if previous is not None else None,
+            )
 
     def _on_desired(self, body: DesiredBody) -> None:
         now = self._clock()

@@ -26,6 +26,7 @@ from agent.protocol.documents import (
     Keyring,
     Manifest,
     Role,
+    RoleKeys,
     Signed,
 )
 from agent.protocol.keys import Signature, key_id, verify_signature
@@ -80,44 +81,120 @@ def _check_role(
     )
 
 
-def verify_keyring(
-    signed: Signed, *, root_public_b64: str, current: Keyring | None, now: datetime | None
-) -> Keyring:
-    """Accept a keyring signed by the pinned root key, not older than the current one.
+def _root_role(keyring: Keyring | None, pinned_b64: str) -> tuple[dict[str, str], RoleKeys]:
+    """The root keys a keyring names, or the key pinned at enrolment when it names none (a
+    keyring from a hub that did not list its root yet)."""
+    if keyring is not None:
+        role = keyring.roles.get(Role.ROOT)
+        if role is not None:
+            keys = {kid: keyring.keys[kid].public for kid in role.keyids if kid in keyring.keys}
+            return keys, role
+    pinned_id = key_id(_b64decode(pinned_b64))
+    return {pinned_id: pinned_b64}, RoleKeys(keyids=[pinned_id])
 
-    ``now=None`` is for the keyring the device stored itself: its expiry is not judged, so a
-    device that was off past the expiry still serves what it verified (THREATS.md C7).
-    """
-    root_id = key_id(_b64decode(root_public_b64))
-    count, bad, _ = _count_valid(
-        signed.signed, signed.signatures, keys={root_id: root_public_b64}, allowed={root_id}
+
+def _require_roots(signed: Signed, keys: dict[str, str], role: RoleKeys, which: str) -> None:
+    count, bad, _ = _count_valid(signed.signed, signed.signatures, keys=keys, allowed=set(keys))
+    if count >= role.threshold:
+        return
+    if bad:
+        raise TrustError(
+            f"keyring has an invalid signature by a {which} root key", reason=Reason.SIGNATURE
+        )
+    if count == 0:
+        raise TrustError(
+            f"keyring is not signed by the {which} root key", reason=Reason.UNKNOWN_KEY
+        )
+    raise TrustError(
+        f"keyring has {count} valid signatures by {which} root keys, {role.threshold} needed",
+        reason=Reason.THRESHOLD,
     )
-    if count < 1:
-        reason = Reason.SIGNATURE if bad else Reason.UNKNOWN_KEY
-        raise TrustError("keyring is not signed by the pinned root key", reason=reason)
+
+
+def _parse_keyring(signed: Signed) -> Keyring:
     try:
         keyring = Keyring.model_validate(signed.signed)
     except ValidationError as exc:
         raise RejectedError(f"malformed keyring: {_first_errors(exc)}") from None
     for kid, pk in keyring.keys.items():
-        if key_id(_b64decode(pk.public)) != kid:
+        try:
+            listed_id = key_id(_b64decode(pk.public))
+        except ValueError:
+            listed_id = ""
+        if listed_id != kid:
             raise TrustError(
                 f"keyring lists key {kid[:12]} under a wrong id", reason=Reason.MALFORMED
             )
+    for role, role_keys in keyring.roles.items():
+        distinct = set(role_keys.keyids)
+        # A role that can never reach its threshold would lock the device out for good, and
+        # a key listed twice must not count twice (THREATS.md A3).
+        if len(distinct) != len(role_keys.keyids) or not distinct <= set(keyring.keys):
+            raise TrustError(
+                f"keyring lists a {role} key twice or one it does not define",
+                reason=Reason.MALFORMED,
+            )
+        if role_keys.threshold > len(distinct):
+            raise TrustError(
+                f"keyring asks {role_keys.threshold} {role} signatures of {len(distinct)} keys",
+                reason=Reason.MALFORMED,
+            )
+    return keyring
+
+
+def verify_keyring(
+    signed: Signed, *, root_public_b64: str, current: Keyring | None, now: datetime | None
+) -> Keyring:
+    """Accept a keyring under the rules of a TUF root update.
+
+    With no ``current`` keyring (enrolment) it must be signed by the pinned root key. Otherwise
+    it is the current one again, or exactly version current+1 signed by a threshold of the
+    current root keys AND a threshold of the root keys it names itself (so a root rotation
+    needs the old and the new root; each key counts once). ``now`` is the update's fixed start
+    time; ``now=None`` skips the expiry judgement (see ``verify_stored_keyring``).
+    """
+    trusted_keys, trusted_role = _root_role(current, root_public_b64)
+    _require_roots(signed, trusted_keys, trusted_role, "current" if current else "pinned")
+    keyring = _parse_keyring(signed)
+    new_keys, new_role = _root_role(keyring, root_public_b64)
+    if new_keys != trusted_keys or new_role != trusted_role:
+        _require_roots(signed, new_keys, new_role, "new")
     if current is not None:
+        if keyring.version == current.version and keyring != current:
+            raise TrustError(
+                f"a different keyring with the same version {keyring.version}", reason=Reason.REPLAY
+            )
         if keyring.version < current.version:
             raise TrustError(
                 f"keyring version {keyring.version} is older than {current.version}",
                 reason=Reason.REPLAY,
             )
-        if keyring.version == current.version and keyring != current:
+        if keyring.version > current.version + 1:
+            # TUF: root versions move N -> N+1 only, so every step is vouched for by the keys
+            # of the step before it.
             raise TrustError(
-                f"a different keyring with the same version {keyring.version}", reason=Reason.REPLAY
+                f"keyring version {keyring.version} skips {current.version + 1}: only the next "
+                "version is accepted",
+                reason=Reason.REPLAY,
             )
     if now is not None and keyring.expires_at <= now:
         raise TrustError(
             f"keyring expired at {keyring.expires_at:%Y-%m-%dT%H:%M:%SZ}", reason=Reason.EXPIRED
         )
+    return keyring
+
+
+def verify_stored_keyring(signed: Signed, *, root_public_b64: str) -> Keyring:
+    """The keyring the device itself accepted earlier, read back on start-up.
+
+    It was verified step by step on arrival; after root rotations the key pinned at enrolment
+    no longer signs it, so it is checked against the root keys it names (self-consistency, as
+    TUF trusts its local root). Its expiry is not judged, so a device that was off past it
+    still serves what it verified (THREATS.md C7).
+    """
+    keyring = _parse_keyring(signed)
+    keys, role = _root_role(keyring, root_public_b64)
+    _require_roots(signed, keys, role, "listed")
     return keyring
 
 

@@ -28,8 +28,8 @@ from hub.cli_data import data
 from hub.cli_deploy import deploy
 from hub.cli_deployments import deployment
 from hub.cli_device_commands import device_logs, device_ping
+from hub.cli_keys import keys
 from hub.devices.schemas import GROUP_PATTERN, check_tags
-from hub.errors import HubError
 from hub.settings import HubSettings
 
 # Re-exported: scripts and tests read the exit codes from here.
@@ -62,6 +62,7 @@ def main(ctx: click.Context, hub_url: str, data_dir: Path | None, verbose: bool)
 main.add_command(deploy)
 main.add_command(deployment)
 main.add_command(data)
+main.add_command(keys)
 
 
 def _local_settings(ctx: click.Context, data_dir: Path | None) -> HubSettings:
@@ -121,111 +122,6 @@ def db_upgrade(ctx: click.Context, data_dir: Path | None) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
     click.echo("database is up to date")
-
-
-# -- keys -------------------------------------------------------------------------------------
-
-
-@main.group()
-def keys() -> None:
-    """Signing keys (root, release, director) and the keyring."""
-
-
-def _keystore(ctx: click.Context, data_dir: Path | None) -> Any:
-    from hub.signing.keystore import KeyStore
-
-    return KeyStore(_local_settings(ctx, data_dir).keys_dir)
-
-
-@keys.command("init")
-@data_dir_option
-@click.option("--force", is_flag=True, help="replace existing keys (devices must re-enrol)")
-@click.pass_context
-def keys_init(ctx: click.Context, data_dir: Path | None, force: bool) -> None:
-    """Create the keys and a root-signed keyring."""
-    settings = _local_settings(ctx, data_dir)
-    store = _keystore(ctx, data_dir)
-    try:
-        store.init(keyring_ttl_days=settings.signing.keyring_ttl_days, force=force)
-    except HubError as exc:
-        fail(exc.detail)
-    _print_key_status(store)
-
-
-def _print_key_status(store: Any) -> None:
-    try:
-        status = store.status()
-    except HubError as exc:
-        fail(exc.detail)
-    click.echo(f"keys in {store.keys_dir}")
-    click.echo(f"keyring version {status.keyring_version}, expires {status.expires_at:%Y-%m-%d}")
-    for role, keyid in (
-        ("root", status.root_keyid),
-        ("release", status.release_keyid),
-        ("director", status.director_keyid),
-    ):
-        present = "online" if status.private_present[role] else "OFFLINE"
-        exported = " (exported)" if status.exported.get(role) else ""
-        click.echo(f"  {role:<9} {keyid[:16]}  private key {present}{exported}")
-
-
-@keys.command("show")
-@data_dir_option
-@click.pass_context
-def keys_show(ctx: click.Context, data_dir: Path | None) -> None:
-    """Key ids, keyring expiry and which private keys are on this hub."""
-    _print_key_status(_keystore(ctx, data_dir))
-
-
-ROLE_CHOICE = click.Choice(["root", "release"])
-
-
-@keys.command("export")
-@data_dir_option
-@click.option("--role", type=ROLE_CHOICE, required=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.pass_context
-def keys_export(ctx: click.Context, data_dir: Path | None, role: str, out: Path) -> None:
-    """Write a private key to FILE (PEM, mode 0600) for offline keeping."""
-    from hub.signing.keystore import OfflineRole
-
-    try:
-        _keystore(ctx, data_dir).export(OfflineRole(role), out)
-    except HubError as exc:
-        fail(exc.detail)
-    click.echo(f"exported the {role} key to {out}")
-
-
-@keys.command("remove")
-@data_dir_option
-@click.option("--role", type=ROLE_CHOICE, required=True)
-@click.option("--yes", is_flag=True, help="remove even if it was never exported")
-@click.pass_context
-def keys_remove(ctx: click.Context, data_dir: Path | None, role: str, yes: bool) -> None:
-    """Take a private key offline (the director key always stays)."""
-    from hub.signing.keystore import OfflineRole
-
-    try:
-        _keystore(ctx, data_dir).remove(OfflineRole(role), yes=yes)
-    except HubError as exc:
-        fail(exc.detail)
-    click.echo(f"removed the {role} private key from this hub")
-
-
-@keys.command("import")
-@data_dir_option
-@click.option("--role", type=ROLE_CHOICE, required=True)
-@click.option("--file", "pem_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.pass_context
-def keys_import(ctx: click.Context, data_dir: Path | None, role: str, pem_file: Path) -> None:
-    """Bring an exported key back online."""
-    from hub.signing.keystore import OfflineRole
-
-    try:
-        _keystore(ctx, data_dir).import_key(OfflineRole(role), pem_file)
-    except HubError as exc:
-        fail(exc.detail)
-    click.echo(f"the {role} key is online again")
 
 
 # -- models -----------------------------------------------------------------------------------

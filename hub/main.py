@@ -30,6 +30,7 @@ from hub.migrations.runner import upgrade
 from hub.registry.router import router as registry_router
 from hub.secretfiles import read_or_create_token
 from hub.settings import HubSettings
+from hub.signing.router import router as keys_router
 from hub.telemetry.router import router as telemetry_router
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def create_app(settings: HubSettings, *, publisher: Publisher | None = None) -> 
     app.include_router(messaging_router)
     app.include_router(telemetry_router)
     app.include_router(metrics_router)
+    app.include_router(keys_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -5,9 +5,17 @@
                                               root private key goes offline: devices pin it
     keys/keyring.json                         Signed keyring (root signature)
     keys/<role>.exported                      marks that the private key was exported
+    keys/keyrings/<version>.json              every keyring version issued, for the record
+    keys/pending/request.json, <role>.pem     a rotation waiting for offline signatures
 
 Root and release keys may be taken offline (exported, then removed); the director key signs
 desired states on every deployment and always stays here.
+
+Rotation (``rotate``) issues keyring version N+1 naming a new key for one role. Devices accept
+it only if a threshold of the current root keys signs it, and, when the root changes, a
+threshold of the new root keys too (``agent.trust.verify_keyring``). When a needed root key is
+offline the rotation waits in ``pending/`` as a signing request (``hub.signing.requests``)
+until the signatures are imported.
 """
 
 import json
@@ -20,15 +28,27 @@ from pathlib import Path
 from typing import Any
 
 from agent.protocol.documents import Keyring, PublicKey, Role, RoleKeys, Signed, document_dict
-from agent.protocol.keys import Signature, SigningKey
+from agent.protocol.keys import Signature, SigningKey, b64decode, key_id
 from hub.database import utcnow
 from hub.errors import Conflict, InvalidInput, NotFound, SigningUnavailable
 from hub.secretfiles import write_secret
+from hub.signing.requests import (
+    RequestKind,
+    SignatureFile,
+    SignerGroup,
+    SigningRequest,
+    add_signature,
+    new_request,
+    unmet_groups,
+)
 
 logger = logging.getLogger(__name__)
 
 KEYRING_FILE = "keyring.json"
 ROOT_PUBLIC_FILE = "root.pub"
+HISTORY_DIR = "keyrings"
+PENDING_DIR = "pending"
+REQUEST_FILE = "request.json"
 
 
 class OfflineRole(StrEnum):
@@ -47,6 +67,19 @@ class KeyStatus:
     expires_at: datetime
     private_present: dict[str, bool]
     exported: dict[str, bool]
+    pending: str | None = None  # what a rotation waiting for signatures is for
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """The outcome of ``rotate`` or ``import_signature``."""
+
+    role: Role
+    version: int
+    new_keyid: str
+    done: bool  # the new keyring is in force; False: waiting for the signatures of ``missing``
+    request: SigningRequest
+    missing: list[SignerGroup]
 
 
 class KeyStore:
@@ -55,7 +88,9 @@ class KeyStore:
     def __init__(self, keys_dir: Path) -> None:
         self.keys_dir = keys_dir
         self._lock = threading.Lock()
-        self._cache: dict[Role, SigningKey] = {}
+        # role -> (file identity, key): a rotation by another process (the CLI) replaces the
+        # file, and the serving hub must sign with the new key from then on.
+        self._cache: dict[Role, tuple[tuple[int, int], SigningKey]] = {}
 
     def _pem_path(self, role: Role | OfflineRole) -> Path:
         return self.keys_dir / f"{role}.pem"
@@ -89,23 +124,15 @@ class KeyStore:
             keyring = Keyring(
                 version=1,
                 expires_at=utcnow() + timedelta(days=keyring_ttl_days),
-                keys={
-                    keys[r].keyid: PublicKey(public=keys[r].public_b64)
-                    for r in (Role.RELEASE, Role.DIRECTOR)
-                },
-                roles={
-                    Role.RELEASE: RoleKeys(keyids=[keys[Role.RELEASE].keyid]),
-                    Role.DIRECTOR: RoleKeys(keyids=[keys[Role.DIRECTOR].keyid]),
-                },
+                # The root lists itself, so a later root rotation has a current root to name.
+                keys={keys[r].keyid: PublicKey(public=keys[r].public_b64) for r in Role},
+                roles={r: RoleKeys(keyids=[keys[r].keyid]) for r in Role},
             )
             signed_part = document_dict(keyring)
             signed = Signed(signed=signed_part, signatures=[keys[Role.ROOT].sign(signed_part)])
-            write_secret(
-                self.keyring_path,
-                json.dumps(document_dict(signed), indent=2, sort_keys=True).encode(),
-                overwrite=True,
-            )
-            self._cache = dict(keys)
+            self._cancel_pending()
+            self._write_keyring(signed, version=1)
+            self._cache = {}
         logger.info("created hub keys", extra={"keys_dir": str(self.keys_dir)})
         return self.status()
 
@@ -137,13 +164,16 @@ class KeyStore:
 
     def _key(self, role: Role) -> SigningKey:
         with self._lock:
-            cached = self._cache.get(role)
-            if cached is not None and self._pem_path(role).exists():
-                return cached
-            self._cache.pop(role, None)
+            path = self._pem_path(role)
             try:
-                pem = self._pem_path(role).read_bytes()
+                st = path.stat()
+                identity = (st.st_ino, st.st_mtime_ns)
+                cached = self._cache.get(role)
+                if cached is not None and cached[0] == identity:
+                    return cached[1]
+                pem = path.read_bytes()
             except FileNotFoundError:
+                self._cache.pop(role, None)
                 if role is Role.RELEASE:
                     raise SigningUnavailable(
                         "the release key is offline (removed from the hub): building a new "
@@ -154,7 +184,7 @@ class KeyStore:
                     f"the {role} private key is missing from {self.keys_dir}"
                 ) from None
             key = SigningKey.from_pem(pem)
-            self._cache[role] = key
+            self._cache[role] = (identity, key)
             return key
 
     def sign_release(self, document: dict[str, Any]) -> Signature:
@@ -167,15 +197,16 @@ class KeyStore:
 
     def status(self) -> KeyStatus:
         keyring = self.keyring_document()
-        signed = self.keyring()
+        pending = self.pending_request()
         return KeyStatus(
-            root_keyid=signed.signatures[0].keyid if signed.signatures else "",
+            root_keyid=self._root_role(keyring)[0][0],
             release_keyid=keyring.roles[Role.RELEASE].keyids[0],
             director_keyid=keyring.roles[Role.DIRECTOR].keyids[0],
             keyring_version=keyring.version,
             expires_at=keyring.expires_at,
             private_present={str(r): self._pem_path(r).exists() for r in Role},
             exported={str(r): self._exported_marker(r).exists() for r in OfflineRole},
+            pending=pending.summary if pending is not None else None,
         )
 
     def export(self, role: OfflineRole, out: Path) -> None:
@@ -221,3 +252,180 @@ class KeyStore:
         write_secret(self._pem_path(role), key.private_pem(), overwrite=True)
         with self._lock:
             self._cache.pop(Role(role), None)
+
+    # -- rotation -----------------------------------------------------------------------------
+
+    @property
+    def _pending_dir(self) -> Path:
+        return self.keys_dir / PENDING_DIR
+
+    def _write_keyring(self, signed: Signed, *, version: int) -> None:
+        data = json.dumps(document_dict(signed), indent=2, sort_keys=True).encode()
+        history = self.keys_dir / HISTORY_DIR
+        if version == 1 and history.exists():
+            for old in history.glob("*.json"):
+                old.unlink()  # a fresh `init`: the old chain belongs to keys that are gone
+        write_secret(history / f"{version}.json", data, overwrite=True)
+        write_secret(self.keyring_path, data, overwrite=True)
+
+    def _root_role(self, keyring: Keyring) -> tuple[list[str], int, dict[str, str]]:
+        """The current root key ids, threshold and public keys; a keyring from before roots
+        were listed has the one root key of root.pub."""
+        role = keyring.roles.get(Role.ROOT)
+        if role is not None:
+            publics = {kid: keyring.keys[kid].public for kid in role.keyids}
+            return list(role.keyids), role.threshold, publics
+        public = self.root_public_b64()
+        kid = key_id(b64decode(public))
+        return [kid], 1, {kid: public}
+
+    def pending_request(self) -> SigningRequest | None:
+        try:
+            raw = (self._pending_dir / REQUEST_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
+        return SigningRequest.model_validate_json(raw)
+
+    def _cancel_pending(self) -> None:
+        if self._pending_dir.exists():
+            for path in self._pending_dir.iterdir():
+                path.unlink()
+            self._pending_dir.rmdir()
+
+    def cancel_pending(self) -> None:
+        """Drop a rotation that waits for signatures (its new key is thrown away)."""
+        if self.pending_request() is None:
+            raise NotFound("no rotation is waiting for signatures")
+        self._cancel_pending()
+
+    def rotate(self, role: Role, *, keyring_ttl_days: int, offline: bool = False) -> Rotation:
+        """Issue keyring version N+1 with a new key for ``role``.
+
+        It is signed here by the keys this hub holds; with ``offline`` (or when a needed root
+        key is not here) it waits in ``pending/`` as a signing request for the rest.
+        """
+        if self.pending_request() is not None:
+            raise Conflict(
+                "a rotation is already waiting for signatures: finish it with "
+                "`outpost-hub keys import-signature` or drop it with `outpost-hub keys cancel`"
+            )
+        current = self.keyring_document()
+        root_ids, threshold, root_publics = self._root_role(current)
+        replaced = root_ids if role is Role.ROOT else current.roles[role].keyids
+        new_key = SigningKey.generate()
+        keys = dict(current.keys)
+        keys.update({kid: PublicKey(public=pub) for kid, pub in root_publics.items()})
+        roles = dict(current.roles)
+        roles.setdefault(Role.ROOT, RoleKeys(keyids=root_ids, threshold=threshold))
+        roles[role] = RoleKeys(keyids=[new_key.keyid])
+        keys[new_key.keyid] = PublicKey(public=new_key.public_b64)
+        used = {kid for r in roles.values() for kid in r.keyids}
+        keyring = Keyring(
+            version=current.version + 1,
+            expires_at=utcnow() + timedelta(days=keyring_ttl_days),
+            keys={kid: pk for kid, pk in keys.items() if kid in used},
+            roles=roles,
+        )
+        document = document_dict(keyring)
+        groups = [SignerGroup(name="current root", keyids=root_ids, threshold=threshold)]
+        signer_keys = dict(root_publics)
+        if role is Role.ROOT:
+            groups.append(SignerGroup(name="new root", keyids=[new_key.keyid]))
+            signer_keys[new_key.keyid] = new_key.public_b64
+        request = new_request(
+            kind=RequestKind.KEYRING,
+            summary=(
+                f"keyring version {keyring.version}: new {role} key {new_key.keyid[:16]} "
+                f"(replaces {', '.join(k[:16] for k in replaced)})"
+            ),
+            version=keyring.version,
+            document=document,
+            keys=signer_keys,
+            groups=groups,
+            created_at=utcnow(),
+        )
+        signatures: list[Signature] = []
+        if role is Role.ROOT:
+            signatures.append(new_key.sign(document))
+        root_pem = self._pem_path(Role.ROOT)
+        if not offline and root_pem.exists():
+            held = SigningKey.from_pem(root_pem.read_bytes())
+            if held.keyid in root_ids:
+                signatures.append(held.sign(document))
+        request = request.model_copy(update={"signatures": signatures})
+        missing = unmet_groups(request)
+        if missing and not offline:
+            raise SigningUnavailable(
+                f"the root key is not on this hub; rotate with --offline to export a signing "
+                f"request for {', '.join(g.name for g in missing)} keys"
+            )
+        with self._lock:
+            self._pending_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_secret(self._pending_dir / f"{role}.pem", new_key.private_pem(), overwrite=True)
+            write_secret(
+                self._pending_dir / REQUEST_FILE,
+                request.model_dump_json(indent=2).encode(),
+                overwrite=True,
+            )
+        logger.info(
+            "keyring rotation prepared", extra={"role": str(role), "version": keyring.version}
+        )
+        if missing:
+            return Rotation(role, keyring.version, new_key.keyid, False, request, missing)
+        return self._complete(request)
+
+    def import_signature(self, answer: SignatureFile) -> Rotation:
+        """Add an offline signature to the pending rotation; complete it once every group's
+        threshold is reached."""
+        request = self.pending_request()
+        if request is None:
+            raise NotFound("no rotation is waiting for signatures")
+        request = add_signature(request, answer)
+        write_secret(
+            self._pending_dir / REQUEST_FILE,
+            request.model_dump_json(indent=2).encode(),
+            overwrite=True,
+        )
+        missing = unmet_groups(request)
+        if missing:
+            role, new_keyid = self._pending_role(request)
+            assert request.version is not None
+            return Rotation(role, request.version, new_keyid, False, request, missing)
+        return self._complete(request)
+
+    def _pending_role(self, request: SigningRequest) -> tuple[Role, str]:
+        for role in Role:
+            path = self._pending_dir / f"{role}.pem"
+            if path.exists():
+                return role, SigningKey.from_pem(path.read_bytes()).keyid
+        raise SigningUnavailable(
+            f"the new key of the pending rotation is missing from {self._pending_dir}"
+        )
+
+    def _complete(self, request: SigningRequest) -> Rotation:
+        """Put the signed keyring in force: new private key, history, keyring, root.pub."""
+        role, new_keyid = self._pending_role(request)
+        keyring = Keyring.model_validate(request.document)
+        # Each key once, in the order the groups name them.
+        signatures = list({s.keyid: s for s in request.signatures}.values())
+        signed = Signed(signed=request.document, signatures=signatures)
+        new_pem = (self._pending_dir / f"{role}.pem").read_bytes()
+        with self._lock:
+            write_secret(self._pem_path(role), new_pem, overwrite=True)
+            self._write_keyring(signed, version=keyring.version)
+            if role is Role.ROOT:
+                write_secret(
+                    self.keys_dir / ROOT_PUBLIC_FILE,
+                    (keyring.keys[new_keyid].public + "\n").encode(),
+                    overwrite=True,
+                )
+            if role in (Role.ROOT, Role.RELEASE):
+                self._exported_marker(OfflineRole(role)).unlink(missing_ok=True)
+            self._cache.pop(role, None)
+            self._cancel_pending()
+        logger.info("keyring rotated", extra={"role": str(role), "version": keyring.version})
+        return Rotation(role, keyring.version, new_keyid, True, request, [])
+
+    def keyring_history(self) -> list[int]:
+        """The keyring versions kept in keys/keyrings."""
+        return sorted(int(p.stem) for p in (self.keys_dir / HISTORY_DIR).glob("*.json"))

@@ -6,7 +6,13 @@ import pytest
 
 from agent.errors import IncompatibleError, RejectedError, TrustError
 from agent.protocol.canonical import canonical_bytes
-from agent.protocol.documents import DetachedSignatures, Signed, document_dict
+from agent.protocol.documents import (
+    DetachedSignatures,
+    Keyring,
+    PublicKey,
+    Signed,
+    document_dict,
+)
 from agent.protocol.keys import SigningKey
 from agent.protocol.messages import Reason
 from agent.trust import DesiredVerdict, verify_desired, verify_keyring, verify_manifest
@@ -18,7 +24,7 @@ def repo() -> RepositorySimulator:
     return RepositorySimulator()
 
 
-def _keyring(repo: RepositorySimulator) -> object:
+def _keyring(repo: RepositorySimulator) -> Keyring:
     return verify_keyring(
         repo.keyring(), root_public_b64=repo.root.public_b64, current=None, now=NOW
     )
@@ -138,13 +144,15 @@ def test_duplicate_signatures_by_one_key_count_once(repo: RepositorySimulator) -
     keyring_doc = repo.keyring_doc().model_copy()
     from agent.protocol.documents import Keyring, Role, RoleKeys
 
+    # 2 of 2 release keys; only one of them signs, twice.
+    other = SigningKey.generate()
     doc = document_dict(
         Keyring(
             version=1,
             expires_at=keyring_doc.expires_at,
-            keys=keyring_doc.keys,
+            keys={**keyring_doc.keys, other.keyid: PublicKey(public=other.public_b64)},
             roles={
-                Role.RELEASE: RoleKeys(keyids=[repo.release.keyid], threshold=2),
+                Role.RELEASE: RoleKeys(keyids=[repo.release.keyid, other.keyid], threshold=2),
                 Role.DIRECTOR: RoleKeys(keyids=[repo.director.keyid]),
             },
         )
@@ -187,7 +195,7 @@ def test_manifest_signed_by_director_only_is_not_released(repo: RepositorySimula
             sig,
             keyring=_keyring(repo),
             device_class="g",
-            agent_version="1",  # type: ignore[arg-type]
+            agent_version="1",
         )
     assert info.value.reason is Reason.NOT_RELEASED
 
@@ -200,7 +208,7 @@ def test_manifest_for_another_device_class_is_incompatible(repo: RepositorySimul
             sig,
             keyring=_keyring(repo),
             device_class="rpi4",
-            agent_version="0.1.0",  # type: ignore[arg-type]
+            agent_version="0.1.0",
         )
 
 
@@ -211,5 +219,5 @@ def test_malformed_manifest_is_rejected(repo: RepositorySimulator) -> None:
             b"{}",
             keyring=_keyring(repo),
             device_class="g",
-            agent_version="0.1.0",  # type: ignore[arg-type]
+            agent_version="0.1.0",
         )

@@ -1,0 +1,379 @@
+"""THREATS.md A9 (key rotation) and A3 (duplicate signatures) on a real agent's keyring update.
+
+Table-driven after python-tuf's ``test_updater_key_rotations``: each case is a keyring version
+the hub might send with a desired state, given as the root keys it names, their threshold and
+the root keys that sign it. The agent (real ``Agent``, fed through its MQTT message handler)
+must adopt it exactly when the rules allow (version current+1, a threshold of the current root
+keys AND of the new root keys, each key once, not expired) and otherwise keep its keyring file
+byte-identical. One end-to-end case rotates the director with the CLI on a live hub.
+"""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.core import Agent
+from agent.protocol.documents import (
+    DesiredState,
+    Keyring,
+    PublicKey,
+    Role,
+    RoleKeys,
+    Signed,
+    document_dict,
+)
+from agent.protocol.keys import SigningKey
+from agent.protocol.messages import DesiredBody, Reason, encode
+from agent.runtimes import load_runtime
+from agent.runtimes.health import check_health
+from tests.support.agents import fast_settings, write_identity
+from tests.support.live_hub import LiveHub, live_hub_with
+
+DEVICE = "dev-000000000001"
+NOW = datetime.now(UTC).replace(microsecond=0)
+ROOTS = [SigningKey.generate() for _ in range(5)]  # a pool; cases name keys by index
+OLD_DIRECTOR, NEW_DIRECTOR, RELEASE = (SigningKey.generate() for _ in range(3))
+FIGURES: dict[str, int] = {"cases": 0, "accepted": 0, "refused": 0, "file_unchanged": 0}
+
+
+def _keyring(
+    *,
+    version: int,
+    roots: tuple[int, ...],
+    threshold: int,
+    director: SigningKey,
+    expires_in: timedelta = timedelta(days=30),
+    root_ids: list[str] | None = None,
+) -> dict[str, Any]:
+    keys = {k.keyid: PublicKey(public=k.public_b64) for k in (director, RELEASE)}
+    keys.update({ROOTS[i].keyid: PublicKey(public=ROOTS[i].public_b64) for i in roots})
+    return document_dict(
+        Keyring(
+            version=version,
+            expires_at=NOW + expires_in,
+            keys=keys,
+            roles={
+                Role.ROOT: RoleKeys(
+                    keyids=root_ids or [ROOTS[i].keyid for i in roots], threshold=threshold
+                ),
+                Role.RELEASE: RoleKeys(keyids=[RELEASE.keyid]),
+                Role.DIRECTOR: RoleKeys(keyids=[director.keyid]),
+            },
+        )
+    )
+
+
+def _signed(doc: dict[str, Any], signers: tuple[int, ...]) -> Signed:
+    return Signed(signed=doc, signatures=[ROOTS[i].sign(doc) for i in signers])
+
+
+def _desired(counter: int, director: SigningKey) -> Signed:
+    doc = document_dict(
+        DesiredState(
+            device_id=DEVICE,
+            counter=counter,
+            issued_at=NOW,
+            expires_at=NOW + timedelta(days=1),
+            packages=[],
+        )
+    )
+    return Signed(signed=doc, signatures=[director.sign(doc)])
+
+
+@dataclass(frozen=True)
+class Trusted:
+    """The device's keyring before the update: version 1 naming ``roots`` (pinned: the first)."""
+
+    roots: tuple[int, ...] = (0,)
+    threshold: int = 1
+
+
+@dataclass(frozen=True)
+class MdVersion:
+    """One keyring update: the root keys it names, their threshold, who signs it, and the
+    expected outcome (None: accepted; else the refusal's reason)."""
+
+    roots: tuple[int, ...]
+    threshold: int
+    sigs: tuple[int, ...]
+    result: Reason | None
+    version: int = 2
+    director: SigningKey = NEW_DIRECTOR
+    expires_in: timedelta = timedelta(days=30)
+    trusted: Trusted = Trusted()
+    root_ids: tuple[str, ...] | None = None  # raw key id list, for a key listed twice
+
+
+CASES: dict[str, MdVersion] = {
+    # (a) root K0 -> K1 signed by the old and the new root.
+    "root rotated, old+new sign": MdVersion((1,), 1, (0, 1), None),
+    # (b) (c) one side only.
+    "root rotated, only new signs": MdVersion((1,), 1, (1,), Reason.UNKNOWN_KEY),
+    "root rotated, only old signs": MdVersion((1,), 1, (0,), Reason.UNKNOWN_KEY),
+    # (d) a version gap, the same version again, a stale version.
+    "version gap N+2": MdVersion((1,), 1, (0, 1), Reason.REPLAY, version=3),
+    "same version, other content": MdVersion((1,), 1, (0, 1), Reason.REPLAY, version=1),
+    "expired": MdVersion((1,), 1, (0, 1), Reason.EXPIRED, expires_in=timedelta(seconds=-1)),
+    # Director rotation: the root stays, the current root signs.
+    "director rotated, root signs": MdVersion((0,), 1, (0,), None),
+    "director rotated, unsigned": MdVersion((0,), 1, (), Reason.UNKNOWN_KEY),
+    "director rotated, stranger signs": MdVersion((0,), 1, (4,), Reason.UNKNOWN_KEY),
+    # A3: thresholds count each key once.
+    "new 2-of-2 root, one new key signs twice": MdVersion((1, 2), 2, (0, 1, 1), Reason.THRESHOLD),
+    "new 2-of-2 root, both sign": MdVersion((1, 2), 2, (0, 1, 2), None),
+    "new root lists one key twice for 2-of-2": MdVersion(
+        (1,), 2, (0, 1, 1), Reason.MALFORMED, root_ids=(ROOTS[1].keyid, ROOTS[1].keyid)
+    ),
+    "2-of-3 old root, one old key signs twice": MdVersion(
+        (3,), 1, (0, 0, 3), Reason.THRESHOLD, trusted=Trusted((0, 1, 2), 2)
+    ),
+    "2-of-3 old root, two old keys sign": MdVersion(
+        (3,), 1, (0, 2, 3), None, trusted=Trusted((0, 1, 2), 2)
+    ),
+    "2-of-3 old root, one old key signs": MdVersion(
+        (3,), 1, (1, 3), Reason.THRESHOLD, trusted=Trusted((0, 1, 2), 2)
+    ),
+    "new root unsatisfiable (3 of 1)": MdVersion((1,), 3, (0, 1), Reason.MALFORMED),
+}
+
+
+def _device(tmp_path: Path, trusted: Trusted) -> Agent:
+    doc = _keyring(
+        version=1, roots=trusted.roots, threshold=trusted.threshold, director=OLD_DIRECTOR
+    )
+    write_identity(
+        tmp_path,
+        device_id=DEVICE,
+        host="127.0.0.1",
+        port=1,  # never connected: messages are fed to the handler directly
+        password="x",
+        root_public_key=ROOTS[trusted.roots[0]].public_b64,
+        keyring=_signed(doc, trusted.roots),
+    )
+    return Agent(
+        settings=fast_settings(tmp_path), load_runtime=load_runtime, check_health=check_health
+    )
+
+
+def _deliver(agent: Agent, keyring: Signed, desired: Signed) -> None:
+    topic = f"outpost/d/{DEVICE}/desired"
+    agent._on_message(topic, encode(DesiredBody(keyring=keyring, desired=desired)))
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_keyring_update(tmp_path: Path, case: MdVersion) -> None:
+    agent = _device(tmp_path, case.trusted)
+    keyring_file = tmp_path / "keyring.json"
+    before = keyring_file.read_bytes()
+    trusted = agent._keyring
+    assert trusted is not None
+    assert trusted.version == 1
+    doc = _keyring(
+        version=case.version,
+        roots=case.roots,
+        threshold=case.threshold,
+        director=case.director,
+        expires_in=case.expires_in,
+        root_ids=list(case.root_ids) if case.root_ids else None,
+    )
+    _deliver(agent, _signed(doc, case.sigs), _desired(1, case.director))
+    FIGURES["cases"] += 1
+
+    if case.result is not None:
+        assert agent.rejections == {str(case.result): 1}, agent.last_rejection
+        assert keyring_file.read_bytes() == before  # byte-identical trust file
+        assert agent._keyring == trusted
+        FIGURES["refused"] += 1
+        FIGURES["file_unchanged"] += 1
+        # The device still takes desired states under the keyring it kept.
+        _deliver(agent, Signed.model_validate_json(before), _desired(2, OLD_DIRECTOR))
+        assert agent._desired is not None
+        assert agent._desired.counter == 2
+        return
+
+    assert not agent.rejections, agent.last_rejection
+    assert agent._keyring is not None
+    assert agent._keyring.version == case.version
+    assert json.loads(keyring_file.read_bytes())["signed"] == doc
+    FIGURES["accepted"] += 1
+    # Later desired states: the old director is refused, the new one accepted.
+    kept = Signed.model_validate_json(keyring_file.read_bytes())
+    _deliver(agent, kept, _desired(2, OLD_DIRECTOR))
+    assert agent.rejections == {str(Reason.UNKNOWN_KEY): 1}
+    _deliver(agent, kept, _desired(3, NEW_DIRECTOR))
+    assert agent._desired is not None
+    assert agent._desired.counter == 3
+    # A restart reads the adopted keyring back (after a root rotation the pinned key no
+    # longer signs it alone).
+    again = Agent(
+        settings=fast_settings(tmp_path), load_runtime=load_runtime, check_health=check_health
+    )
+    assert again._keyring == agent._keyring
+
+
+def test_kept_keyring_needs_no_new_signatures(tmp_path: Path) -> None:
+    """Sending the kept keyring again (every desired state carries it) changes nothing."""
+    agent = _device(tmp_path, Trusted())
+    before = (tmp_path / "keyring.json").read_bytes()
+    kept = Signed.model_validate_json(before)
+    _deliver(agent, kept, _desired(1, OLD_DIRECTOR))
+    assert not agent.rejections
+    assert (tmp_path / "keyring.json").read_bytes() == before
+
+
+def test_two_rotations_in_a_row_then_restart(tmp_path: Path) -> None:
+    """K0 -> K1 -> K2: each step signed by its old and new root; the restarted agent trusts
+    the last one although the key pinned at enrolment signs neither of the later ones."""
+    agent = _device(tmp_path, Trusted())
+    v2 = _signed(_keyring(version=2, roots=(1,), threshold=1, director=NEW_DIRECTOR), (0, 1))
+    _deliver(agent, v2, _desired(1, NEW_DIRECTOR))
+    v3 = _signed(_keyring(version=3, roots=(2,), threshold=1, director=NEW_DIRECTOR), (1, 2))
+    _deliver(agent, v3, _desired(2, NEW_DIRECTOR))
+    # The old root K0 alone can no longer issue anything.
+    v4 = _signed(_keyring(version=4, roots=(0,), threshold=1, director=OLD_DIRECTOR), (0,))
+    _deliver(agent, v4, _desired(3, OLD_DIRECTOR))
+    assert agent.rejections == {str(Reason.UNKNOWN_KEY): 1}
+    assert agent._keyring is not None
+    assert agent._keyring.version == 3
+    again = Agent(
+        settings=fast_settings(tmp_path), load_runtime=load_runtime, check_health=check_health
+    )
+    assert again._keyring == agent._keyring
+
+
+def test_expiry_is_judged_once_per_update_against_one_time(tmp_path: Path) -> None:
+    """TUF's fixed update start time: the keyring and the desired state of one update are
+    judged against one clock reading, even if the clock moves while the update is checked."""
+    readings: list[datetime] = []
+
+    def clock() -> datetime:
+        # The first reading is the update's start; any later one is a day on.
+        at = NOW + timedelta(days=len(readings))
+        readings.append(at)
+        return at
+
+    write_identity(
+        tmp_path,
+        device_id=DEVICE,
+        host="127.0.0.1",
+        port=1,
+        password="x",
+        root_public_key=ROOTS[0].public_b64,
+        keyring=_signed(_keyring(version=1, roots=(0,), threshold=1, director=OLD_DIRECTOR), (0,)),
+    )
+    agent = Agent(
+        settings=fast_settings(tmp_path),
+        load_runtime=load_runtime,
+        check_health=check_health,
+        clock=clock,
+    )
+    # Both expire within the hour: only a second, later reading would refuse either.
+    v2 = _signed(
+        _keyring(
+            version=2,
+            roots=(0,),
+            threshold=1,
+            director=NEW_DIRECTOR,
+            expires_in=timedelta(hours=1),
+        ),
+        (0,),
+    )
+    _deliver(agent, v2, _desired(1, NEW_DIRECTOR))
+    assert not agent.rejections, agent.last_rejection
+    assert len(readings) == 1
+    # The next update reads the clock once more (a day on): both are expired then.
+    _deliver(agent, v2, _desired(2, NEW_DIRECTOR))
+    assert agent.rejections == {str(Reason.EXPIRED): 1}
+    assert len(readings) == 2
+
+
+def test_report_rotation_figures() -> None:
+    """Prints the figures of the table above (run with -s); runs last in this module."""
+    if FIGURES["cases"] == 0:
+        pytest.skip("the table did not run in this session")
+    print(f"\nkey rotation cases: {FIGURES}")
+    assert FIGURES["cases"] == len(CASES)
+    assert FIGURES["refused"] == FIGURES["file_unchanged"]
+
+
+@pytest.fixture
+def live_hub(tmp_path: Path) -> Iterator[LiveHub]:
+    with live_hub_with(tmp_path) as hub:
+        yield hub
+
+
+@pytest.mark.e2e
+def test_director_rotated_with_the_cli_reaches_a_live_agent(
+    live_hub: LiveHub, iris_model: Any
+) -> None:
+    """The real path: `outpost-hub keys rotate --role director` on the hub's data directory,
+    the running hub publishes the new keyring, the agent adopts it, the old director key is
+    refused from then on, and a deployment afterwards still works."""
+    live_hub.register(iris_model)
+    runner = live_hub.start_agent("a")
+    agent = runner.agent
+    assert agent is not None
+    assert (
+        live_hub.cli(
+            "deploy", "iris:1", "--wait", "--timeout", "60", "--device", agent.device_id
+        ).exit_code
+        == 0
+    )
+    old_director = SigningKey.from_pem((live_hub.settings.keys_dir / "director.pem").read_bytes())
+    data_dir = str(live_hub.settings.data_dir)
+
+    rotated = live_hub.cli("keys", "rotate", "--role", "director", "--data-dir", data_dir)
+    assert rotated.exit_code == 0, rotated.output
+    assert "keyring version 2 in force" in rotated.output
+    assert "published keyring version 2 to 1 devices" in rotated.output
+    live_hub.wait_until(
+        lambda: runner.call(lambda: agent._keyring.version) == 2,  # type: ignore[union-attr]
+        what="the agent to adopt keyring version 2",
+    )
+    new_director = SigningKey.from_pem((live_hub.settings.keys_dir / "director.pem").read_bytes())
+    assert new_director.keyid != old_director.keyid
+    kept = Signed.model_validate_json((runner.agent.state.root / "keyring.json").read_bytes())  # type: ignore[union-attr]
+    assert Keyring.model_validate(kept.signed).roles[Role.DIRECTOR].keyids == [new_director.keyid]
+
+    # A desired state signed by the old director (a stolen or retired key) is refused now.
+    refused_before = runner.call(lambda: agent.rejections[str(Reason.UNKNOWN_KEY)])
+    counter = runner.call(lambda: agent._progress.desired_counter)
+    stale = _desired_for(agent.device_id, counter + 100, old_director)
+    assert live_hub.ctx.publisher is not None
+    live_hub.ctx.publisher.publish(
+        f"outpost/d/{agent.device_id}/desired",
+        encode(DesiredBody(keyring=kept, desired=stale)),
+        qos=1,
+        retain=False,
+    )
+    live_hub.wait_until(
+        lambda: runner.call(lambda: agent.rejections[str(Reason.UNKNOWN_KEY)]) > refused_before,
+        what="the old director's desired state to be refused",
+    )
+
+    # Deployments go on under the new keyring.
+    live_hub.register(iris_model)
+    deployed = live_hub.cli(
+        "deploy", "iris:2", "--wait", "--timeout", "60", "--device", agent.device_id
+    )
+    assert deployed.exit_code == 0, deployed.output
+    assert runner.call(lambda: agent.get("iris").version) == 2  # type: ignore[union-attr]
+
+
+def _desired_for(device_id: str, counter: int, director: SigningKey) -> Signed:
+    now = datetime.now(UTC)
+    doc = document_dict(
+        DesiredState(
+            device_id=device_id,
+            counter=counter,
+            issued_at=now,
+            expires_at=now + timedelta(hours=1),
+            packages=[],
+        )
+    )
+    return Signed(signed=doc, signatures=[director.sign(doc)])
