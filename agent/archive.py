@@ -20,6 +20,7 @@ from agent.errors import (
     NoSpaceError,
     RejectedError,
     TooLargeError,
+    TrustError,
     UnsafeArchiveError,
 )
 from agent.protocol.documents import Manifest
@@ -92,8 +93,12 @@ def read_entries(archive: tarfile.TarFile, limits: ArchiveLimits) -> PackageEntr
             files[str(PurePosixPath(*path.parts[1:]))] = member
         else:
             raise UnsafeArchiveError(f"unexpected entry {member.name!r}")
-    if manifest is None or signature is None:
-        raise RejectedError(f"package lacks {MANIFEST_NAME} or {SIGNATURE_NAME}")
+    if manifest is None:
+        raise RejectedError(f"package lacks {MANIFEST_NAME}")
+    if signature is None:
+        # Unsigned: no release key vouches for it (THREATS.md A1), the same verdict as a
+        # signature file with no release signature in it.
+        raise TrustError(f"unsigned package: no {SIGNATURE_NAME}", reason=Reason.NOT_RELEASED)
     return PackageEntries(
         manifest_bytes=_read_small(archive, manifest, limits.max_manifest_bytes),
         signature_bytes=_read_small(archive, signature, limits.max_manifest_bytes),
