@@ -86,3 +86,49 @@ def test_remove_with_yes_skips_the_export_check(keys: KeyStore) -> None:
     # Devices still get the pinned root public key and the signed keyring.
     assert keys.root_public_b64()
     assert keys.keyring().signatures
+
+
+@pytest.mark.parametrize("role", [Role.ROOT, Role.RELEASE, Role.DIRECTOR])
+def test_rotate_online_issues_the_next_keyring_with_a_new_key(keys: KeyStore, role: Role) -> None:
+    from agent.trust import verify_keyring
+
+    pinned = keys.root_public_b64()
+    before = keys.status()
+    serving = KeyStore(keys.keys_dir)  # the running hub's own instance, keys cached
+    serving.sign_director({"x": 1})
+    current = verify_keyring(keys.keyring(), root_public_b64=pinned, current=None, now=None)
+
+    rotation = keys.rotate(role, keyring_ttl_days=30)
+
+    assert rotation.done
+    assert rotation.version == 2
+    after = keys.status()
+    assert getattr(after, f"{role}_keyid") == rotation.new_keyid
+    assert getattr(before, f"{role}_keyid") != rotation.new_keyid
+    for other in set(Role) - {role}:
+        assert getattr(after, f"{other}_keyid") == getattr(before, f"{other}_keyid")
+    # Devices with version 1 take it (old and new root for a root rotation).
+    signed = keys.keyring()
+    assert len(signed.signatures) == (2 if role is Role.ROOT else 1)
+    assert verify_keyring(signed, root_public_b64=pinned, current=current, now=None).version == 2
+    assert keys.keyring_history() == [1, 2]
+    # The serving hub signs with the new director key from the next signature on.
+    sig = serving.sign_director({"x": 1})
+    assert sig.keyid == after.director_keyid
+    if role is Role.ROOT:
+        assert keys.root_public_b64() != pinned
+
+
+def test_rotate_without_the_root_key_needs_offline(keys: KeyStore) -> None:
+    keys.remove(OfflineRole.ROOT, yes=True)
+    with pytest.raises(SigningUnavailable, match="--offline"):
+        keys.rotate(Role.DIRECTOR, keyring_ttl_days=30)
+    assert keys.pending_request() is None
+    pending = keys.rotate(Role.DIRECTOR, keyring_ttl_days=30, offline=True)
+    assert not pending.done
+    assert [g.name for g in pending.missing] == ["current root"]
+    assert keys.keyring_document().version == 1
+    with pytest.raises(Conflict, match="already waiting"):
+        keys.rotate(Role.RELEASE, keyring_ttl_days=30, offline=True)
+    keys.cancel_pending()
+    assert keys.pending_request() is None

@@ -8,6 +8,7 @@ keys AND of the new root keys, each key once, not expired) and otherwise keep it
 byte-identical. One end-to-end case rotates the director with the CLI on a live hub.
 """
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 
 from agent.core import Agent
+from agent.errors import TrustError
+from agent.protocol.canonical import canonical_bytes
 from agent.protocol.documents import (
     DesiredState,
     Keyring,
@@ -31,6 +35,8 @@ from agent.protocol.keys import SigningKey
 from agent.protocol.messages import DesiredBody, Reason, encode
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
+from agent.trust import verify_keyring
+from hub.cli import main as hub_cli
 from tests.support.agents import fast_settings, write_identity
 from tests.support.live_hub import LiveHub, live_hub_with
 
@@ -377,3 +383,190 @@ def _desired_for(device_id: str, counter: int, director: SigningKey) -> Signed:
         )
     )
     return Signed(signed=doc, signatures=[director.sign(doc)])
+
+
+# -- the offline workflow through the CLI ----------------------------------------------------
+
+
+def _cli(*args: str) -> Result:
+    return CliRunner().invoke(hub_cli, list(args), catch_exceptions=False)
+
+
+def _kept(data: Path) -> Keyring:
+    return Keyring.model_validate(
+        json.loads((data / "keys" / "keyring.json").read_bytes())["signed"]
+    )
+
+
+def test_offline_release_and_root_rotations_round_trip_with_every_error(tmp_path: Path) -> None:
+    """Root key offline: a release rotation becomes a signing request, signed on "another
+    machine" by `sign-request` (no data directory), imported back; wrong key, edited request,
+    a signature for another version and a forged one are each refused with a clear error.
+    Then a root rotation the same way. An agent walks v1 -> v2 -> v3 with the result."""
+    data = tmp_path / "hub"
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    d = ("--data-dir", str(data))
+    assert _cli("keys", "init", *d).exit_code == 0
+    v1 = Signed.model_validate_json((data / "keys" / "keyring.json").read_bytes())
+    pinned = (data / "keys" / "root.pub").read_text().strip()
+    assert (
+        _cli("keys", "export", "--role", "root", "--out", str(offline / "root.pem"), *d).exit_code
+        == 0
+    )
+    assert _cli("keys", "remove", "--role", "root", *d).exit_code == 0
+
+    refused = _cli("keys", "rotate", "--role", "release", "--no-publish", *d)
+    assert refused.exit_code == 2
+    assert "--offline" in refused.output
+    request = tmp_path / "req-v2.json"
+    made = _cli(
+        "keys",
+        "rotate",
+        "--role",
+        "release",
+        "--offline",
+        "--out",
+        str(request),
+        "--no-publish",
+        *d,
+    )
+    assert made.exit_code == 0, made.output
+    assert "waiting for signatures by: 1 of" in made.output
+    assert "waiting for signatures: keyring version 2" in _cli("keys", "show", *d).output
+    busy = _cli("keys", "rotate", "--role", "director", "--no-publish", *d)
+    assert busy.exit_code == 2
+    assert "already waiting" in busy.output
+    assert _kept(data).version == 1  # nothing in force yet
+
+    # The wrong key: the release key is not a root key.
+    (offline / "release.pem").write_bytes((data / "keys" / "release.pem").read_bytes())
+    wrong = _cli(
+        "keys",
+        "sign-request",
+        str(request),
+        "--key",
+        str(offline / "release.pem"),
+        "--out",
+        str(offline / "x.sig"),
+    )
+    assert wrong.exit_code == 2
+    assert "is not one this request asks for" in wrong.output
+    assert not (offline / "x.sig").exists()
+
+    # An edited request (a key swapped in its document) is caught by its digest...
+    raw = json.loads(request.read_text())
+    stranger = SigningKey.generate()
+    edited = dict(raw)
+    doc = json.loads(json.dumps(raw["document"]))
+    doc["keys"][stranger.keyid] = {"scheme": "ed25519", "public": stranger.public_b64}
+    edited["document"] = doc
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    damaged = _cli(
+        "keys",
+        "sign-request",
+        str(tmp_path / "edited.json"),
+        "--key",
+        str(offline / "root.pem"),
+        "--out",
+        str(offline / "e.sig"),
+    )
+    assert damaged.exit_code == 2
+    assert "was changed after it was exported" in damaged.output
+    # ... and with the digest recomputed too, the hub refuses the signature: it judges it
+    # against its own copy of the request.
+    edited["sha256"] = hashlib.sha256(canonical_bytes(doc)).hexdigest()
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    assert (
+        _cli(
+            "keys",
+            "sign-request",
+            str(tmp_path / "edited.json"),
+            "--key",
+            str(offline / "root.pem"),
+            "--out",
+            str(offline / "e.sig"),
+        ).exit_code
+        == 0
+    )
+    tampered = _cli("keys", "import-signature", str(offline / "e.sig"), "--no-publish", *d)
+    assert tampered.exit_code == 2
+    assert "sha256 differs" in tampered.output
+    # A forged signature under the right key id.
+    good = offline / "v2.sig"
+    signed = _cli(
+        "keys", "sign-request", str(request), "--key", str(offline / "root.pem"), "--out", str(good)
+    )
+    assert signed.exit_code == 0, signed.output
+    assert "signing: keyring version 2: new release key" in signed.output
+    forged = json.loads(good.read_text())
+    forged["signature"]["sig"] = stranger.sign(raw["document"]).sig
+    (offline / "forged.sig").write_text(json.dumps(forged))
+    bad = _cli("keys", "import-signature", str(offline / "forged.sig"), "--no-publish", *d)
+    assert bad.exit_code == 2
+    assert "does not verify" in bad.output
+    assert _kept(data).version == 1
+
+    done = _cli("keys", "import-signature", str(good), "--no-publish", *d)
+    assert done.exit_code == 0, done.output
+    assert "keyring version 2 in force: new release key" in done.output
+    assert "waiting" not in _cli("keys", "show", *d).output
+
+    # The agent takes it as the next version after the one it had.
+    current = verify_keyring(v1, root_public_b64=pinned, current=None, now=NOW)
+    v2 = Signed.model_validate_json((data / "keys" / "keyring.json").read_bytes())
+    current = verify_keyring(v2, root_public_b64=pinned, current=current, now=NOW)
+    assert current.version == 2
+
+    # A root rotation: the new root (made on the hub) signs at once, the old one offline.
+    root_request = tmp_path / "req-v3.json"
+    made = _cli(
+        "keys",
+        "rotate",
+        "--role",
+        "root",
+        "--offline",
+        "--out",
+        str(root_request),
+        "--no-publish",
+        *d,
+    )
+    assert made.exit_code == 0, made.output
+    assert "(current root)" in made.output
+    assert "(new root)" not in made.output  # signed already
+    # The v2 signature is an answer to another request.
+    stale = _cli("keys", "import-signature", str(good), "--no-publish", *d)
+    assert stale.exit_code == 2
+    assert "for keyring version 2, the pending request is for keyring version 3" in stale.output
+    v3_sig = offline / "v3.sig"
+    assert (
+        _cli(
+            "keys",
+            "sign-request",
+            str(root_request),
+            "--key",
+            str(offline / "root.pem"),
+            "--out",
+            str(v3_sig),
+        ).exit_code
+        == 0
+    )
+    done = _cli("keys", "import-signature", str(v3_sig), "--no-publish", *d)
+    assert done.exit_code == 0, done.output
+    assert "keyring version 3 in force: new root key" in done.output
+    new_pinned = (data / "keys" / "root.pub").read_text().strip()
+    assert new_pinned != pinned
+    v3 = Signed.model_validate_json((data / "keys" / "keyring.json").read_bytes())
+    assert len(v3.signatures) == 2
+    # A device enrolled before (pinned: the old root) moves on; one enrolled now pins the new.
+    assert verify_keyring(v3, root_public_b64=pinned, current=current, now=NOW).version == 3
+    assert verify_keyring(v3, root_public_b64=new_pinned, current=None, now=NOW).version == 3
+    # A device that missed v2 cannot jump to v3.
+    with pytest.raises(TrustError) as info:
+        verify_keyring(
+            v3,
+            root_public_b64=pinned,
+            current=verify_keyring(v1, root_public_b64=pinned, current=None, now=NOW),
+            now=NOW,
+        )
+    assert info.value.reason is Reason.REPLAY
