@@ -8,6 +8,7 @@ live in ``hub.cli_deploy`` and ``hub.cli_deployments`` and are registered on ``m
 
 import gc
 import logging
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from hub.cli_deploy import deploy
 from hub.cli_deployments import deployment
 from hub.cli_device_commands import device_logs, device_ping
 from hub.cli_keys import keys
+from hub.cli_tokens import audit, token
 from hub.devices.schemas import GROUP_PATTERN, check_tags
 from hub.settings import HubSettings
 
@@ -51,17 +53,28 @@ data_dir_option = click.option(
 @click.group()
 @click.option("--hub", "hub_url", envvar="OUTPOST_HUB_URL", default=DEFAULT_HUB_URL)
 @data_dir_option
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="OUTPOST_HUB_CA_FILE",
+    default=None,
+    help="PEM CA bundle to trust for an https --hub (default: the system's)",
+)
 @click.option("-v", "--verbose", is_flag=True, help="log at INFO")
 @click.pass_context
-def main(ctx: click.Context, hub_url: str, data_dir: Path | None, verbose: bool) -> None:
+def main(
+    ctx: click.Context, hub_url: str, data_dir: Path | None, ca_file: Path | None, verbose: bool
+) -> None:
     """Outpost hub: ship signed models to edge devices."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    ctx.obj = {"hub_url": hub_url.rstrip("/"), "data_dir": data_dir}
+    ctx.obj = {"hub_url": hub_url.rstrip("/"), "data_dir": data_dir, "ca_file": ca_file}
 
 
 main.add_command(deploy)
 main.add_command(deployment)
 main.add_command(data)
+main.add_command(token)
+main.add_command(audit)
 main.add_command(keys)
 
 
@@ -82,12 +95,50 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
+def api_server_options(
+    settings: HubSettings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    certfile: Path | None = None,
+    keyfile: Path | None = None,
+) -> dict[str, Any]:
+    """uvicorn's options for the API: the options given win over the settings; with a
+    certificate and key (both or neither) it serves HTTPS only."""
+    if (certfile is None) != (keyfile is None):
+        fail("--certfile and --keyfile go together: give both or neither")
+    if certfile is None:
+        certfile, keyfile = settings.api.certfile, settings.api.keyfile
+    options: dict[str, Any] = {
+        "host": host or settings.api.host,
+        "port": port or settings.api.port,
+    }
+    if certfile is not None and keyfile is not None:
+        for what, path in (("certificate", certfile), ("key", keyfile)):
+            if not path.is_file() or not os.access(path, os.R_OK):
+                fail(f"API TLS {what} {path} is not a readable file")
+        options |= {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
+    return options
+
+
+TLS_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
 @main.command()
 @data_dir_option
 @click.option("--host", default=None, help="API bind address (default from settings)")
 @click.option("--port", type=int, default=None, help="API port (default from settings)")
+@click.option("--certfile", type=TLS_FILE, default=None, help="PEM certificate: serve HTTPS")
+@click.option("--keyfile", type=TLS_FILE, default=None, help="PEM private key of --certfile")
 @click.pass_context
-def serve(ctx: click.Context, data_dir: Path | None, host: str | None, port: int | None) -> None:
+def serve(
+    ctx: click.Context,
+    data_dir: Path | None,
+    host: str | None,
+    port: int | None,
+    certfile: Path | None,
+    keyfile: Path | None,
+) -> None:
     """Run the hub (API, embedded broker unless a broker URL is set, MQTT side)."""
     import uvicorn
 
@@ -95,15 +146,11 @@ def serve(ctx: click.Context, data_dir: Path | None, host: str | None, port: int
 
     logging.getLogger().setLevel(logging.INFO)
     settings = _local_settings(ctx, data_dir)
+    options = api_server_options(settings, host=host, port=port, certfile=certfile, keyfile=keyfile)
     app = create_app(settings)
     tune_gc()
     # uvicorn turns Ctrl-C into a lifespan shutdown, which stops the MQTT side and mosquitto.
-    uvicorn.run(
-        app,
-        host=host or settings.api.host,
-        port=port or settings.api.port,
-        log_level="info",
-    )
+    uvicorn.run(app, log_level="info", **options)
 
 
 @main.group()

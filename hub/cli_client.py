@@ -7,6 +7,7 @@ Shared by ``hub.cli`` (which owns ``main``) and the command modules it registers
 import getpass
 import os
 import socket
+import ssl
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -70,11 +71,20 @@ class HubClient:
     """The hub's REST API, with errors turned into one-line CLI errors. Every request names
     the acting user (``X-Outpost-Actor``), which the hub records in deployment histories."""
 
-    def __init__(self, base_url: str, token: str | None, *, acting: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        *,
+        acting: str | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         headers[ACTOR_HEADER] = acting if acting is not None else actor()
         self.base_url = base_url
-        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=60.0)
+        self._http = httpx.Client(
+            base_url=base_url, headers=headers, timeout=60.0, verify=_tls_context(ca_file)
+        )
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -89,9 +99,17 @@ class HubClient:
         return self.request(method, path, **kwargs).json()
 
 
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Certificates checked against ``ca_file`` (a hub with its own CA) or the system's."""
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        fail(f"cannot use {ca_file} as a CA file: {exc}")
+
+
 def client(ctx: click.Context) -> HubClient:
-    """A client for the hub named by ``--hub``, with the admin token from
-    ``OUTPOST_HUB_TOKEN`` or the data directory."""
+    """A client for the hub named by ``--hub``, with the API token from ``OUTPOST_HUB_TOKEN``
+    (any role: ``outpost-hub token create``) or else the data directory's admin token."""
     obj = ctx.find_root().obj
     token = os.environ.get("OUTPOST_HUB_TOKEN")
     if not token:
@@ -103,7 +121,7 @@ def client(ctx: click.Context) -> HubClient:
                 f"no admin token: set OUTPOST_HUB_TOKEN or point --data-dir at the hub's data "
                 f"({token_path} not readable)"
             )
-    return HubClient(obj["hub_url"], token)
+    return HubClient(obj["hub_url"], token, ca_file=obj.get("ca_file"))
 
 
 def split_ref(ref: str) -> tuple[str, str]:

@@ -1,14 +1,17 @@
 """FastAPI dependencies, as ``Annotated`` aliases routers use in their signatures."""
 
-import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
+from hub.auth import audit, policy, tokens
+from hub.auth.roles import Role
 from hub.context import HubContext
-from hub.errors import Unauthorized
+from hub.database import utcnow
+from hub.errors import Forbidden, Unauthorized
 
 
 def get_context(request: Request) -> HubContext:
@@ -26,14 +29,45 @@ def get_session(ctx: ContextDep) -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
-
-def require_admin(ctx: ContextDep, authorization: Annotated[str | None, Header()] = None) -> None:
-    """The admin bearer token from data_dir/admin.token (roles come later)."""
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("missing bearer token")
-    if not ctx.admin_token or not hmac.compare_digest(token.encode(), ctx.admin_token.encode()):
-        raise Unauthorized("invalid bearer token")
+# Declared as a security scheme, so the OpenAPI document says every guarded route takes a
+# bearer token; errors are ours (401 with the hub's error body), not FastAPI's.
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="an API token (`outpost-hub token create`) or the hub's admin.token",
+)
 
 
-AdminDep = Depends(require_admin)
+def require_role(
+    request: Request,
+    ctx: ContextDep,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> tokens.Principal:
+    """The caller, if its token is valid and its role may call this route (``hub.auth.policy``
+    decides from the method and the route's path template); else 401 or 403."""
+    template: str | None = getattr(request.scope.get("route"), "path", None)
+    # Without a route (never, for a dependency of one) the strictest rule applies.
+    needed = policy.required_role(request.method, template) if template else Role.ADMIN
+    if credentials is None:
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    note = audit.note_for(request.scope)
+    if note is not None:
+        note.token_id = tokens.claimed_id(credentials.credentials)
+    principal = tokens.authenticate(
+        session=session, token=credentials.credentials, admin_token=ctx.admin_token, now=utcnow()
+    )
+    if note is not None:
+        note.principal = principal
+    if not principal.role.allows(needed):
+        raise Forbidden(
+            f"{request.method} {template or request.url.path} needs the {needed} "
+            f"role; token {principal.token_id} has {principal.role}"
+        )
+    return principal
+
+
+PrincipalDep = Annotated[tokens.Principal, Depends(require_role)]
+AuthDep = Depends(require_role)
+# The name the routers use since the hub had only the admin token; each route's role now
+# comes from hub.auth.policy.
+AdminDep = AuthDep

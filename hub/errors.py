@@ -8,7 +8,10 @@
     │   └── ModelCheckFailed    the model does not load or its sample input does not give the
     │                           expected output: fix the model or the sample files (422)
     ├── TooLarge                over a configured size limit (413)
-    ├── Unauthorized            missing or wrong admin token or enrolment token (401)
+    ├── Unauthorized            missing, wrong, expired or revoked API token, or a wrong
+    │                           enrolment token (401)
+    ├── Forbidden               the API token is valid but its role may not do this: use a
+    │                           token with a higher role (403)
     ├── SigningUnavailable      a needed private key is offline or missing: bring the key
     │                           back (``outpost-hub keys``) and retry (503)
     ├── MessagingUnavailable    the broker cannot be reached: retry later (503)
@@ -63,6 +66,11 @@ class TooLarge(HubError):
 class Unauthorized(HubError):
     status_code = 401
     code = "unauthorized"
+
+
+class Forbidden(HubError):
+    status_code = 403
+    code = "forbidden"
 
 
 class SigningUnavailable(HubError):

@@ -11,6 +11,8 @@ from fastapi import FastAPI
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from hub.auth.audit import AuditMiddleware
+from hub.auth.router import router as auth_router
 from hub.broker.passwords import BrokerUser, hash_password
 from hub.broker.supervisor import EmbeddedBroker
 from hub.commands.router import router as commands_router
@@ -129,6 +131,8 @@ def create_app(settings: HubSettings, *, publisher: Publisher | None = None) -> 
     app.state.hub = ctx
     app.state.start_messaging = publisher is None
     install_error_handler(app)
+    # Every POST/PUT/PATCH/DELETE is recorded here, so no route can forget it.
+    app.add_middleware(AuditMiddleware)
     app.include_router(registry_router)
     app.include_router(enroll_router)
     app.include_router(devices_router)
@@ -137,6 +141,7 @@ def create_app(settings: HubSettings, *, publisher: Publisher | None = None) -> 
     app.include_router(messaging_router)
     app.include_router(telemetry_router)
     app.include_router(metrics_router)
+    app.include_router(auth_router)
     app.include_router(keys_router)
 
     @app.get("/healthz", tags=["health"])

@@ -6,7 +6,7 @@ Built once in ``main()`` (or by a test) and passed down; nothing reads settings 
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("var/hub")
@@ -21,6 +21,15 @@ class _Frozen(BaseModel):
 class ApiSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8780, ge=1, le=65535)
+    # PEM files: with both set the API is served over HTTPS only (docs/security-api.md).
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> "ApiSettings":
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("api certfile and keyfile go together: set both or neither")
+        return self
 
 
 class BrokerSettings(_Frozen):

@@ -2,6 +2,7 @@
 
 from sqlmodel import SQLModel
 
+from hub.auth import models as auth_models
 from hub.commands import models as commands_models
 from hub.deployments import models as deployments_models
 from hub.devices import models as devices_models
@@ -10,6 +11,7 @@ from hub.registry import models as registry_models
 from hub.telemetry import models as telemetry_models
 
 __all__ = [
+    "auth_models",
     "commands_models",
     "deployments_models",
     "devices_models",
