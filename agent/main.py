@@ -15,10 +15,12 @@ from agent.errors import AgentError
 from agent.failpoints import ENV_VAR as FAILPOINT_ENV
 from agent.failpoints import FailpointError
 from agent.runtimes import load_runtime
+from agent.runtimes.base import ActiveModels
 from agent.runtimes.health import check_health
 from agent.scoring import ScoringServer
-from agent.settings import AgentSettings
-from agent.state import StateDir
+from agent.scoring_keys import ScoringKeyFile
+from agent.settings import AgentSettings, ScoringSettings
+from agent.state import ScoringKeyName, StateDir
 
 logger = logging.getLogger("outpost.agent")
 
@@ -32,6 +34,20 @@ def _settings(args: argparse.Namespace) -> AgentSettings:
     return AgentSettings.load(args.config, **overrides)
 
 
+def scoring_server(
+    settings: ScoringSettings, *, models: ActiveModels, state: StateDir
+) -> ScoringServer:
+    """The local endpoint; its keys are re-read when `outpost-agent key rotate` replaces the
+    key file, so a rotation needs no restart."""
+    return ScoringServer(
+        models=models,
+        keys=ScoringKeyFile(state),
+        host=settings.host,
+        port=settings.port,
+        max_body_bytes=settings.max_body_bytes,
+    )
+
+
 async def _run(settings: AgentSettings) -> None:
     agent = Agent(settings=settings, load_runtime=load_runtime, check_health=check_health)
     stop = asyncio.Event()
@@ -40,14 +56,7 @@ async def _run(settings: AgentSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     server: ScoringServer | None = None
     if settings.scoring.enabled:
-        keys = agent.state.scoring_keys()
-        server = ScoringServer(
-            models=agent,
-            keys=lambda: (keys.primary, keys.secondary),
-            host=settings.scoring.host,
-            port=settings.scoring.port,
-            max_body_bytes=settings.scoring.max_body_bytes,
-        )
+        server = scoring_server(settings.scoring, models=agent, state=agent.state)
         await server.start()
         logger.info("scoring endpoint on http://%s:%s/score", settings.scoring.host, server.port)
     logger.info("agent %s running as %s", __version__, agent.device_id)
@@ -79,8 +88,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_key(args: argparse.Namespace) -> int:
-    keys = StateDir(_settings(args).state_dir).scoring_keys()
-    print(keys.secondary if args.secondary else keys.primary)
+    state = StateDir(_settings(args).state_dir)
+    which = ScoringKeyName.SECONDARY if args.secondary else ScoringKeyName.PRIMARY
+    if args.action == "rotate":
+        if not (args.primary or args.secondary):
+            print("outpost-agent: key rotate needs --primary or --secondary", file=sys.stderr)
+            return 2
+        state.rotate_scoring_key(which)
+        print(f"new {which} key (the other key still works):", file=sys.stderr)
+    keys = state.scoring_keys()
+    print(keys.secondary if which is ScoringKeyName.SECONDARY else keys.primary)
     return 0
 
 
@@ -117,8 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the agent until Ctrl-C")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("key", help="print the scoring endpoint's key")
-    p.add_argument("--secondary", action="store_true")
+    p = sub.add_parser(
+        "key",
+        help="print or rotate the scoring endpoint's key",
+        description="Print a scoring key, or `rotate` one: rotate the key clients do not "
+        "use, move them to it, then rotate the other; a running agent picks the new key "
+        "up on the next request.",
+    )
+    p.add_argument("action", nargs="?", choices=["show", "rotate"], default="show")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--primary", action="store_true", help="the primary key (default)")
+    which.add_argument("--secondary", action="store_true", help="the secondary key")
     p.set_defaults(func=_cmd_key)
 
     p = sub.add_parser("status", help="show identity and installed models")

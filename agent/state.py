@@ -10,6 +10,7 @@ downloads/         partial and complete package archives
 """
 
 import secrets
+from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
@@ -68,6 +69,11 @@ class Progress(BaseModel):
     command_seq: int = 0  # the seq of the last command run; older ones are replays
     bad: dict[str, BadVersion] = Field(default_factory=dict)  # digest -> why
     installing: InstallAttempt | None = None
+
+
+class ScoringKeyName(StrEnum):
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
 
 
 class ScoringKeys(BaseModel):
@@ -134,14 +140,27 @@ class StateDir:
     def save_progress(self, progress: Progress) -> None:
         write_atomic(self._path("progress.json"), progress.model_dump_json().encode())
 
+    @property
+    def scoring_keys_path(self) -> Path:
+        return self._path("scoring-keys.json")
+
     def scoring_keys(self) -> ScoringKeys:
         """The endpoint's keys, made on first use."""
-        path = self._path("scoring-keys.json")
+        path = self.scoring_keys_path
         keys = _load_optional(path, ScoringKeys)
         if keys is None:
             keys = ScoringKeys.generate()
             write_atomic(path, keys.model_dump_json().encode(), mode=SECRET_MODE)
         return keys
+
+    def rotate_scoring_key(self, which: ScoringKeyName) -> ScoringKeys:
+        """Replace one of the endpoint's keys with a fresh one, atomically; the other keeps
+        working, so clients move over without a moment with no valid key. A running endpoint
+        sees the new file on its next request (``agent.scoring_keys.ScoringKeyFile``)."""
+        keys = self.scoring_keys()
+        fresh = keys.model_copy(update={which.value: secrets.token_urlsafe(32)})
+        write_atomic(self.scoring_keys_path, fresh.model_dump_json().encode(), mode=SECRET_MODE)
+        return fresh
 
 
 def _load_optional(path: Path, model: type[_M]) -> _M | None:
