@@ -5,7 +5,8 @@ The root key arrives over the enrolment connection, so that connection is the mo
 to pin it). Everything signed later is checked against this key.
 
 ``enroll`` makes one device; ``enroll_many`` makes a fleet (the simulator's) with one request,
-spending one use of the token per device.
+spending one use of the token per device. A token made for a serial number (manufacturing)
+enrols the device whose id is that serial; ``serial`` lets the device check it got its own.
 """
 
 import json
@@ -53,6 +54,8 @@ class EnrollmentResponse(BaseModel):
     topic_root: str
     root_public_key: str
     keyring: Signed
+    # "pending" when the hub requires approval: the broker refuses the device until accepted.
+    status: str = "active"
 
 
 class BulkEnrollmentResponse(BaseModel):
@@ -143,14 +146,24 @@ def enroll(
     tags: Mapping[str, str] | None = None,
     root_fingerprint: str | None = None,
     timeout_s: float = 30.0,
+    serial: str | None = None,
 ) -> Identity:
-    """Enrol this device with the hub and store its identity in ``state``."""
+    """Enrol this device with the hub and store its identity in ``state``.
+
+    ``serial``: this device's serial number, when ``token`` was made for one; the hub refuses
+    a token made for another serial, and the identity's device id is the serial.
+    """
     _refuse_enrolled([state])
     request = DeviceRequest(name=name, device_class=device_class, tags=tags or {})
-    raw = _post_json(
-        hub_url.rstrip("/") + ENROLL_PATH, {"token": token, **request.body()}, timeout_s
-    )
+    body: dict[str, Any] = {"token": token, **request.body()}
+    if serial is not None:
+        body["serial"] = serial
+    raw = _post_json(hub_url.rstrip("/") + ENROLL_PATH, body, timeout_s)
     response = _parse(EnrollmentResponse, raw)
+    if serial is not None and response.device_id != serial:
+        raise EnrollmentError(
+            f"asked to enrol serial {serial}, the hub answered {response.device_id}"
+        )
     _check_trust(response, root_fingerprint=root_fingerprint, now=now)
     return _store(state, response, hub_url=hub_url, device_class=device_class)
 

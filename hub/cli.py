@@ -29,6 +29,7 @@ from hub.cli_data import data
 from hub.cli_deploy import deploy
 from hub.cli_deployments import deployment
 from hub.cli_device_commands import device_logs, device_ping
+from hub.cli_enroll import ENROLL_COMMANDS
 from hub.cli_keys import keys
 from hub.cli_tokens import audit, token
 from hub.devices.schemas import GROUP_PATTERN, check_tags
@@ -286,6 +287,8 @@ def device() -> None:
 
 device.add_command(device_logs)
 device.add_command(device_ping)
+for _command in ENROLL_COMMANDS:  # tokens, accept, disable, enable
+    device.add_command(_command)
 
 
 @device.command("token")

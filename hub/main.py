@@ -20,6 +20,7 @@ from hub.context import HubContext
 from hub.database import make_engine
 from hub.deployments.router import router as deployments_router
 from hub.devices import service as devices_service
+from hub.devices.broker_auth import router as broker_auth_router
 from hub.devices.router import enroll_router
 from hub.devices.router import router as devices_router
 from hub.errors import install_error_handler
@@ -64,8 +65,13 @@ def _run_messaging(ctx: HubContext) -> Iterator[None]:
             broker.start(_embedded_broker_users(ctx, broker, hub_hash))
             stack.callback(broker.stop)
             ctx.broker = broker
+            # The hub's own listener: client ids there stay the hub's (the device listener
+            # replaces them with the user name, which would make replicas kick each other).
             address = BrokerAddress(
-                host=broker.host, port=broker.port, username=broker.hub_username, password=password
+                host=broker.hub_host,
+                port=broker.hub_port,
+                username=broker.hub_username,
+                password=password,
             )
             ctx.broker_public = (
                 settings.broker.public_host or broker.host,
@@ -135,6 +141,7 @@ def create_app(settings: HubSettings, *, publisher: Publisher | None = None) -> 
     app.add_middleware(AuditMiddleware)
     app.include_router(registry_router)
     app.include_router(enroll_router)
+    app.include_router(broker_auth_router)
     app.include_router(devices_router)
     app.include_router(commands_router)
     app.include_router(deployments_router)

@@ -41,6 +41,17 @@ class BrokerSettings(_Frozen):
     public_host: str | None = None
     public_port: int | None = Field(default=None, ge=1, le=65535)
     topic_root: str = "outpost"
+    # Sent by an external broker (EMQX) in the X-Outpost-Broker-Secret header of its HTTP
+    # authentication and authorization calls (docs/security-devices.md); None: those
+    # endpoints answer 404.
+    http_auth_secret: str | None = Field(default=None, min_length=16, max_length=256)
+
+    @field_validator("http_auth_secret")
+    @classmethod
+    def _check_http_auth_secret(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("broker http_auth_secret is a placeholder; set a real one")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -89,6 +100,9 @@ class DeviceSettings(_Frozen):
     # event) in this long is marked offline. Keep it a few times the agents'
     # ``mqtt.heartbeat_s`` (30 s by default), so one late heartbeat does not flap a device.
     offline_after_s: float = Field(default=90.0, ge=5.0)
+    # Newly enrolled devices wait as "pending", without broker access, until an operator
+    # accepts them (``outpost-hub device accept ID``).
+    approval_required: bool = False
 
 
 class HubSettings(BaseSettings):

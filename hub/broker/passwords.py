@@ -25,10 +25,15 @@ _FORBIDDEN_USERNAME_CHARS = frozenset(":\n\r\t /+#\x00")
 
 @dataclass(frozen=True)
 class BrokerUser:
-    """One broker account: a device (its id) or the hub."""
+    """One broker account: a device (its id) or the hub.
+
+    An inactive account (a device disabled, or waiting for approval) is left out of the
+    password file, and the ACL denies it every topic.
+    """
 
     username: str
     password_hash: str
+    active: bool = True
 
 
 def _pbkdf2(password: str, salt: bytes, iterations: int) -> bytes:
@@ -68,7 +73,7 @@ def check_hub_username(username: str) -> None:
 
 
 def render_passwords(users: Iterable[BrokerUser], *, hub_username: str | None = None) -> str:
-    """The password file: one ``user:hash`` line per user.
+    """The password file: one ``user:hash`` line per active user.
 
     Every user but the hub must be a valid device id: the ACL substitutes the user name into
     topics with ``%u``, so a name with ``/``, ``+`` or ``#`` could reach other devices' topics.
@@ -87,5 +92,7 @@ def render_passwords(users: Iterable[BrokerUser], *, hub_username: str | None = 
         ):
             raise ValueError(f"password hash of {user.username!r} is not a $7$ hash")
         seen.add(user.username)
+        if not user.active:
+            continue
         lines.append(f"{user.username}:{user.password_hash}\n")
     return "".join(lines)

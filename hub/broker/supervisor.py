@@ -27,6 +27,7 @@ from hub.broker.passwords import BrokerUser, check_hub_username, render_password
 logger = logging.getLogger(__name__)
 
 DEFAULT_HUB_USERNAME = "outpost_hub"  # the underscore keeps it out of the device-id space
+HUB_LISTENER_HOST = "127.0.0.1"  # the hub's own listener is never reachable from elsewhere
 SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 _LOG_TAIL_BYTES = 4096
 _POLL_S = 0.02
@@ -105,6 +106,7 @@ class EmbeddedBroker:
         self._bind = bind
         self._fixed_port = port
         self._port = port
+        self._hub_port: int | None = None
         self._mosquitto_bin = mosquitto_bin
         self.hub_username = hub_username
         self._start_timeout_s = start_timeout_s
@@ -127,6 +129,11 @@ class EmbeddedBroker:
     @property
     def password_file(self) -> Path:
         return self._data_dir / "passwords"
+
+    @property
+    def hub_password_file(self) -> Path:
+        """The hub listener's password file: the hub account only."""
+        return self._data_dir / "hub-passwords"
 
     @property
     def acl_file(self) -> Path:
@@ -156,6 +163,18 @@ class EmbeddedBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     @property
+    def hub_host(self) -> str:
+        return HUB_LISTENER_HOST
+
+    @property
+    def hub_port(self) -> int:
+        """The hub's own listener (loopback, the hub account only, client ids left as sent):
+        hub replicas and tools connect there side by side. Picked afresh at each start."""
+        if self._hub_port is None:
+            raise BrokerError("broker not started")
+        return self._hub_port
+
+    @property
     def pid(self) -> int | None:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
@@ -178,10 +197,7 @@ class EmbeddedBroker:
             if self._proc is not None:
                 raise BrokerError("broker already started")
             self._stopping.clear()
-            passwords = render_passwords(users, hub_username=self.hub_username)
-            write_atomic(self.password_file, passwords.encode(), mode=0o600)
-            acl = render_acl(self._topic_root, self.hub_username)
-            write_atomic(self.acl_file, acl.encode(), mode=0o600)
+            self._write_access(list(users))
             self._stop_leftover()
             # Enrolled devices know the port: a restart must come back on the same one.
             kept = self._fixed_port or self._remembered_port()
@@ -190,12 +206,16 @@ class EmbeddedBroker:
             for attempt in range(1, attempts + 1):
                 port = kept or free_loopback_port(self._bind)
                 self._port = port
+                self._hub_port = free_loopback_port(HUB_LISTENER_HOST)
                 config = render_config(
                     bind=self._bind,
                     port=port,
                     data_dir=self._data_dir,
                     password_file=self.password_file,
                     acl_file=self.acl_file,
+                    hub_port=self._hub_port,
+                    hub_password_file=self.hub_password_file,
+                    hub_bind=HUB_LISTENER_HOST,
                 )
                 write_atomic(self.config_file, config.encode(), mode=0o600)
                 try:
@@ -255,14 +275,30 @@ class EmbeddedBroker:
             raise BrokerError(f"{self.port_file} holds {text!r}, not a port number")
         return int(text)
 
-    def update_users(self, users: Iterable[BrokerUser], *, timeout_s: float = 5.0) -> None:
-        """Rewrite the password file and make mosquitto reload it, without dropping clients.
+    def _write_access(self, users: list[BrokerUser]) -> None:
+        """Write both password files and the ACL for ``users``; caller holds the lock."""
+        passwords = render_passwords(users, hub_username=self.hub_username)
+        hub_only = [u for u in users if u.username == self.hub_username]
+        hub_passwords = render_passwords(hub_only, hub_username=self.hub_username)
+        denied = [u.username for u in users if not u.active and u.username != self.hub_username]
+        acl = render_acl(self._topic_root, self.hub_username, denied)
+        # The ACL first: a device being disabled must have lost its topics by the time its
+        # password line goes, whichever file mosquitto happens to read first.
+        write_atomic(self.acl_file, acl.encode(), mode=0o600)
+        write_atomic(self.password_file, passwords.encode(), mode=0o600)
+        write_atomic(self.hub_password_file, hub_passwords.encode(), mode=0o600)
 
-        Returns once mosquitto has logged the reload, so a user added here can connect next.
+    def update_users(self, users: Iterable[BrokerUser], *, timeout_s: float = 5.0) -> None:
+        """Rewrite the password files and the ACL and make mosquitto reload them.
+
+        Clients of active accounts stay connected; mosquitto disconnects, during the reload,
+        every client whose account is no longer in the password file (a disabled device), and
+        a denied account keeps no topic even on a connection the password file does not govern
+        (a certificate). Returns once mosquitto has logged the reload, so a user added here can
+        connect next.
         """
-        text = render_passwords(users, hub_username=self.hub_username)
         with self._lock:
-            write_atomic(self.password_file, text.encode(), mode=0o600)
+            self._write_access(list(users))
             proc = self._proc
             if proc is None or proc.poll() is not None:
                 # Nothing to signal; the next (re)start reads the new file.

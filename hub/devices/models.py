@@ -1,12 +1,21 @@
 """Device and enrolment-token tables."""
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
 from hub.database import UTCDateTime, utcnow
+
+
+class DeviceStatus(StrEnum):
+    """Whether a device may use the broker."""
+
+    ACTIVE = "active"  # enrolled and allowed on the broker
+    PENDING = "pending"  # enrolled while approval is required; no broker access until accepted
+    DISABLED = "disabled"  # access revoked by an operator; enabling it gives it back
 
 
 class EnrollmentToken(SQLModel, table=True):
@@ -19,6 +28,8 @@ class EnrollmentToken(SQLModel, table=True):
     expires_at: datetime = Field(sa_type=UTCDateTime)
     max_uses: int
     uses: int = 0
+    # A token made for one serial number (manufacturing): it enrols that device id only, once.
+    device_id: str | None = Field(default=None, max_length=63, index=True)
 
 
 class Device(SQLModel, table=True):
@@ -37,6 +48,13 @@ class Device(SQLModel, table=True):
     password_hash: str
     token_id: int | None = Field(default=None, foreign_key="enrollment_token.id")
     enrolled_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    status: str = Field(
+        default=DeviceStatus.ACTIVE,
+        max_length=16,
+        index=True,
+        sa_column_kwargs={"server_default": DeviceStatus.ACTIVE.value},
+    )
+    status_changed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     # The counter of the last desired state signed for this device; each publish takes the next.
     desired_counter: int = 0
     # The seq of the last command created for this device (hub.commands); each takes the next.

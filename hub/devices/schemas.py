@@ -13,6 +13,8 @@ from pydantic import (
     model_validator,
 )
 
+from agent.protocol.topics import is_valid_device_id
+
 # Tags select devices for deployments (``site=plant-3,hw=rpi4``), so keys and values stay clear
 # of the selector's ``=`` and ``,`` and of anything a shell or URL would need quoting for.
 MAX_TAGS = 16
@@ -23,6 +25,36 @@ DEVICE_CLASS_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 GROUP_PATTERN = DEVICE_CLASS_PATTERN
 # One bulk request is one transaction and one response body; the simulator's fleets fit.
 MAX_BULK_DEVICES = 10_000
+
+
+# Device ids are broker user names and topic levels (THREATS E3, CVE-2017-7650): nothing a
+# broker could read as a wildcard, a separator, a substitution or a system topic gets in.
+DEVICE_ID_RULE = (
+    "3-63 of a-z 0-9 - starting with a letter or digit"
+    " (no + # / % $, upper case, spaces or control characters)"
+)
+
+
+def check_device_id(value: str) -> str:
+    """``value`` if it is a valid device id, else ValueError saying what one looks like."""
+    if not is_valid_device_id(value):
+        shown = repr(value) if len(value) <= 70 else repr(value[:70]) + "..."
+        raise ValueError(f"{shown} is not a device id: {DEVICE_ID_RULE}")
+    return value
+
+
+DeviceId = Annotated[str, AfterValidator(check_device_id)]
+
+
+def check_serials(serials: list[str]) -> list[str]:
+    """Refuse a serial given twice: two tokens for one device would both look valid."""
+    seen: set[str] = set()
+    twice: set[str] = set()
+    for serial in serials:
+        (twice if serial in seen else seen).add(serial)
+    if twice:
+        raise ValueError(f"serial numbers given twice: {', '.join(sorted(twice)[:10])}")
+    return serials
 
 
 def check_tags(tags: dict[str, str]) -> dict[str, str]:
@@ -66,6 +98,26 @@ class TokenCreated(BaseModel):
     uses: int
 
 
+class SerialTokensCreate(BaseModel):
+    """Manufacturing: one single-use token per serial number, each enrolling only the device
+    whose id is that serial."""
+
+    serials: Annotated[
+        list[DeviceId], BeforeValidator(check_fleet_size), AfterValidator(check_serials)
+    ] = Field(min_length=1, max_length=MAX_BULK_DEVICES)
+    ttl_s: int = Field(default=7 * 24 * 3600, ge=60, le=365 * 24 * 3600)
+
+
+class SerialToken(BaseModel):
+    serial: str  # the device id it enrols
+    token: str  # shown once; the hub keeps only its hash
+    expires_at: datetime
+
+
+class SerialTokensCreated(BaseModel):
+    tokens: list[SerialToken]  # in the order of the request's serials
+
+
 class DeviceSpec(BaseModel):
     """What a device asks to be enrolled as."""
 
@@ -77,6 +129,9 @@ class DeviceSpec(BaseModel):
 
 class EnrollRequest(DeviceSpec):
     token: str = Field(min_length=1, max_length=256)
+    # With a token made for a serial: the serial the device believes it is, checked against
+    # the token's (a token put in the wrong box is refused rather than enrolling a stranger).
+    serial: DeviceId | None = None
 
 
 class BulkEnrollRequest(BaseModel):
@@ -99,6 +154,8 @@ class EnrollResponse(BaseModel):
     topic_root: str
     root_public_key: str  # base64 of the raw Ed25519 root key the device pins
     keyring: dict[str, Any]  # the root-signed keyring, {"signed": ..., "signatures": [...]}
+    # "pending" when the hub requires approval: the broker refuses the device until accepted.
+    status: str = "active"
 
 
 class BulkEnrollResponse(BaseModel):
@@ -139,6 +196,8 @@ class DevicePublic(BaseModel):
     tags: dict[str, str]
     group: str | None
     enrolled_at: datetime
+    status: str  # active, pending (waiting for approval) or disabled
+    status_changed_at: datetime | None
     online: bool
     last_seen: datetime | None
     desired_counter: int
@@ -146,3 +205,12 @@ class DevicePublic(BaseModel):
     # Only on a single device (GET /api/v1/devices/{id}); None in the list, which can hold
     # 10,000 devices.
     follows: list[FollowPublic] | None = None
+
+
+class DeviceStatusChanged(BaseModel):
+    """The answer to accept, disable and enable."""
+
+    device: DevicePublic
+    # Deployments whose unfinished work for this device was cancelled (disable only), so no
+    # rollout waits for a device that can no longer reach the broker.
+    cancelled_deployments: list[str] = Field(default_factory=list)

@@ -1,4 +1,5 @@
-"""Enrolment tokens, enrolment, the device list and changes to a device's group and tags."""
+"""Enrolment tokens (general and serial-bound), enrolment, a device's access (accept, disable,
+enable), the device list and changes to a device's group and tags."""
 
 import hashlib
 import logging
@@ -8,25 +9,34 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import insert, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from agent.protocol.documents import document_dict
 from agent.protocol.topics import is_valid_device_id
 from hub.broker.passwords import BrokerUser, hash_password
 from hub.database import utcnow
-from hub.deployments.models import Deployment, DeploymentDevice, DeviceDesired
-from hub.devices.models import Device, EnrollmentToken
+from hub.deployments.models import (
+    DEVICE_FINISHED,
+    Deployment,
+    DeploymentDevice,
+    DeviceDesired,
+    DeviceState,
+)
+from hub.devices.models import Device, DeviceStatus, EnrollmentToken
 from hub.devices.schemas import (
     BrokerCredentials,
     DevicePublic,
     DeviceSpec,
+    DeviceStatusChanged,
     DeviceUpdate,
     EnrollResponse,
     FollowPublic,
+    SerialToken,
     TokenCreated,
     check_tags,
 )
-from hub.errors import InvalidInput, NotFound, Unauthorized
+from hub.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from hub.packages.models import Package
 from hub.signing.keystore import KeyStore
 
@@ -37,10 +47,14 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def _new_token() -> str:
+    # A prefix, so a token never starts with '-' and is never taken for a command-line option.
+    return f"et_{secrets.token_urlsafe(24)}"
+
+
 def create_token(*, session: Session, uses: int, ttl_s: int) -> TokenCreated:
     """A new enrolment token; the plain token is returned here and never again."""
-    # A prefix, so a token never starts with '-' and is never taken for a command-line option.
-    token = f"et_{secrets.token_urlsafe(24)}"
+    token = _new_token()
     row = EnrollmentToken(
         token_hash=hash_token(token), expires_at=utcnow() + timedelta(seconds=ttl_s), max_uses=uses
     )
@@ -48,6 +62,41 @@ def create_token(*, session: Session, uses: int, ttl_s: int) -> TokenCreated:
     session.commit()
     logger.info("created enrolment token", extra={"uses": uses, "ttl_s": ttl_s})
     return TokenCreated(token=token, expires_at=row.expires_at, uses=uses)
+
+
+def create_serial_tokens(
+    *, session: Session, serials: Sequence[str], ttl_s: int
+) -> list[SerialToken]:
+    """One single-use token per serial, each enrolling only the device whose id is its serial;
+    the plain tokens are returned here and never again. Serials already enrolled are refused,
+    all of them named, and no token is made."""
+    taken = _taken_ids(session, list(serials))
+    if taken:
+        shown = ", ".join(sorted(taken)[:10]) + (" ..." if len(taken) > 10 else "")
+        raise Conflict(f"{len(taken)} of these serials are enrolled already: {shown}")
+    now = utcnow()
+    expires_at = now + timedelta(seconds=ttl_s)
+    tokens = [_new_token() for _ in serials]
+    session.execute(
+        insert(EnrollmentToken),
+        [
+            {
+                "token_hash": hash_token(token),
+                "created_at": now,
+                "expires_at": expires_at,
+                "max_uses": 1,
+                "uses": 0,
+                "device_id": serial,
+            }
+            for serial, token in zip(serials, tokens, strict=True)
+        ],
+    )
+    session.commit()
+    logger.info("created serial-bound enrolment tokens", extra={"count": len(tokens)})
+    return [
+        SerialToken(serial=serial, token=token, expires_at=expires_at)
+        for serial, token in zip(serials, tokens, strict=True)
+    ]
 
 
 def _refusal(count: int) -> Unauthorized:
@@ -108,9 +157,12 @@ def _new_device_ids(session: Session, count: int) -> list[str]:
     return sorted(ids)
 
 
-def _device_row(device_id: str, spec: DeviceSpec, password: str, token_id: int) -> dict[str, Any]:
+def _device_row(
+    device_id: str, spec: DeviceSpec, password: str, token_id: int, status: DeviceStatus
+) -> dict[str, Any]:
     """The values of one new device row; the broker password is only kept hashed."""
     return {
+        "status": status.value,
         "id": device_id,
         "name": spec.name,
         "device_class": spec.device_class,
@@ -130,31 +182,59 @@ def enroll(
     broker_host: str,
     broker_port: int,
     topic_root: str,
+    approval_required: bool = False,
+    serial: str | None = None,
 ) -> list[EnrollResponse]:
     """Spend ``len(devices)`` uses of ``token`` on new device identities, all or none.
+
+    A token made for a serial enrols that one device, with the serial as its id (``serial``,
+    when the device names it, must be the same). With ``approval_required`` the devices start
+    ``pending``: enrolled, but refused by the broker until an operator accepts them.
 
     The answers are in the order of ``devices``. Callers run this off the event loop: it hashes
     one password per device. The broker learns the new credentials only when the caller calls
     ``on_credentials_changed``, once for the whole batch.
     """
     count = len(devices)
-    token_id = _usable_token(session, token, count).id
+    usable = _usable_token(session, token, count)
+    token_id = usable.id
     assert token_id is not None
+    bound = usable.device_id
+    if bound is not None:
+        if count != 1:
+            raise InvalidInput("a token made for a serial enrols exactly one device: its own")
+        if serial is not None and serial != bound:
+            raise Unauthorized(f"this enrolment token is for another serial, not {serial}")
+        if session.get(Device, bound) is not None:
+            raise Conflict(f"device {bound} is enrolled already")
+        ids = [bound]
+    else:
+        if serial is not None:
+            raise InvalidInput(
+                "a serial is enrolled only with the token made for it"
+                " (outpost-hub device tokens --serials FILE)"
+            )
+        ids = _new_device_ids(session, count)
+    status = DeviceStatus.PENDING if approval_required else DeviceStatus.ACTIVE
     # Read the trust root before spending anything, so a missing key costs no token uses.
     root_public_key = keys.root_public_b64()
     keyring = document_dict(keys.keyring())
-    ids = _new_device_ids(session, count)
     passwords = [secrets.token_urlsafe(24) for _ in ids]
     # Hashing happens before the token is spent so that the write transaction (which holds
     # SQLite's single writer lock) is just the UPDATE and the INSERTs.
     rows = [
-        _device_row(device_id, spec, password, token_id)
+        _device_row(device_id, spec, password, token_id, status)
         for device_id, spec, password in zip(ids, devices, passwords, strict=True)
     ]
     _spend_token(session, token_id, count)
-    # A Core-style bulk insert: building thousands of ORM objects costs more than the hashing.
-    session.execute(insert(Device), rows)
-    session.commit()
+    try:
+        # A Core-style bulk insert: building thousands of ORM objects costs more than hashing.
+        session.execute(insert(Device), rows)
+        session.commit()
+    except IntegrityError:
+        # Two enrolments raced for one serial: the token's use goes back with the rollback.
+        session.rollback()
+        raise Conflict(f"device {ids[0]} is enrolled already") from None
     _log_enrolled(rows, token_id)
     return [
         EnrollResponse(
@@ -165,6 +245,7 @@ def enroll(
             topic_root=topic_root,
             root_public_key=root_public_key,
             keyring=keyring,
+            status=status.value,
         )
         for device_id, password in zip(ids, passwords, strict=True)
     ]
@@ -179,9 +260,79 @@ def _log_enrolled(rows: list[dict[str, Any]], token_id: int) -> None:
 
 
 def broker_users(*, session: Session) -> list[BrokerUser]:
-    """Every enrolled device as a broker account."""
-    rows = session.exec(select(Device).order_by(col(Device.id))).all()
-    return [BrokerUser(username=d.id, password_hash=d.password_hash) for d in rows]
+    """Every enrolled device as a broker account; only active ones may log in."""
+    rows = session.exec(
+        select(Device.id, Device.password_hash, Device.status).order_by(col(Device.id))
+    ).all()
+    return [
+        BrokerUser(username=i, password_hash=h, active=status == DeviceStatus.ACTIVE)
+        for i, h, status in rows
+    ]
+
+
+# Which status each operator action leads to, and from which statuses it may start.
+_TRANSITIONS: dict[str, tuple[DeviceStatus, frozenset[DeviceStatus]]] = {
+    "accept": (DeviceStatus.ACTIVE, frozenset({DeviceStatus.PENDING, DeviceStatus.ACTIVE})),
+    "enable": (DeviceStatus.ACTIVE, frozenset({DeviceStatus.DISABLED, DeviceStatus.ACTIVE})),
+    "disable": (DeviceStatus.DISABLED, frozenset(DeviceStatus)),
+}
+_WRONG_START = {
+    ("accept", DeviceStatus.DISABLED): "it is disabled; enable it instead",
+    ("enable", DeviceStatus.PENDING): "it is waiting for approval; accept it instead",
+}
+
+
+def change_status(*, session: Session, device_id: str, action: str) -> DeviceStatusChanged:
+    """Accept a pending device, disable one, or enable a disabled one (each idempotent).
+
+    Disabling also cancels the device's unfinished work in every deployment, so no rollout
+    waits on it. The broker learns the change only when the caller calls
+    ``on_credentials_changed``: the embedded Mosquitto then drops the device's connection.
+    """
+    target, starts = _TRANSITIONS[action]
+    device = get_device(session=session, device_id=device_id)
+    current = DeviceStatus(device.status)
+    if current not in starts:
+        raise Conflict(f"cannot {action} device {device_id}: {_WRONG_START[(action, current)]}")
+    cancelled: list[str] = []
+    if current != target:
+        device.status = target.value
+        device.status_changed_at = utcnow()
+        if target is DeviceStatus.DISABLED:
+            device.online = False
+            cancelled = _cancel_unfinished(session, device_id)
+        session.add(device)
+        session.commit()
+        logger.info(
+            "device access changed",
+            extra={"device_id": device_id, "from": current.value, "to": target.value},
+        )
+    return DeviceStatusChanged(
+        device=show_device(session=session, device_id=device_id),
+        cancelled_deployments=cancelled,
+    )
+
+
+def _cancel_unfinished(session: Session, device_id: str) -> list[str]:
+    """Mark the device's unfinished rows in every deployment cancelled; their deployment ids.
+
+    Cancelled is a finished state, so rollouts neither wait for the device nor count it as a
+    failure; the device's desired state is left as it was, for when it is enabled again.
+    """
+    now = utcnow()
+    rows = session.exec(
+        select(DeploymentDevice).where(
+            DeploymentDevice.device_id == device_id,
+            col(DeploymentDevice.state).not_in([str(s) for s in DEVICE_FINISHED]),
+        )
+    ).all()
+    for row in rows:
+        row.state = DeviceState.CANCELLED
+        row.detail = "device disabled"
+        row.state_changed_at = now
+        row.updated_at = now
+        session.add(row)
+    return sorted({row.deployment_id for row in rows})
 
 
 def get_device(*, session: Session, device_id: str) -> Device:
@@ -199,6 +350,8 @@ def to_public(device: Device, follows: list[FollowPublic] | None = None) -> Devi
         tags=device.tags,
         group=device.group,
         enrolled_at=device.enrolled_at,
+        status=device.status,
+        status_changed_at=device.status_changed_at,
         online=device.online,
         last_seen=device.last_seen,
         desired_counter=device.desired_counter,
@@ -279,13 +432,19 @@ def select_device_ids(*, session: Session, tags: Sequence[tuple[str, str]]) -> l
 
 
 def list_devices(
-    *, session: Session, tags: Sequence[tuple[str, str]] = (), group: str | None = None
+    *,
+    session: Session,
+    tags: Sequence[tuple[str, str]] = (),
+    group: str | None = None,
+    status: DeviceStatus | None = None,
 ) -> list[DevicePublic]:
     """Enrolled devices, oldest first; with ``tags``, only those carrying every one of them;
-    with ``group``, only the group's members."""
+    with ``group``, only the group's members; with ``status``, only those in it."""
     query = select(Device).order_by(col(Device.enrolled_at))
     if group is not None:
         query = query.where(Device.group == group)
+    if status is not None:
+        query = query.where(Device.status == status.value)
     for key, value in tags:
         query = query.where(col(Device.tags)[key].as_string() == value)
     return [to_public(d) for d in session.exec(query).all()]

@@ -32,7 +32,15 @@ def test_enroll_returns_identity_credentials_and_trust_root(running_hub: Running
     )
     assert response.status_code == 201, response.text
     body = response.json()
-    assert set(body) == {"device_id", "broker", "topic_root", "root_public_key", "keyring"}
+    assert set(body) == {
+        "device_id",
+        "broker",
+        "topic_root",
+        "root_public_key",
+        "keyring",
+        "status",
+    }
+    assert body["status"] == "active"
     assert re.fullmatch(r"dev-[0-9a-f]{12}", body["device_id"])
     assert body["broker"]["username"] == body["device_id"]
     assert body["topic_root"] == "outpost"
