@@ -1,7 +1,8 @@
 """Installing a verified package next to the running one, and switching only when it is healthy.
 
 Order (DESIGN.md, "Agent install and rollback"): check every archive entry and the release
-signature → unpack into a fresh staging directory, hashing each file → rename it to its own
+signature → unpack into a fresh staging directory, hashing each file → check that an ONNX
+model names no file outside the package for its tensor data → rename it to its own
 versioned directory → load the model → health check → switch the ``active.json`` pointer by an
 atomic rename. The previous version's directory is kept as the rollback target and is never
 overwritten by an unverified version. A crash before the pointer rename leaves the old version
@@ -33,8 +34,9 @@ from agent.errors import (
     ModelLoadError,
     RejectedError,
 )
+from agent.external_data import check_external_data
 from agent.failpoints import Failpoint, FailpointCrash, Failpoints
-from agent.protocol.documents import HealthCheck, Keyring, Manifest, PackageRef
+from agent.protocol.documents import Framework, HealthCheck, Keyring, Manifest, PackageRef
 from agent.protocol.messages import Step
 from agent.protocol.package import MANIFEST_NAME, SIGNATURE_NAME
 from agent.runtimes.base import ActiveModel, Runtime
@@ -254,6 +256,10 @@ class ModelStore:
                 check_against_manifest(entries, manifest)
                 (staging / FILES_SUBDIR).mkdir(parents=True)
                 extract_files(archive, entries, manifest, staging / FILES_SUBDIR)
+                if manifest.model.framework is Framework.ONNX:
+                    # Before any runtime opens the model: it must not name files outside
+                    # the package for its tensors (THREATS.md E6).
+                    check_external_data(staging / FILES_SUBDIR, manifest)
             except tarfile.TarError as exc:
                 raise RejectedError(f"corrupt package archive: {exc}") from None
         (staging / MANIFEST_NAME).write_bytes(entries.manifest_bytes)

@@ -21,6 +21,7 @@ import pytest
 
 import agent.install
 from agent.archive import ArchiveLimits
+from agent.archive import extract_files as real_extract
 from agent.errors import RejectedError
 from agent.install import ModelStore, TrustContext
 from agent.protocol.canonical import canonical_bytes
@@ -177,7 +178,6 @@ def test_hostile_archives_are_refused_before_any_write(
 ) -> None:
     store, outside = device
     extracted: list[str] = []
-    real_extract = agent.install.extract_files
 
     def spy(*args: object, **kwargs: object) -> None:
         extracted.append("called")
