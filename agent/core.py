@@ -66,11 +66,12 @@ from agent.scoring import ScoringCall
 from agent.settings import AgentSettings
 from agent.state import BadVersion, InstallAttempt, StateDir
 from agent.telemetry import Health, IntervalMeter, ModelCalls
+from agent.tlsfiles import TlsFiles, broker_tls
 from agent.trust import (
     DesiredVerdict,
     verify_command,
     verify_desired,
-    verify_keyring,
+    verify_keyring_update,
     verify_stored_keyring,
 )
 
@@ -214,14 +215,22 @@ class Agent:
         self._command_tasks: set[asyncio.Task[None]] = set()
         self.commands_refused: Counter[str] = Counter()  # by reason
         broker = self.identity.broker
+        host, port = settings.mqtt.host or broker.host, settings.mqtt.port or broker.port
+        # With a certificate in the state dir: its TLS listener, and only that (tlsfiles.py).
+        tls = broker_tls(
+            TlsFiles(self.state.root),
+            mode=settings.mqtt.tls,
+            host=settings.mqtt.host,
+            port=settings.mqtt.tls_port,
+        )
+        if tls is not None:
+            host, port, _ = tls
         self._link = link_factory(
             client_id=self.device_id,
             broker=BrokerAddress(
-                host=settings.mqtt.host or broker.host,
-                port=settings.mqtt.port or broker.port,
-                username=broker.username,
-                password=broker.password,
+                host=host, port=port, username=broker.username, password=broker.password
             ),
+            tls=tls[2] if tls is not None else None,
             on_message=self._on_message,
             on_connected=self._on_connected,
             will=Will(
@@ -725,12 +734,17 @@ class Agent:
             self.malformed_received += 1
             logger.warning("dropping %s message on %s", body.kind, topic)
 
-    def _check_keyring(self, signed: Signed, now: datetime) -> Keyring:
-        """The keyring a desired state or command came with: the one kept, or exactly the next
-        version signed by the current and the new root keys (``verify_keyring``). ``now`` is
-        the update's one start time, the same instant the document it came with is judged by."""
-        return verify_keyring(
-            signed, root_public_b64=self.identity.root_public_key, current=self._keyring, now=now
+    def _check_keyring(self, signed: Signed, earlier: list[Signed], now: datetime) -> Keyring:
+        """The keyring a desired state or command came with: the one kept, or a newer one
+        reached one version at a time through ``earlier`` (each signed by the current and the
+        new root keys: ``verify_keyring_update``). ``now`` is the update's one start time, the
+        same instant the document it came with is judged by."""
+        return verify_keyring_update(
+            signed,
+            earlier,
+            root_public_b64=self.identity.root_public_key,
+            current=self._keyring,
+            now=now,
         )
 
     def _adopt_keyring(self, signed: Signed, keyring: Keyring) -> None:
@@ -749,7 +763,7 @@ class Agent:
     def _on_desired(self, body: DesiredBody) -> None:
         now = self._clock()
         try:
-            keyring = self._check_keyring(body.keyring, now)
+            keyring = self._check_keyring(body.keyring, body.keyrings, now)
             verified = verify_desired(
                 body.desired,
                 keyring=keyring,
@@ -773,7 +787,7 @@ class Agent:
     def _on_command(self, body: CommandBody) -> None:
         now = self._clock()
         try:
-            keyring = self._check_keyring(body.keyring, now)
+            keyring = self._check_keyring(body.keyring, body.keyrings, now)
             command = verify_command(
                 body.command,
                 keyring=keyring,

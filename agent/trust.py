@@ -184,6 +184,48 @@ def verify_keyring(
     return keyring
 
 
+MAX_KEYRING_STEPS = 32  # versions one update may walk (python-tuf: max_root_rotations 256)
+
+
+def verify_keyring_update(
+    final: Signed,
+    earlier: list[Signed],
+    *,
+    root_public_b64: str,
+    current: Keyring | None,
+    now: datetime,
+) -> Keyring:
+    """The keyring to hold after an update that brought ``final`` and the ``earlier`` versions
+    the hub keeps (a device that missed rotations walks them one at a time, as a TUF client
+    walks root N+1, N+2, ...). Each step must pass ``verify_keyring`` against the one before;
+    only the final one is judged on expiry (at the update's one ``now``), as in TUF, where an
+    intermediate root may have expired since. Raises on the first step that fails: nothing of
+    the update is kept then.
+    """
+    if current is None:
+        return verify_keyring(final, root_public_b64=root_public_b64, current=None, now=now)
+    trusted = current
+    steps = 0
+    for signed in sorted(earlier, key=_claimed_version):
+        if _claimed_version(signed) != trusted.version + 1:
+            continue  # one the device has, or beyond a gap: the final check names the gap
+        steps += 1
+        if steps > MAX_KEYRING_STEPS:
+            raise TrustError(
+                f"more than {MAX_KEYRING_STEPS} keyring versions in one update",
+                reason=Reason.TOO_LARGE,
+            )
+        trusted = verify_keyring(signed, root_public_b64=root_public_b64, current=trusted, now=None)
+    return verify_keyring(final, root_public_b64=root_public_b64, current=trusted, now=now)
+
+
+def _claimed_version(signed: Signed) -> int:
+    """The version a keyring says it has, before anything about it is trusted (for ordering
+    only: every step is verified before it counts)."""
+    version = signed.signed.get("version")
+    return version if isinstance(version, int) else -1
+
+
 def verify_stored_keyring(signed: Signed, *, root_public_b64: str) -> Keyring:
     """The keyring the device itself accepted earlier, read back on start-up.
 

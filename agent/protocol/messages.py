@@ -68,6 +68,10 @@ class DesiredBody(_Body):
     kind: Literal["desired"] = "desired"
     keyring: Signed
     desired: Signed
+    # Earlier keyring versions the hub keeps, so a device that missed rotations can walk
+    # N+1, N+2, ... up to ``keyring`` (agent.trust.verify_keyring_update); older agents
+    # ignore it.
+    keyrings: list[Signed] = Field(default_factory=list)
 
 
 class ModelStatus(_Body):
@@ -188,6 +192,7 @@ class CommandBody(_Body):
     kind: Literal["command"] = "command"
     keyring: Signed
     command: Signed
+    keyrings: list[Signed] = Field(default_factory=list)  # as in DesiredBody
 
 
 MAX_LOG_ENTRIES = 1000

@@ -60,7 +60,13 @@ class CommandSender:
     def send(self, command: DeviceCommand) -> None:
         # Not retained: a command is for now, and a device coming online gets its pending
         # commands sent again by the hub (``resend_pending``), never an old one from the broker.
-        payload = encode(CommandBody(keyring=self.keys.keyring(), command=self.document(command)))
+        payload = encode(
+            CommandBody(
+                keyring=self.keys.keyring(),
+                keyrings=self.keys.keyring_chain(),
+                command=self.document(command),
+            )
+        )
         self.publisher.publish(
             self.topics.device(command.device_id, Channel.CMD), payload, qos=1, retain=False
         )

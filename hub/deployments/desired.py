@@ -106,6 +106,7 @@ class Director:
                     )
                 )
             keyring = self.keys.keyring()
+            earlier = self.keys.keyring_chain()
             now = utcnow()
             published = []
             for device_id in dict.fromkeys(device_ids):
@@ -120,7 +121,7 @@ class Director:
                 signed = Signed(
                     signed=signed_part, signatures=[self.keys.sign_director(signed_part)]
                 )
-                payload = encode(DesiredBody(keyring=keyring, desired=signed))
+                payload = encode(DesiredBody(keyring=keyring, keyrings=earlier, desired=signed))
                 self.publisher.publish(
                     self.topics.device(device_id, Channel.DESIRED), payload, qos=1, retain=True
                 )

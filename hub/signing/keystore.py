@@ -49,6 +49,9 @@ ROOT_PUBLIC_FILE = "root.pub"
 HISTORY_DIR = "keyrings"
 PENDING_DIR = "pending"
 REQUEST_FILE = "request.json"
+# Earlier keyrings sent with each desired state: a device more rotations behind than this
+# cannot catch up by itself and is enrolled again (docs/keys.md).
+KEYRING_CHAIN_SENT = 8
 
 
 class OfflineRole(StrEnum):
@@ -265,6 +268,10 @@ class KeyStore:
         if version == 1 and history.exists():
             for old in history.glob("*.json"):
                 old.unlink()  # a fresh `init`: the old chain belongs to keys that are gone
+        previous = history / f"{version - 1}.json"
+        if version > 1 and not previous.exists() and self.keyring_path.exists():
+            # A hub from before the history was kept: record the version being replaced.
+            write_secret(previous, self.keyring_path.read_bytes())
         write_secret(history / f"{version}.json", data, overwrite=True)
         write_secret(self.keyring_path, data, overwrite=True)
 
@@ -425,6 +432,17 @@ class KeyStore:
             self._cancel_pending()
         logger.info("keyring rotated", extra={"role": str(role), "version": keyring.version})
         return Rotation(role, keyring.version, new_keyid, True, request, [])
+
+    def keyring_chain(self, *, limit: int = KEYRING_CHAIN_SENT) -> list[Signed]:
+        """The last ``limit`` keyring versions before the current one, oldest first: sent
+        beside the keyring so a device that missed rotations can walk them one by one."""
+        current = self.keyring_document().version
+        wanted = [v for v in self.keyring_history() if v < current][-limit:]
+        chain = []
+        for version in wanted:
+            raw = (self.keys_dir / HISTORY_DIR / f"{version}.json").read_bytes()
+            chain.append(Signed.model_validate_json(raw))
+        return chain
 
     def keyring_history(self) -> list[int]:
         """The keyring versions kept in keys/keyrings."""

@@ -370,6 +370,22 @@ def test_director_rotated_with_the_cli_reaches_a_live_agent(
     assert deployed.exit_code == 0, deployed.output
     assert runner.call(lambda: agent.get("iris").version) == 2  # type: ignore[union-attr]
 
+    # Two rotations, the first never published (the root, then the director): the device
+    # walks v2 -> v3 -> v4 from the chain that comes with its desired state.
+    d = ("--data-dir", data_dir)
+    assert live_hub.cli("keys", "rotate", "--role", "root", "--no-publish", *d).exit_code == 0
+    rotated = live_hub.cli("keys", "rotate", "--role", "director", *d)
+    assert "published keyring version 4 to 1 devices" in rotated.output, rotated.output
+    live_hub.wait_until(
+        lambda: runner.call(lambda: agent._keyring.version) == 4,  # type: ignore[union-attr]
+        what="the agent to walk to keyring version 4",
+    )
+    live_hub.register(iris_model)
+    deployed = live_hub.cli(
+        "deploy", "iris:3", "--wait", "--timeout", "60", "--device", agent.device_id
+    )
+    assert deployed.exit_code == 0, deployed.output
+
 
 def _desired_for(device_id: str, counter: int, director: SigningKey) -> Signed:
     now = datetime.now(UTC)
@@ -570,3 +586,57 @@ def test_offline_release_and_root_rotations_round_trip_with_every_error(tmp_path
             now=NOW,
         )
     assert info.value.reason is Reason.REPLAY
+
+
+# -- a device that missed rotations -----------------------------------------------------------
+
+
+def _chain() -> list[Signed]:
+    """v1 (root K0) -> v2 (root K1) -> v3 (director rotated) -> v4 (root K2), each proper."""
+    return [
+        _signed(_keyring(version=1, roots=(0,), threshold=1, director=OLD_DIRECTOR), (0,)),
+        _signed(_keyring(version=2, roots=(1,), threshold=1, director=OLD_DIRECTOR), (0, 1)),
+        _signed(_keyring(version=3, roots=(1,), threshold=1, director=NEW_DIRECTOR), (1,)),
+        _signed(_keyring(version=4, roots=(2,), threshold=1, director=NEW_DIRECTOR), (1, 2)),
+    ]
+
+
+def _deliver_with_chain(agent: Agent, final: Signed, earlier: list[Signed], counter: int) -> None:
+    body = DesiredBody(keyring=final, keyrings=earlier, desired=_desired(counter, NEW_DIRECTOR))
+    agent._on_message(f"outpost/d/{DEVICE}/desired", encode(body))
+
+
+def test_a_device_behind_walks_the_chain_one_version_at_a_time(tmp_path: Path) -> None:
+    agent = _device(tmp_path, Trusted())
+    v1, v2, v3, v4 = _chain()
+    # Sent in any order, with versions it already has.
+    _deliver_with_chain(agent, v4, [v3, v1, v2], 1)
+    assert not agent.rejections, agent.last_rejection
+    assert agent._keyring is not None
+    assert agent._keyring.version == 4
+    assert Signed.model_validate_json((tmp_path / "keyring.json").read_bytes()) == v4
+
+
+@pytest.mark.parametrize(
+    ("name", "earlier", "reason"),
+    [
+        # v4 is signed by roots v1 does not trust: refused on that before its version.
+        ("a missing step", [1, 3], Reason.UNKNOWN_KEY),
+        ("no chain at all", [], Reason.UNKNOWN_KEY),
+        ("a missing step, root kept", [1, 2], Reason.REPLAY),
+        ("a step signed only by its new root", ["v2-new-only", 3], Reason.UNKNOWN_KEY),
+    ],
+)
+def test_a_broken_chain_is_refused_and_nothing_is_kept(
+    tmp_path: Path, name: str, earlier: list[Any], reason: Reason
+) -> None:
+    agent = _device(tmp_path, Trusted())
+    before = (tmp_path / "keyring.json").read_bytes()
+    chain = _chain()
+    bad_v2 = _signed(_keyring(version=2, roots=(1,), threshold=1, director=OLD_DIRECTOR), (1,))
+    steps = [bad_v2 if e == "v2-new-only" else chain[e - 1] for e in earlier]
+    _deliver_with_chain(agent, chain[3], steps, 1)
+    assert agent.rejections == {str(reason): 1}, agent.last_rejection
+    assert (tmp_path / "keyring.json").read_bytes() == before
+    assert agent._keyring is not None
+    assert agent._keyring.version == 1
