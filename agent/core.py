@@ -66,6 +66,7 @@ from agent.scoring import ScoringCall
 from agent.settings import AgentSettings
 from agent.state import BadVersion, InstallAttempt, StateDir
 from agent.telemetry import Health, IntervalMeter, ModelCalls
+from agent.tlsfiles import TlsFiles, broker_tls
 from agent.trust import (
     DesiredVerdict,
     verify_command,
@@ -214,14 +215,22 @@ class Agent:
         self._command_tasks: set[asyncio.Task[None]] = set()
         self.commands_refused: Counter[str] = Counter()  # by reason
         broker = self.identity.broker
+        host, port = settings.mqtt.host or broker.host, settings.mqtt.port or broker.port
+        # With a certificate in the state dir: its TLS listener, and only that (tlsfiles.py).
+        tls = broker_tls(
+            TlsFiles(self.state.root),
+            mode=settings.mqtt.tls,
+            host=settings.mqtt.host,
+            port=settings.mqtt.tls_port,
+        )
+        if tls is not None:
+            host, port, _ = tls
         self._link = link_factory(
             client_id=self.device_id,
             broker=BrokerAddress(
-                host=settings.mqtt.host or broker.host,
-                port=settings.mqtt.port or broker.port,
-                username=broker.username,
-                password=broker.password,
+                host=host, port=port, username=broker.username, password=broker.password
             ),
+            tls=tls[2] if tls is not None else None,
             on_message=self._on_message,
             on_connected=self._on_connected,
             will=Will(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.certificate import request_certificate
 from agent.core import Agent, utc_now
 from agent.enroll import enroll
 from agent.errors import AgentError
@@ -79,6 +80,15 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         root_fingerprint=args.root_fingerprint,
     )
     print(f"enrolled as {identity.device_id}; state in {settings.state_dir}")
+    if args.certificate:
+        return _cmd_certificate(args)
+    return 0
+
+
+def _cmd_certificate(args: argparse.Namespace) -> int:
+    state = StateDir(_settings(args).state_dir)
+    endpoint = request_certificate(state=state)
+    print(f"certificate in {state.root / 'tls'}; TLS listener {endpoint.host}:{endpoint.port}")
     return 0
 
 
@@ -129,7 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="a human name for the device")
     p.add_argument("--device-class", help="device class (default: generic)")
     p.add_argument("--root-fingerprint", help="expected root key id prefix, to pin it")
+    p.add_argument(
+        "--certificate", action="store_true", help="then request a TLS client certificate"
+    )
     p.set_defaults(func=_cmd_enroll)
+
+    p = sub.add_parser(
+        "certificate", help="request or renew the TLS client certificate (hub broker.tls)"
+    )
+    p.set_defaults(func=_cmd_certificate)
 
     p = sub.add_parser("run", help="run the agent until Ctrl-C")
     p.set_defaults(func=_cmd_run)

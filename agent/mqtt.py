@@ -8,12 +8,17 @@ simulator hold thousands of agents in one process (FLOORS.md).
 Reconnects use exponential backoff with full jitter, also after the broker drops an established
 connection, so a broker restart does not bring the whole fleet back in the same second and a
 client-id takeover loop does not spin.
+
+With ``tls`` the link speaks mutual TLS (agent/tlsfiles.py): the broker's certificate is checked
+against the hub's CA and the host name, the device's certificate is its identity, and a failed
+handshake is a failed connect attempt like any other: retried with backoff, never downgraded.
 """
 
 import asyncio
 import logging
 import random
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -25,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.aio import wait_within
+from agent.tlsfiles import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +84,7 @@ class MqttLink:
         backoff: Backoff | None = None,
         connect_timeout_s: float = 10.0,
         rng: random.Random | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self._broker = broker
         self._on_message_cb = on_message
@@ -92,7 +99,13 @@ class MqttLink:
             protocol=paho.MQTTv311,
             clean_session=True,
         )
-        self._client.username_pw_set(broker.username, broker.password)
+        self.tls = tls is not None
+        if tls is not None:
+            # The certificate is the credential (the broker takes its CN as the user name):
+            # the password is not sent where it is not needed.
+            self._client.tls_set_context(tls.context())
+        else:
+            self._client.username_pw_set(broker.username, broker.password)
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         # Set once: paho refuses to change it after a lost connection (its state is then
@@ -125,7 +138,7 @@ class MqttLink:
         assert self._loop is not None
         if isinstance(sock, socket.socket):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._loop.add_reader(sock, client.loop_read)
+        self._loop.add_reader(sock, self._readable, client)
         self._misc_task = self._loop.create_task(self._misc(), name=f"mqtt-misc-{id(self)}")
 
     def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -135,6 +148,17 @@ class MqttLink:
         if self._misc_task is not None:
             self._misc_task.cancel()
             self._misc_task = None
+
+    @staticmethod
+    def _readable(client: paho.Client) -> None:
+        client.loop_read()
+        # TLS decrypts whole records: packets left in its buffer do not make the socket
+        # readable again, so they are read now or they would wait for the next packet.
+        sock = client.socket()
+        while isinstance(sock, ssl.SSLSocket) and sock.pending() > 0:
+            if client.loop_read() != paho.MQTT_ERR_SUCCESS:
+                return
+            sock = client.socket()
 
     def _register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         assert self._loop is not None

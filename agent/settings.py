@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.logbook import level_number
+from agent.tlsfiles import TlsMode
 
 
 class _Section(BaseModel):
@@ -38,6 +39,11 @@ class MqttSettings(_Section):
     # Overrides for the broker address the hub gave at enrolment (NAT, port forwarding).
     host: str | None = None
     port: int | None = None
+    # auto: mutual TLS once the state dir holds a certificate (``outpost-agent certificate``),
+    # never falling back to the password; on: TLS or no connection; off: the password.
+    tls: TlsMode = TlsMode.AUTO
+    # Override for the TLS listener's port the hub gave with the certificate.
+    tls_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class DownloadSettings(_Section):

@@ -12,6 +12,7 @@ from hub.blobs import BlobStore
 from hub.broker.supervisor import EmbeddedBroker
 from hub.deployments.engine import default_owner
 from hub.messaging.publisher import Publisher, RecordingPublisher
+from hub.security.ca import DeviceCA
 from hub.settings import HubSettings
 from hub.signing.keystore import KeyStore
 
@@ -29,6 +30,8 @@ class HubContext:
     topics: Topics
     publisher: Publisher = field(default_factory=RecordingPublisher)
     broker: EmbeddedBroker | None = None  # when the hub runs its own mosquitto
+    # Issues devices' client certificates and the broker's (hub.security); files in data_dir/ca.
+    device_ca: DeviceCA | None = None
     admin_token: str = ""
     # (host, port) enrolment hands to devices; set once the broker address is known.
     broker_public: tuple[str, int] = ("127.0.0.1", 1883)
@@ -61,6 +64,7 @@ class HubContext:
             engine=engine,
             keys=KeyStore(settings.keys_dir),
             blobs=BlobStore(settings.models_dir),
+            device_ca=DeviceCA(settings.ca_dir),
             topics=Topics(settings.broker.topic_root),
             instance_id=settings.instance_id or default_owner(str(settings.data_dir)),
             broker_public=(

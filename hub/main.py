@@ -32,6 +32,8 @@ from hub.metrics.router import router as metrics_router
 from hub.migrations.runner import upgrade
 from hub.registry.router import router as registry_router
 from hub.secretfiles import read_or_create_token
+from hub.security.certs_router import router as certificates_router
+from hub.security.listener import prepare_tls_listener
 from hub.settings import HubSettings
 from hub.signing.router import router as keys_router
 from hub.telemetry.router import router as telemetry_router
@@ -60,6 +62,8 @@ def _run_messaging(ctx: HubContext) -> Iterator[None]:
                 topic_root=settings.broker.topic_root,
                 port=settings.broker.port,
             )
+            if settings.broker.tls.enabled and ctx.device_ca is not None:
+                broker.tls = prepare_tls_listener(settings, ctx.device_ca, bind=broker.host)
             password = read_or_create_token(settings.hub_broker_password_path, nbytes=24)
             hub_hash = hash_password(password)
             broker.start(_embedded_broker_users(ctx, broker, hub_hash))
@@ -142,6 +146,7 @@ def create_app(settings: HubSettings, *, publisher: Publisher | None = None) -> 
     app.include_router(registry_router)
     app.include_router(enroll_router)
     app.include_router(broker_auth_router)
+    app.include_router(certificates_router)
     app.include_router(devices_router)
     app.include_router(commands_router)
     app.include_router(deployments_router)

@@ -32,6 +32,19 @@ class ApiSettings(_Frozen):
         return self
 
 
+class BrokerTlsSettings(_Frozen):
+    """The embedded Mosquitto's TLS listener for devices holding a certificate from the hub's
+    device CA (docs/security-tls.md); devices without one keep the password listener."""
+
+    enabled: bool = False
+    # None: a free port at the first start, kept from then on (devices are told it).
+    port: int | None = Field(default=None, ge=1, le=65535)
+    # The TLS port devices are told, when they reach it by another port than the hub binds.
+    public_port: int | None = Field(default=None, ge=1, le=65535)
+    client_cert_days: int = Field(default=365, ge=1, le=3650)
+    server_cert_days: int = Field(default=365, ge=31, le=3650)
+
+
 class BrokerSettings(_Frozen):
     # None: start the embedded Mosquitto in data_dir/broker.
     url: str | None = None
@@ -41,6 +54,7 @@ class BrokerSettings(_Frozen):
     public_host: str | None = None
     public_port: int | None = Field(default=None, ge=1, le=65535)
     topic_root: str = "outpost"
+    tls: BrokerTlsSettings = BrokerTlsSettings()
     # Sent by an external broker (EMQX) in the X-Outpost-Broker-Secret header of its HTTP
     # authentication and authorization calls (docs/security-devices.md); None: those
     # endpoints answer 404.
@@ -147,6 +161,10 @@ class HubSettings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return self.data_dir / "broker"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.data_dir / "ca"
 
     @property
     def admin_token_path(self) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 from agent.protocol.topics import is_valid_device_id
 from hub.broker.passwords import check_hub_username
 from hub.broker.rules import check_root, mosquitto_lines
+from hub.broker.tls_listener import TlsListener, render_tls_listener
 
 # Past these, Mosquitto silently drops QoS 1 messages for a client. The hub's one connection
 # takes every device's traffic: a fleet reconnecting after a broker restart sends it several
@@ -46,9 +47,10 @@ def render_config(
     hub_password_file: Path,
     hub_bind: str = "127.0.0.1",
     run_as: str | None = None,
+    tls: TlsListener | None = None,
 ) -> str:
     """mosquitto.conf: the device listener and the hub's loopback listener, with passwords and
-    the ACL.
+    the ACL (and, with ``tls``, a listener for devices with client certificates).
 
     ``run_as`` is the ``user`` mosquitto keeps when started as root (default: the current user);
     otherwise it drops to ``mosquitto`` and can no longer read our 0600 password file.
@@ -99,6 +101,17 @@ def render_config(
             "",
         ]
     )
+    if tls is not None:
+        # The certificate's CN is the user name; the same ACL and the same client-id rule as
+        # the password listener, so a certificate is pinned to its own device's topics and id.
+        config += render_tls_listener(tls) + "\n".join(
+            [
+                "allow_anonymous false",
+                f"acl_file {acl_file}",
+                "use_username_as_clientid true",
+                "",
+            ]
+        )
     return config
 
 

@@ -23,6 +23,7 @@ from agent.protocol.topics import DEFAULT_ROOT, Topics
 from hub.atomic import write_atomic
 from hub.broker.config import render_acl, render_config
 from hub.broker.passwords import BrokerUser, check_hub_username, render_passwords
+from hub.broker.tls_listener import TlsListener
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,10 @@ class EmbeddedBroker:
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 5.0,
         max_restarts_per_minute: int = 5,
+        tls: TlsListener | None = None,
     ) -> None:
         check_hub_username(hub_username)
+        self.tls = tls  # the listener for devices with client certificates, when enabled
         self._data_dir = data_dir
         self._topic_root = Topics(topic_root).root
         self._bind = bind
@@ -216,6 +219,7 @@ class EmbeddedBroker:
                     hub_port=self._hub_port,
                     hub_password_file=self.hub_password_file,
                     hub_bind=HUB_LISTENER_HOST,
+                    tls=self.tls,
                 )
                 write_atomic(self.config_file, config.encode(), mode=0o600)
                 try:
