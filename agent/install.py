@@ -15,6 +15,7 @@ or gone, never a pointer to a missing directory.
 """
 
 import hashlib
+import json
 import logging
 import shutil
 import tarfile
@@ -33,11 +34,12 @@ from agent.errors import (
     IntegrityError,
     ModelLoadError,
     RejectedError,
+    TrustError,
 )
 from agent.external_data import check_external_data
 from agent.failpoints import Failpoint, FailpointCrash, Failpoints
 from agent.protocol.documents import Framework, HealthCheck, Keyring, Manifest, PackageRef
-from agent.protocol.messages import Step
+from agent.protocol.messages import Reason, Step
 from agent.protocol.package import MANIFEST_NAME, SIGNATURE_NAME
 from agent.runtimes.base import ActiveModel, Runtime
 from agent.trust import verify_manifest
@@ -253,6 +255,7 @@ class ModelStore:
                         f"package holds {manifest.model.name} v{manifest.model.version},"
                         f" the desired state names {ref.model} v{ref.version}"
                     )
+                self._check_version_conflict(ref, entries.manifest_bytes)
                 check_against_manifest(entries, manifest)
                 (staging / FILES_SUBDIR).mkdir(parents=True)
                 extract_files(archive, entries, manifest, staging / FILES_SUBDIR)
@@ -266,6 +269,28 @@ class ModelStore:
         (staging / SIGNATURE_NAME).write_bytes(entries.signature_bytes)
         fsync_dir(staging)
         return manifest
+
+    def _check_version_conflict(self, ref: PackageRef, manifest_bytes: bytes) -> None:
+        """Refuse a second, different package under a version this device already holds
+        (THREATS.md A4b): a version names one release. The same manifest re-signed (a
+        release key rotated) is the same release and is let through."""
+        pointer = self.pointer(ref.model)
+        held = [pointer, pointer.previous] if pointer is not None else []
+        for kept in held:
+            if kept is None or kept.version != ref.version or kept.digest == ref.digest:
+                continue
+            try:
+                stored = json.loads(
+                    (self.root / ref.model / kept.directory / MANIFEST_NAME).read_bytes()
+                )
+            except (OSError, ValueError):
+                continue  # unreadable: that directory no longer verifies and will be replaced
+            if stored != json.loads(manifest_bytes):
+                raise TrustError(
+                    f"{ref.model} v{ref.version} is installed here from another manifest;"
+                    " a different package under the same version is refused",
+                    reason=Reason.REPLAY,
+                )
 
     def _load(self, directory: Path, manifest: Manifest) -> Runtime:
         try:
