@@ -55,9 +55,6 @@ MIN_RSA_BITS = 3072
 BACKDATE = timedelta(minutes=5)
 # The server certificate is made again when it has less than this left.
 SERVER_RENEW_BEFORE = timedelta(days=30)
-# The broker reads the CRL only from this file, and OpenSSL refuses every client once its
-# nextUpdate has passed, so the CRL is written again at each broker start and revocation.
-CRL_VALIDITY = timedelta(days=365)
 # Not a valid device id (it has a space), so the broker's own name can never be a device's
 # broker user name; its EKU (serverAuth only) keeps it from being accepted as a client anyway.
 SERVER_COMMON_NAME = "Outpost broker"
@@ -384,7 +381,11 @@ class DeviceCA:
             x509.CertificateRevocationListBuilder()
             .issuer_name(ca_cert.subject)
             .last_update(now - BACKDATE)
-            .next_update(now + CRL_VALIDITY)
+            # OpenSSL refuses every client once nextUpdate has passed. nextUpdate guards
+            # relying parties against a stale CRL handed to them; this one never leaves the
+            # hub's data dir (who can replace it can replace the CA), so it runs to the CA's
+            # end and a hub never restarted does not lock its fleet out.
+            .next_update(max(ca_cert.not_valid_after_utc, now + BACKDATE))
             # Increasing with time, so any two CRLs of this CA are ordered without a counter file.
             .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), False)
             .add_extension(
