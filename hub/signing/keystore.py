@@ -311,7 +311,13 @@ class KeyStore:
         It is signed here by the keys this hub holds; with ``offline`` (or when a needed root
         key is not here) it waits in ``pending/`` as a signing request for the rest.
         """
-        if self.pending_request() is not None:
+        pending = self.pending_request()
+        if pending is not None and not unmet_groups(pending):
+            # Fully signed but not in force: the last rotation stopped part-way through
+            # ``_complete`` (a crash). Finish that one rather than start another.
+            logger.warning("finishing an interrupted rotation", extra={"summary": pending.summary})
+            return self._complete(pending)
+        if pending is not None:
             raise Conflict(
                 "a rotation is already waiting for signatures: finish it with "
                 "`outpost-hub keys import-signature` or drop it with `outpost-hub keys cancel`"

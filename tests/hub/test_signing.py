@@ -132,3 +132,28 @@ def test_rotate_without_the_root_key_needs_offline(keys: KeyStore) -> None:
         keys.rotate(Role.RELEASE, keyring_ttl_days=30, offline=True)
     keys.cancel_pending()
     assert keys.pending_request() is None
+
+
+def test_a_rotation_interrupted_while_completing_is_finished_by_the_next_rotate(
+    keys: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = keys.status()
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("power cut")
+
+    # Dies after the new key is written but before the keyring: the hub would sign with a
+    # key its keyring does not name.
+    monkeypatch.setattr(keys, "_write_keyring", crash)
+    with pytest.raises(OSError, match="power cut"):
+        keys.rotate(Role.DIRECTOR, keyring_ttl_days=30)
+    monkeypatch.undo()
+    assert keys.keyring_document().version == 1
+
+    finished = keys.rotate(Role.DIRECTOR, keyring_ttl_days=30)
+    assert finished.done
+    assert finished.version == 2
+    after = keys.status()
+    assert after.director_keyid == finished.new_keyid != before.director_keyid
+    assert keys.sign_director({"x": 1}).keyid == after.director_keyid
+    assert keys.pending_request() is None
