@@ -76,6 +76,11 @@ def _print_key_status(store: "KeyStore") -> None:
         click.echo(f"  {role:<9} {keyid[:16]}  private key {present}{exported}")
     if status.pending is not None:
         click.echo(f"waiting for signatures: {status.pending}")
+    for request in store.release_requests():
+        click.echo(
+            f"waiting for a release signature: {request.summary}, request "
+            f"{store.keys_dir / 'release-requests' / (request.sha256 + '.json')}"
+        )
 
 
 @keys.command("show")
@@ -268,15 +273,22 @@ def keys_import_signature(
     ctx: click.Context, data_dir: Path | None, signature_file: Path, no_publish: bool
 ) -> None:
     """Add an offline signature to the pending rotation; it takes effect once complete."""
+    from hub.signing.keystore import ReleaseSigned
     from hub.signing.requests import parse_signature
 
     store = _keystore(ctx, data_dir)
     try:
         answer = parse_signature(signature_file.read_bytes(), source=str(signature_file))
-        rotation = store.import_signature(answer)
+        outcome = store.import_signature(answer)
     except HubError as exc:
         fail(exc.detail)
-    _report(ctx, rotation, out=None, publish=not no_publish)
+    if isinstance(outcome, ReleaseSigned):
+        if outcome.done:
+            click.echo(f"signed: {outcome.request.summary}; deploy it again to build the package")
+        else:
+            click.echo(f"more release signatures needed for {outcome.request.summary}")
+        return
+    _report(ctx, outcome, out=None, publish=not no_publish)
 
 
 @keys.command("cancel")

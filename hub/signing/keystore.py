@@ -27,8 +27,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.documents import Keyring, PublicKey, Role, RoleKeys, Signed, document_dict
-from agent.protocol.keys import Signature, SigningKey, b64decode, key_id
+from agent.protocol.documents import (
+    DetachedSignatures,
+    Keyring,
+    PublicKey,
+    Role,
+    RoleKeys,
+    Signed,
+    document_dict,
+)
+from agent.protocol.keys import Signature, SigningKey, b64decode, key_id, verify_signature
 from hub.database import utcnow
 from hub.errors import Conflict, InvalidInput, NotFound, SigningUnavailable
 from hub.secretfiles import write_secret
@@ -38,6 +46,7 @@ from hub.signing.requests import (
     SignerGroup,
     SigningRequest,
     add_signature,
+    document_sha256,
     new_request,
     unmet_groups,
 )
@@ -49,6 +58,8 @@ ROOT_PUBLIC_FILE = "root.pub"
 HISTORY_DIR = "keyrings"
 PENDING_DIR = "pending"
 REQUEST_FILE = "request.json"
+RELEASE_REQUESTS_DIR = "release-requests"
+RELEASE_SIGNATURES_DIR = "release-signatures"
 # Earlier keyrings sent with each desired state: a device more rotations behind than this
 # cannot catch up by itself and is enrolled again (docs/keys.md).
 KEYRING_CHAIN_SENT = 8
@@ -71,6 +82,14 @@ class KeyStatus:
     private_present: dict[str, bool]
     exported: dict[str, bool]
     pending: str | None = None  # what a rotation waiting for signatures is for
+
+
+@dataclass(frozen=True)
+class ReleaseSigned:
+    """The outcome of importing a release signature for a package manifest."""
+
+    request: SigningRequest
+    done: bool  # the manifest has its signatures: deploying the package builds it now
 
 
 @dataclass(frozen=True)
@@ -191,8 +210,93 @@ class KeyStore:
             return key
 
     def sign_release(self, document: dict[str, Any]) -> Signature:
-        """Sign a package manifest; raises SigningUnavailable when the release key is offline."""
-        return self._key(Role.RELEASE).sign(document)
+        """Sign a package manifest with the release key, or return the signature made offline
+        for exactly this manifest (``import_signature``). With neither, a signing request for
+        it is left in keys/release-requests and SigningUnavailable says how to sign it."""
+        try:
+            return self._key(Role.RELEASE).sign(document)
+        except SigningUnavailable:
+            if self._pem_path(Role.RELEASE).exists():
+                raise
+        sha256 = document_sha256(document)
+        stored = self._release_signature(sha256, document)
+        if stored is not None:
+            return stored
+        path = self._release_request(document, sha256)
+        raise SigningUnavailable(
+            "the release key is offline (removed from the hub): building a new package needs "
+            "it; bring it back with `outpost-hub keys import` or deploy an already built "
+            f"package, or sign this manifest offline: the request is {path} "
+            "(`outpost-hub keys sign-request REQUEST --key release.pem --out SIG` where the key "
+            "is, `outpost-hub keys import-signature SIG` here, then deploy again)"
+        )
+
+    def _release_signature(self, sha256: str, document: dict[str, Any]) -> Signature | None:
+        try:
+            raw = (self.keys_dir / RELEASE_SIGNATURES_DIR / f"{sha256}.json").read_bytes()
+        except FileNotFoundError:
+            return None
+        role = self.keyring_document().roles[Role.RELEASE]
+        keys = self.keyring_document().keys
+        for sig in DetachedSignatures.model_validate_json(raw).signatures:
+            # Only while its key still holds the release role: a rotation retires it.
+            if sig.keyid in role.keyids and verify_signature(
+                keys[sig.keyid].public, sig.sig, document
+            ):
+                return sig
+        return None
+
+    def _release_request(self, document: dict[str, Any], sha256: str) -> Path:
+        keyring = self.keyring_document()
+        role = keyring.roles[Role.RELEASE]
+        model = document.get("model", {})
+        request = new_request(
+            kind=RequestKind.MANIFEST,
+            summary=(
+                f"package manifest of {model.get('name')} version {model.get('version')} "
+                f"({len(document.get('files', []))} files)"
+            ),
+            document=document,
+            keys={kid: keyring.keys[kid].public for kid in role.keyids},
+            groups=[
+                SignerGroup(name="release", keyids=list(role.keyids), threshold=role.threshold)
+            ],
+            created_at=utcnow(),
+        )
+        path = self.keys_dir / RELEASE_REQUESTS_DIR / f"{sha256}.json"
+        if not path.exists():
+            write_secret(path, request.model_dump_json(indent=2).encode(), overwrite=True)
+        return path
+
+    def release_requests(self) -> list[SigningRequest]:
+        """Package manifests waiting for an offline release signature."""
+        folder = self.keys_dir / RELEASE_REQUESTS_DIR
+        return [
+            SigningRequest.model_validate_json(p.read_bytes())
+            for p in sorted(folder.glob("*.json"))
+        ]
+
+    def _import_release_signature(self, answer: SignatureFile) -> ReleaseSigned:
+        path = self.keys_dir / RELEASE_REQUESTS_DIR / f"{answer.sha256}.json"
+        try:
+            request = SigningRequest.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise NotFound(
+                f"no package manifest with sha256 {answer.sha256[:16]} waits for a release "
+                "signature here"
+            ) from None
+        request = add_signature(request, answer)
+        missing = unmet_groups(request)
+        if missing:
+            write_secret(path, request.model_dump_json(indent=2).encode(), overwrite=True)
+            return ReleaseSigned(request, done=False)
+        write_secret(
+            self.keys_dir / RELEASE_SIGNATURES_DIR / f"{answer.sha256}.json",
+            DetachedSignatures(signatures=request.signatures).model_dump_json().encode(),
+            overwrite=True,
+        )
+        path.unlink()
+        return ReleaseSigned(request, done=True)
 
     def sign_director(self, document: dict[str, Any]) -> Signature:
         """Sign a desired state or command with the always-online director key."""
@@ -387,9 +491,11 @@ class KeyStore:
             return Rotation(role, keyring.version, new_key.keyid, False, request, missing)
         return self._complete(request)
 
-    def import_signature(self, answer: SignatureFile) -> Rotation:
-        """Add an offline signature to the pending rotation; complete it once every group's
-        threshold is reached."""
+    def import_signature(self, answer: SignatureFile) -> "Rotation | ReleaseSigned":
+        """Add an offline signature to the pending rotation (complete it once every group's
+        threshold is reached), or to a package manifest waiting for its release signature."""
+        if answer.kind is RequestKind.MANIFEST:
+            return self._import_release_signature(answer)
         request = self.pending_request()
         if request is None:
             raise NotFound("no rotation is waiting for signatures")

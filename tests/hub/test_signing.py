@@ -3,8 +3,10 @@
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlmodel import Session
 
 from agent.protocol.documents import Keyring, Role
 from agent.protocol.keys import SigningKey, verify_signature
@@ -157,3 +159,99 @@ def test_a_rotation_interrupted_while_completing_is_finished_by_the_next_rotate(
     assert after.director_keyid == finished.new_keyid != before.director_keyid
     assert keys.sign_director({"x": 1}).keyid == after.director_keyid
     assert keys.pending_request() is None
+
+
+def test_a_package_manifest_signed_offline_builds_the_package(
+    session: Session, keys: KeyStore, tmp_path: Path
+) -> None:
+    """Release key offline: building a package leaves a signing request for its manifest;
+    signed elsewhere with `keys sign-request` and imported, the next build uses it, and the
+    package verifies on a device like any other."""
+    from click.testing import CliRunner
+
+    from agent.trust import verify_keyring, verify_manifest
+    from hub.blobs import BlobStore
+    from hub.cli import main as hub_cli
+    from hub.packages.service import ensure_package
+    from hub.registry import service as registry
+
+    offline = tmp_path / "offline"
+    keys.export(OfflineRole.RELEASE, offline / "release.pem")
+    keys.export(OfflineRole.ROOT, offline / "root.pem")
+    keys.remove(OfflineRole.RELEASE)
+    blobs = BlobStore(tmp_path / "models")
+    mv = registry.register_model(
+        session=session,
+        blobs=blobs,
+        name="tiny",
+        framework="tflite",
+        files=[registry.UploadedFile("model.tflite", b"\x00tflite-bytes" * 10)],
+        sample_input=b"[[1.0, 2.0]]",
+        expected_output=b"[[0.5]]",
+        max_bytes=1_000_000,
+    )
+
+    def build() -> Any:
+        return ensure_package(
+            session=session,
+            keys=keys,
+            blobs=blobs,
+            packages_dir=tmp_path / "packages",
+            model_version=mv,
+            max_package_bytes=10_000_000,
+            chunk_bytes=1024,
+        )
+
+    with pytest.raises(SigningUnavailable, match="release key is offline") as info:
+        build()
+    (request,) = keys.release_requests()
+    assert str(keys.keys_dir / "release-requests") in info.value.detail
+    assert request.summary.startswith("package manifest of tiny version 1")
+    request_file = keys.keys_dir / "release-requests" / f"{request.sha256}.json"
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(hub_cli, list(args), catch_exceptions=False)
+
+    data = ("--data-dir", str(keys.keys_dir.parent))
+    wrong = cli(
+        "keys",
+        "sign-request",
+        str(request_file),
+        "--key",
+        str(offline / "root.pem"),
+        "--out",
+        str(offline / "wrong.sig"),
+    )
+    assert wrong.exit_code == 2
+    assert "is not one this request asks for" in wrong.output
+    signed = cli(
+        "keys",
+        "sign-request",
+        str(request_file),
+        "--key",
+        str(offline / "release.pem"),
+        "--out",
+        str(offline / "m.sig"),
+    )
+    assert signed.exit_code == 0, signed.output
+    imported = cli("keys", "import-signature", str(offline / "m.sig"), *data)
+    assert imported.exit_code == 0, imported.output
+    assert "deploy it again" in imported.output
+    assert keys.release_requests() == []
+
+    package = build()
+    archive = (tmp_path / "packages" / f"{package.digest}.tar").read_bytes()
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        manifest = tar.extractfile("manifest.json").read()  # type: ignore[union-attr]
+        sig = tar.extractfile("manifest.sig").read()  # type: ignore[union-attr]
+    keyring = verify_keyring(
+        keys.keyring(), root_public_b64=keys.root_public_b64(), current=None, now=None
+    )
+    assert verify_manifest(manifest, sig, keyring=keyring, device_class="g", agent_version="9.9.9")
+    # Importing the same answer again: nothing waits for it any more.
+    again = cli("keys", "import-signature", str(offline / "m.sig"), *data)
+    assert again.exit_code == 2
+    assert "waits for a release signature" in again.output
