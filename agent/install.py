@@ -265,6 +265,10 @@ class ModelStore:
                     check_external_data(staging / FILES_SUBDIR, manifest)
             except tarfile.TarError as exc:
                 raise RejectedError(f"corrupt package archive: {exc}") from None
+            except RecursionError:
+                # Python's json gives up on deep nesting with RecursionError, which is not a
+                # ValueError: a manifest of a million "[" is malformed, not an agent fault.
+                raise RejectedError("a document in the package is nested too deeply") from None
         (staging / MANIFEST_NAME).write_bytes(entries.manifest_bytes)
         (staging / SIGNATURE_NAME).write_bytes(entries.signature_bytes)
         fsync_dir(staging)

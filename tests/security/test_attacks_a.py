@@ -24,7 +24,7 @@ import pytest
 
 from agent.archive import ArchiveLimits
 from agent.core import Agent
-from agent.download import ChunkAssembler
+from agent.download import MAX_CORRUPT_PER_CHUNK, ChunkAssembler
 from agent.errors import RejectedError, TooLargeError
 from agent.install import ModelStore, TrustContext
 from agent.protocol.documents import (
@@ -511,13 +511,13 @@ def test_a8_endless_or_overlong_data_is_cut_at_the_signed_length(
         assert not assembler.add(index, b"\0" * ref.chunk_bytes)
     # (b) L + 1: the last chunk with one byte more, again and again.
     overlong = package.data[start:] + b"\0"
-    for _ in range(2):
+    for _ in range(MAX_CORRUPT_PER_CHUNK - 1):
         assert not assembler.add(last, overlong)
         assert not part.exists() or part.stat().st_size <= ref.size
     with pytest.raises(RejectedError) as info:
         assembler.add(last, overlong)
     assert info.value.reason is Reason.HASH
-    assert "arrived corrupt 3 times" in info.value.detail
+    assert f"arrived corrupt {MAX_CORRUPT_PER_CHUNK} times" in info.value.detail
     assert not part.exists() or part.stat().st_size <= ref.size
     assembler.discard()
     assert list(downloads.iterdir()) == []

@@ -110,6 +110,30 @@ def manifest_bitflip(rng: random.Random, b: Bases) -> Variant:
         )
 
 
+def manifest_hostile_json(rng: random.Random, b: Bases) -> Variant:
+    """manifest.json replaced by JSON that parsers trip on: deep nesting, NaN, huge numbers,
+    duplicate keys, documents that are not objects, bytes that are not UTF-8. (A byte-order
+    mark or UTF-16 would be the same document: Python's json reads both.)"""
+    genuine = b.v2.members[MANIFEST_NAME]
+    depth = rng.randint(1_000, 200_000)
+    kind = rng.randrange(9)
+    text = [
+        b"[" * depth + b"]" * depth,
+        b'{"a":' * depth + b"1" + b"}" * depth,
+        genuine[:-1] + b',"x":NaN}',
+        genuine[:-1] + b',"x":-Infinity}',
+        genuine[:-1] + b',"x":' + b"9" * rng.randint(4_301, 100_000) + b"}",
+        genuine[:-1] + b',"model":{"name":"iris","version":99,"framework":"onnx"}}',
+        rng.choice([b"[]", b'"manifest"', b"null", b"1e999", b""]),
+        b"\xff" + genuine,
+        genuine[:-1] + b',"x":"\\ud800"}',  # a lone surrogate: JSON allows it, UTF-8 does not
+    ][kind]
+    return Variant(
+        f"manifest.json replaced by hostile JSON ({kind})",
+        tar_of({**b.v2.members, MANIFEST_NAME: text}),
+    )
+
+
 def truncation(rng: random.Random, b: Bases) -> Variant:
     data = tar_of(b.v2.members)
     # Cut before the end of the last member's data: the zero padding after it carries nothing.
@@ -273,6 +297,7 @@ def wrong_key(rng: random.Random, b: Bases) -> Variant:
 CLASSES: dict[str, Callable[[random.Random, Bases], Variant]] = {
     "payload_bitflip": payload_bitflip,
     "manifest_bitflip": manifest_bitflip,
+    "manifest_hostile_json": manifest_hostile_json,
     "truncation": truncation,
     "appended_bytes": appended_bytes,
     "swapped_file": swapped_file,
