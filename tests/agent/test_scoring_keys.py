@@ -112,15 +112,23 @@ async def _status(client: httpx.AsyncClient, key: str) -> int:
 
 
 async def _rotate_while_calling(
-    client: httpx.AsyncClient, caller: Caller, state_dir: Path, which: str
+    client: httpx.AsyncClient, caller: Caller, state_dir: Path, which: str, times: int = 1
 ) -> str:
-    """Rotate ``which`` in a thread (as another process would) while ``caller`` keeps
-    calling; returns the new key. The caller runs before, during and after the rotation."""
+    """Rotate ``which`` ``times`` times in a thread (as another process would) while
+    ``caller`` keeps calling; returns the last new key. The caller runs before, during and
+    after the rotations."""
     stop = asyncio.Event()
     task = asyncio.create_task(caller.loop(stop))
     await caller.until(20)
-    code, new_key = await asyncio.to_thread(_cli, state_dir, "rotate", f"--{which}")
-    assert code == 0
+
+    def rotate() -> str:
+        key = ""
+        for _ in range(times):
+            code, key = _cli(state_dir, "rotate", f"--{which}")
+            assert code == 0
+        return key
+
+    new_key = await asyncio.to_thread(rotate)
     await caller.until(caller.ok + 20)
     stop.set()
     await task
@@ -147,8 +155,9 @@ def test_rotate_secondary_then_primary_without_downtime(tmp_path: Path) -> None:
 
                 # 1. Clients on the primary; the secondary is rotated.
                 on_primary = Caller(client, first.primary)
+                # Rotated 20 times, so many key-file reloads happen under the caller.
                 new_secondary = await _rotate_while_calling(
-                    client, on_primary, tmp_path, "secondary"
+                    client, on_primary, tmp_path, "secondary", times=20
                 )
                 assert new_secondary != first.secondary
                 assert await _status(client, first.secondary) == 401
