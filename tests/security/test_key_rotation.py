@@ -24,10 +24,17 @@ from agent.errors import TrustError
 from agent.protocol.canonical import canonical_bytes
 from agent.protocol.documents import (
     DesiredState,
+    DetachedSignatures,
+    FileEntry,
+    Framework,
+    HealthCheck,
     Keyring,
+    Manifest,
+    ModelInfo,
     PublicKey,
     Role,
     RoleKeys,
+    RuntimeSpec,
     Signed,
     document_dict,
 )
@@ -35,7 +42,7 @@ from agent.protocol.keys import SigningKey
 from agent.protocol.messages import DesiredBody, Reason, encode
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
-from agent.trust import verify_keyring
+from agent.trust import verify_keyring, verify_manifest
 from hub.cli import main as hub_cli
 from tests.support.agents import fast_settings, write_identity
 from tests.support.live_hub import LiveHub, live_hub_with
@@ -640,3 +647,39 @@ def test_a_broken_chain_is_refused_and_nothing_is_kept(
     assert (tmp_path / "keyring.json").read_bytes() == before
     assert agent._keyring is not None
     assert agent._keyring.version == 1
+
+
+def test_after_a_release_rotation_only_the_new_release_key_releases(tmp_path: Path) -> None:
+    """A9 for packages: once the device adopted a keyring naming a new release key, a manifest
+    signed by the old release key is not released any more; one by the new key is."""
+    new_release = SigningKey.generate()
+    agent = _device(tmp_path, Trusted())
+    doc = _keyring(version=2, roots=(0,), threshold=1, director=OLD_DIRECTOR)
+    doc["keys"] = {k: v for k, v in doc["keys"].items() if k != RELEASE.keyid}
+    doc["keys"][new_release.keyid] = {"scheme": "ed25519", "public": new_release.public_b64}
+    doc["roles"]["release"] = {"keyids": [new_release.keyid], "threshold": 1}
+    _deliver(agent, _signed(doc, (0,)), _desired(1, OLD_DIRECTOR))
+    assert not agent.rejections, agent.last_rejection
+    keyring = agent._keyring
+    assert keyring is not None
+    assert keyring.version == 2
+    manifest = document_dict(
+        Manifest(
+            model=ModelInfo(name="iris", version=1, framework=Framework.ONNX),
+            runtime=RuntimeSpec(model_file="model.onnx"),
+            files=[FileEntry(path="model.onnx", size=1, sha256="0" * 64)],
+            health_check=HealthCheck(input="in.json", expected_output="out.json"),
+            created_at=NOW,
+        )
+    )
+
+    def check(signer: SigningKey) -> None:
+        sigs = DetachedSignatures(signatures=[signer.sign(manifest)]).model_dump_json().encode()
+        verify_manifest(
+            canonical_bytes(manifest), sigs, keyring=keyring, device_class="g", agent_version="1"
+        )
+
+    with pytest.raises(TrustError) as info:
+        check(RELEASE)
+    assert info.value.reason is Reason.NOT_RELEASED
+    check(new_release)
