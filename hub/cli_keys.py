@@ -272,7 +272,7 @@ def keys_sign_request(request_file: Path, key_file: Path, out: Path) -> None:
 def keys_import_signature(
     ctx: click.Context, data_dir: Path | None, signature_file: Path, no_publish: bool
 ) -> None:
-    """Add an offline signature to the pending rotation; it takes effect once complete."""
+    """Add an offline signature to the pending rotation or to a waiting package manifest."""
     from hub.signing.keystore import ReleaseSigned
     from hub.signing.requests import parse_signature
 
