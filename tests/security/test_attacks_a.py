@@ -239,7 +239,7 @@ def test_a11_a_compromised_director_cannot_install_a_package_no_release_key_sign
     evil = {**files, "model.onnx": files["model.onnx"] + b"\x00"}
     manifest = sim.manifest(evil, version=2)
     key = sim.director if signer == "director_key" else SigningKey.generate()
-    package = sim.package(evil, version=2, signatures=[key.sign(document_dict(manifest))])
+    package = sim.package(evil, signatures=[key.sign(document_dict(manifest))], manifest=manifest)
     event, probes = _refused_over_mqtt(hub, state_dir, sim, files, (package.data, package.ref))
     assert (event.step, event.reason) == (Step.FAILED, Reason.NOT_RELEASED)
     assert probes >= 1
@@ -249,22 +249,23 @@ def test_a11_a_compromised_director_cannot_install_a_package_no_release_key_sign
 
 
 def _signed_with(
-    sim: PackageRepoSimulator, files: dict[str, bytes], sigs: list[Signature]
+    sim: PackageRepoSimulator, manifest: Manifest, files: dict[str, bytes], sigs: list[Signature]
 ) -> SimPackage:
-    return sim.package(files, version=2, signatures=sigs)
+    return sim.package(files, signatures=sigs, manifest=manifest)
 
 
 def test_a3_a_validly_made_signature_by_any_other_key_is_not_a_release(
     device: Store, sim: PackageRepoSimulator, files: dict[str, bytes]
 ) -> None:
-    doc = document_dict(sim.manifest(files, version=2))
+    manifest = sim.manifest(files, version=2)
+    doc = document_dict(manifest)
     for key in (sim.director, sim.root, SigningKey.generate()):  # the last: a device's key
-        package = _signed_with(sim, files, [key.sign(doc)])
+        package = _signed_with(sim, manifest, files, [key.sign(doc)])
         error = device.refused(package.data, package.manifest)
         assert error.reason is Reason.NOT_RELEASED, error
         # Claiming the release key's id does not help: the signature does not verify.
         forged = _signed_with(
-            sim, files, [Signature(keyid=sim.release.keyid, sig=key.sign(doc).sig)]
+            sim, manifest, files, [Signature(keyid=sim.release.keyid, sig=key.sign(doc).sig)]
         )
         error = device.refused(forged.data, forged.manifest)
         assert error.reason is Reason.SIGNATURE, error
@@ -284,7 +285,8 @@ def test_a3_one_key_signing_twice_does_not_reach_a_threshold_of_two(
         now=None,
     )
     two_of_two = TrustContext(keyring, device.trust.device_class, AGENT_VERSION)
-    doc = document_dict(sim.manifest(files, version=2))
+    manifest = sim.manifest(files, version=2)
+    doc = document_dict(manifest)
     one = sim.release.sign(doc)
     cases = {
         "the same signature twice": ([one, one], Reason.THRESHOLD),
@@ -294,11 +296,11 @@ def test_a3_one_key_signing_twice_does_not_reach_a_threshold_of_two(
         ),
     }
     for what, (sigs, reason) in cases.items():
-        package = _signed_with(sim, files, sigs)
+        package = _signed_with(sim, manifest, files, sigs)
         error = device.refused(package.data, package.manifest, trust=two_of_two)
         assert error.reason is reason, (what, error)
     # Both keys really signing is what the threshold asks for.
-    both = _signed_with(sim, files, [one, second.sign(doc)])
+    both = _signed_with(sim, manifest, files, [one, second.sign(doc)])
     device.install(both.data, both.ref, trust=two_of_two)
     assert device.store.pointer("iris").version == 2  # type: ignore[union-attr]
 

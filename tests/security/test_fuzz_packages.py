@@ -316,7 +316,7 @@ def _bases(sim: PackageRepoSimulator, files: dict[str, bytes]) -> Bases:
     second = SigningKey.generate()
     manifest = sim.manifest(files, version=2)
     one = sim.release.sign(document_dict(manifest))
-    threshold_v2 = sim.package(files, version=2, signatures=[one])
+    threshold_v2 = sim.package(files, signatures=[one], manifest=manifest)
     return Bases(
         v2=v2,
         other_release=other,

@@ -146,11 +146,14 @@ class PackageRepoSimulator:
         files: Mapping[str, bytes],
         *,
         signatures: list[Signature] | None = None,
+        manifest: Manifest | None = None,
         **manifest_args: Any,
     ) -> SimPackage:
         """Build and sign a package as the hub does (release key, ``build_archive``);
-        ``signatures`` replaces the release signature (other keys, none, duplicates)."""
-        manifest = self.manifest(files, **manifest_args)
+        ``signatures`` replaces the release signature (other keys, none, duplicates), made
+        over ``manifest`` when one is given (its time stamp then matches them)."""
+        if manifest is None:
+            manifest = self.manifest(files, **manifest_args)
         doc = document_dict(manifest)
         sigs = [self.keys.sign_release(doc)] if signatures is None else signatures
         data = build_archive(manifest, sigs, dict(files))
