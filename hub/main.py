@@ -67,6 +67,7 @@ def _run_messaging(ctx: HubContext) -> Iterator[None]:
             password = read_or_create_token(settings.hub_broker_password_path, nbytes=24)
             hub_hash = hash_password(password)
             broker.start(_embedded_broker_users(ctx, broker, hub_hash))
+            broker.hub_password = password  # for dropping a disabled device's connection
             stack.callback(broker.stop)
             ctx.broker = broker
             # The hub's own listener: client ids there stay the hub's (the device listener

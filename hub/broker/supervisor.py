@@ -22,6 +22,7 @@ from typing import IO, Self
 from agent.protocol.topics import DEFAULT_ROOT, Topics
 from hub.atomic import write_atomic
 from hub.broker.config import render_acl, render_config
+from hub.broker.kick import KickError, take_over_client_id
 from hub.broker.passwords import BrokerUser, check_hub_username, render_passwords
 from hub.broker.tls_listener import TlsListener
 
@@ -122,6 +123,8 @@ class EmbeddedBroker:
         self._supervisor: threading.Thread | None = None
         self._restart_times: deque[float] = deque()
         self.restarts = 0  # how many times the supervisor brought mosquitto back
+        # The hub account's password, set by the hub, for ``disconnect_client``.
+        self.hub_password: str | None = None
 
     # -- paths and addresses ---------------------------------------------------------------
 
@@ -316,6 +319,22 @@ class EmbeddedBroker:
                         f"mosquitto did not reload within {timeout_s}s; log:\n{self.log_tail()}"
                     )
                 time.sleep(_POLL_S)
+
+    def disconnect_client(self, client_id: str, *, timeout_s: float = 5.0) -> None:
+        """Drop the live connection of ``client_id`` (hub.broker.kick), if there is one."""
+        if self.hub_password is None:
+            raise BrokerError("the hub account's password is not set; cannot disconnect clients")
+        try:
+            take_over_client_id(
+                host=self.hub_host,
+                port=self.hub_port,
+                username=self.hub_username,
+                password=self.hub_password,
+                client_id=client_id,
+                timeout_s=timeout_s,
+            )
+        except KickError as exc:
+            raise BrokerError(f"could not disconnect {client_id}: {exc}") from exc
 
     def stop(self) -> None:
         """Stop mosquitto (SIGTERM, then SIGKILL after a deadline) and reap it."""

@@ -11,6 +11,7 @@ from pydantic import AfterValidator
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from hub.broker.supervisor import BrokerError
 from hub.context import HubContext
 from hub.dependencies import AdminDep, ContextDep, SessionDep
 from hub.devices import service
@@ -131,6 +132,13 @@ async def _change_status(
     # Rewrites the broker's password file and ACL; the embedded Mosquitto drops a disabled
     # device's connection during the reload this waits for.
     await run_in_threadpool(ctx.on_credentials_changed)
+    if action == "disable" and ctx.broker is not None:
+        # A device logged in by certificate is not dropped by the reload: take its client id.
+        try:
+            await run_in_threadpool(ctx.broker.disconnect_client, device_id)
+        except BrokerError as exc:
+            # Its access is revoked all the same (the ACL denies it every topic).
+            logger.warning("could not drop a disabled device's connection: %s", exc)
     return changed
 
 

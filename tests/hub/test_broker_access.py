@@ -6,7 +6,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 import pytest
@@ -16,11 +17,16 @@ from agent.core import utc_now
 from agent.enroll import enroll
 from agent.state import StateDir
 from hub.broker.rules import device_grants, may_publish, may_receive, may_subscribe
+from hub.broker.supervisor import BrokerError
 from hub.settings import HubSettings
 from tests.support.agents import AgentThread, fast_settings, make_agent
 from tests.support.live_hub import LiveHub, live_hub_with
+from tests.support.waiting import wait_until
 
 from .conftest import RunningHub, hub_app
+
+if TYPE_CHECKING:
+    from conftest import BrokerHandle
 
 ROOT = "outpost"
 A, B = "dev-aaaa", "dev-bbbb"
@@ -298,3 +304,32 @@ def test_a_pending_device_stays_off_the_broker_until_accepted(tmp_path: Path) ->
         assert accepted.refused is None
         accepted.close()
         assert identity.device_id in hub.ctx.broker.password_file.read_text()
+
+
+def test_the_hub_can_drop_a_connection_the_password_reload_would_not(
+    mosquitto: "BrokerHandle",
+) -> None:
+    # A device logged in by certificate keeps its connection through the reload; taking its
+    # client id over on the hub's listener drops it. Shown here on a device whose password
+    # still works, so only the take-over can have dropped it.
+    password = mosquitto.add_device("dev-cert-like")
+    identity = SimpleNamespace(
+        device_id="dev-cert-like",
+        broker=SimpleNamespace(
+            host=mosquitto.host, port=mosquitto.port, username="dev-cert-like", password=password
+        ),
+    )
+    link = DeviceLink(identity)
+    assert link.refused is None
+    broker = mosquitto.broker
+    with pytest.raises(BrokerError, match="password is not set"):
+        broker.disconnect_client("dev-cert-like")
+    broker.hub_password = mosquitto.hub_password
+    broker.disconnect_client("dev-cert-like")
+    try:
+        wait_until(lambda: link.dropped_at is not None, DISCONNECT_DEADLINE_S, "the kick")
+    finally:
+        link.close()
+    broker.hub_password = "wrong"
+    with pytest.raises(BrokerError, match="refused the hub account"):
+        broker.disconnect_client("dev-cert-like")
