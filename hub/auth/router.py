@@ -7,7 +7,7 @@ from fastapi import APIRouter, Path, Query
 from pydantic import AwareDatetime
 
 from hub.auth import audit, tokens
-from hub.auth.schemas import AuditPublic, TokenCreate, TokenCreated, TokenPublic
+from hub.auth.schemas import ApiTokenCreate, ApiTokenCreated, ApiTokenPublic, AuditEntryPublic
 from hub.database import utcnow
 from hub.dependencies import AuthDep, PrincipalDep, SessionDep
 
@@ -17,7 +17,9 @@ TokenId = Annotated[str, Path(pattern=tokens.TOKEN_ID_PATTERN.pattern)]
 
 
 @router.post("/tokens", status_code=201)
-def create_token(session: SessionDep, principal: PrincipalDep, body: TokenCreate) -> TokenCreated:
+def create_token(
+    session: SessionDep, principal: PrincipalDep, body: ApiTokenCreate
+) -> ApiTokenCreated:
     """A new API token with a role; the token is in this answer only."""
     row, token = tokens.create_token(
         session=session,
@@ -27,21 +29,21 @@ def create_token(session: SessionDep, principal: PrincipalDep, body: TokenCreate
         created_by=principal.label,
         now=utcnow(),
     )
-    return TokenCreated(**TokenPublic.model_validate(row).model_dump(), token=token)
+    return ApiTokenCreated(**ApiTokenPublic.model_validate(row).model_dump(), token=token)
 
 
 @router.get("/tokens")
-def list_tokens(session: SessionDep, revoked: bool = False) -> list[TokenPublic]:
+def list_tokens(session: SessionDep, revoked: bool = False) -> list[ApiTokenPublic]:
     """API tokens, newest first; ``?revoked=true`` includes revoked ones."""
     rows = tokens.list_tokens(session=session, include_revoked=revoked)
-    return [TokenPublic.model_validate(r) for r in rows]
+    return [ApiTokenPublic.model_validate(r) for r in rows]
 
 
 @router.post("/tokens/{token_id}/revoke")
-def revoke_token(session: SessionDep, token_id: TokenId) -> TokenPublic:
+def revoke_token(session: SessionDep, token_id: TokenId) -> ApiTokenPublic:
     """Refuse the token from now on; 409 if it was revoked already."""
     row = tokens.revoke_token(session=session, token_id=token_id, now=utcnow())
-    return TokenPublic.model_validate(row)
+    return ApiTokenPublic.model_validate(row)
 
 
 @router.get("/audit")
@@ -57,7 +59,7 @@ def audit_log(
     ] = None,
     path: Annotated[str | None, Query(max_length=512, description="path prefix")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-) -> list[AuditPublic]:
+) -> list[AuditEntryPublic]:
     """Mutating calls, newest first: who (token id, name, role, claimed actor), when, method,
     path, status and client address. Request bodies and credentials are never recorded."""
     rows = audit.list_entries(
@@ -71,4 +73,4 @@ def audit_log(
         path_prefix=path,
         limit=limit,
     )
-    return [AuditPublic.model_validate(r) for r in rows]
+    return [AuditEntryPublic.model_validate(r) for r in rows]

@@ -10,7 +10,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 MAX_TTL_DAYS = 3650
 
 
-class TokenCreate(BaseModel):
+class ApiTokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN, description="what uses it: ci, grafana, alice")
@@ -20,7 +20,7 @@ class TokenCreate(BaseModel):
     )
 
 
-class TokenPublic(BaseModel):
+class ApiTokenPublic(BaseModel):
     """A token as listed: never the token or its hash."""
 
     model_config = ConfigDict(from_attributes=True)
@@ -35,11 +35,11 @@ class TokenPublic(BaseModel):
     last_used_at: datetime | None
 
 
-class TokenCreated(TokenPublic):
+class ApiTokenCreated(ApiTokenPublic):
     token: str = Field(description="the bearer token; shown this once, not stored by the hub")
 
 
-class AuditPublic(BaseModel):
+class AuditEntryPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int

@@ -14,6 +14,9 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_SOAK_S = 7 * 24 * 3600
+# A bound on every device count: larger than any fleet, small enough for the database's
+# integers (an unbounded max_concurrent reached SQL and answered 500; found by schemathesis).
+MAX_DEVICES = 10_000_000
 
 
 class ExponentialRate(BaseModel):
@@ -21,9 +24,9 @@ class ExponentialRate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    first: int = Field(ge=1)
+    first: int = Field(ge=1, le=MAX_DEVICES)
     factor: float = Field(default=2.0, gt=1.0, le=100.0)
-    max: int | None = Field(default=None, ge=1)
+    max: int | None = Field(default=None, ge=1, le=MAX_DEVICES)
 
 
 class RolloutPolicy(BaseModel):
@@ -33,26 +36,28 @@ class RolloutPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # The canary: the first wave, on its own.
-    canary: int | None = Field(default=None, ge=1, description="devices in the canary wave")
+    canary: int | None = Field(
+        default=None, ge=1, le=MAX_DEVICES, description="devices in the canary wave"
+    )
     canary_percent: float | None = Field(default=None, gt=0, le=100)
     # The rest, in waves of one of these shapes (none: the rest in one wave).
-    wave_size: int | None = Field(default=None, ge=1)
+    wave_size: int | None = Field(default=None, ge=1, le=MAX_DEVICES)
     wave_percent: float | None = Field(default=None, gt=0, le=100)
     exponential: ExponentialRate | None = None
     # A device that reached the new version must stay healthy this long to count as a success.
     soak_s: int = Field(default=0, ge=0, le=MAX_SOAK_S)
     # Abort when more devices than this failed or timed out ...
-    max_failures: int | None = Field(default=None, ge=0)
+    max_failures: int | None = Field(default=None, ge=0, le=MAX_DEVICES)
     # ... or when more than this share of the finished devices did ...
     max_failure_ratio: float | None = Field(default=None, ge=0, lt=1)
     # ... judged only once this many devices have finished (succeeded, failed or timed out).
     # None: 1 for a count; for a ratio, enough devices that one failure alone cannot cross it
     # (otherwise the first finished device failing would be 100 % and abort at once).
-    min_devices: int | None = Field(default=None, ge=1)
+    min_devices: int | None = Field(default=None, ge=1, le=MAX_DEVICES)
     # On abort, also send the devices it already updated back to what they ran before.
     rollback_on_abort: bool = False
     # At most this many devices fetching the package at once (None: no cap).
-    max_concurrent: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_DEVICES)
     # Stop after the canary until an operator promotes the rollout.
     pause_after_canary: bool = False
     # "random": waves are a shuffle of the target, seeded by the deployment id, so canaries are a

@@ -7,11 +7,12 @@ from pydantic import BaseModel, Field, model_validator
 from agent.protocol.documents import CollectPolicy
 from hub.deployments.policy import RolloutPolicy
 from hub.devices.schemas import GroupName
+from hub.registry.models import MAX_VERSION
 
 
 class DeploymentCreate(BaseModel):
     model: str
-    version: int | None = Field(default=None, ge=1)  # None: the latest version
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION)  # None: the latest version
     devices: list[str] = Field(default_factory=list, max_length=10_000)
     # Tag selector, e.g. "site=plant-3,hw=rpi4": every device carrying all of them (and the
     # devices named in ``devices``).

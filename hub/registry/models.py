@@ -8,6 +8,10 @@ from sqlmodel import Field, SQLModel
 
 from hub.database import UTCDateTime, utcnow
 
+# The version column is a 32-bit integer on PostgreSQL; a larger number names no version, and
+# SQLite cannot even bind one past 64 bits (found by schemathesis as a 500).
+MAX_VERSION = 2**31 - 1
+
 
 class ModelVersion(SQLModel, table=True):
     __tablename__ = "model_version"

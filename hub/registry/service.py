@@ -16,7 +16,7 @@ from agent.protocol.documents import ANY_DEVICE_CLASS, Framework
 from hub.blobs import BlobStore
 from hub.errors import Conflict, InvalidInput, NotFound, TooLarge
 from hub.registry.inspection import inspect_model
-from hub.registry.models import ModelFile, ModelVersion
+from hub.registry.models import MAX_VERSION, ModelFile, ModelVersion
 from hub.registry.schemas import ModelFilePublic, ModelSummary, ModelVersionPublic
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ def get_version(*, session: Session, name: str, version: int | str) -> ModelVers
             number = int(version)
         except ValueError:
             raise InvalidInput(f"version must be a number or 'latest', not {version!r}") from None
+        if not 1 <= number <= MAX_VERSION:
+            raise NotFound(f"model {name}:{version} not found")
         query = query.where(ModelVersion.version == number)
     row = session.exec(query).first()
     if row is None:

@@ -8,6 +8,7 @@ from pydantic import AwareDatetime
 from agent.protocol.topics import DEVICE_ID_PATTERN
 from hub.database import utcnow
 from hub.dependencies import AdminDep, SessionDep
+from hub.registry.models import MAX_VERSION
 from hub.telemetry import service
 from hub.telemetry.schemas import DataPage, DeadLetterPublic, DeviceTelemetry, FleetTelemetry
 
@@ -64,7 +65,7 @@ def fleet_telemetry(
 def data_records(
     session: SessionDep,
     model: Annotated[str | None, Query(max_length=63)] = None,
-    version: Annotated[int | None, Query(ge=1, description="needs model")] = None,
+    version: Annotated[int | None, Query(ge=1, le=MAX_VERSION, description="needs model")] = None,
     device: DeviceFilter = None,
     since: Since = None,
     until: Until = None,
