@@ -385,3 +385,22 @@ def test_a_thousand_mutated_desired_states_are_all_refused_with_a_reason(
     # The harness can accept: the genuine counter-6 state gets through the same handler.
     agent._on_message(TOPIC, sim.desired_message(bases.genuine))
     assert agent.state.load_progress().desired_counter == 6
+
+
+@pytest.mark.usefixtures("quiet_agent")
+def test_the_fuzz_catches_an_agent_that_skips_the_signature_check(
+    tmp_path: Path,
+    sim: PackageRepoSimulator,
+    files: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """THREATS.md F5: with the director signature check taken out, variants changed after
+    signing are taken as new orders, so the refusals above are the check's doing."""
+    monkeypatch.setattr("agent.trust._check_role", lambda *args, **kwargs: None)
+    v2 = sim.package(files, version=2)
+    genuine = sim.desired([v2.ref], counter=6)
+    agent = _agent(tmp_path / "agent", sim)
+    doc = dict(genuine.signed, counter=7)
+    agent._on_message(TOPIC, sim.desired_message(Signed(signed=doc, signatures=[])))
+    assert agent.rejections == {}
+    assert agent.state.load_progress().desired_counter == 7

@@ -481,3 +481,29 @@ def test_each_mutation_class_changes_the_package(
     )
     rng = random.Random(f"{SEED}:{name}")
     assert all(CLASSES[name](rng, bases).data != genuine for _ in range(20))
+
+
+def test_the_fuzz_catches_an_agent_that_skips_the_signature_check(
+    tmp_path: Path,
+    sim: PackageRepoSimulator,
+    files: dict[str, bytes],
+    trust: TrustContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """THREATS.md F5: with the release signature check taken out of the agent, the same
+    variants get installed, so the refusals above are the check's doing."""
+    monkeypatch.setattr("agent.trust._check_role", lambda *args, **kwargs: None)
+    bases = _bases(sim, files)
+    store = make_store(tmp_path / "models")
+    accepted = 0
+    for name in ("signature_bytes", "key_id", "wrong_key"):
+        rng = random.Random(f"{SEED}:{name}")
+        for _ in range(5):
+            variant = CLASSES[name](rng, bases)
+            ref = sim.ref_for(variant.data, bases.v2.manifest)
+            path = tmp_path / f"{ref.digest}.tar"
+            path.write_bytes(variant.data)
+            store.install(path, ref, trust, lambda _: None)
+            accepted += 1
+            store.uninstall("iris")  # two draws may give the same bytes
+    assert accepted == 15
