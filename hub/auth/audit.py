@@ -41,7 +41,9 @@ def note_for(scope: Scope) -> AuditNote | None:
     return note if isinstance(note, AuditNote) else None
 
 
-def _entry(scope: Scope, note: AuditNote, status_code: int) -> AuditEntry | None:
+def _entry(
+    scope: Scope, note: AuditNote, status_code: int, started_at: datetime
+) -> AuditEntry | None:
     route = scope.get("route")
     template = str(getattr(route, "path", ""))
     method = str(scope["method"])
@@ -53,7 +55,7 @@ def _entry(scope: Scope, note: AuditNote, status_code: int) -> AuditEntry | None
     client = scope.get("client")
     principal = note.principal
     return AuditEntry(
-        at=utcnow(),
+        at=started_at,
         method=method[:8],
         path=str(scope.get("path", ""))[:512],
         route=template[:255],
@@ -82,6 +84,7 @@ class AuditMiddleware:
         if scope["type"] != "http" or scope["method"] not in WRITE_METHODS:
             await self.app(scope, receive, send)
             return
+        started_at = utcnow()  # when the call was made, not when it ended
         note = AuditNote()
         scope[NOTE_KEY] = note
         # An exception that escapes the app becomes a 500 in the middleware outside this one.
@@ -96,7 +99,7 @@ class AuditMiddleware:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            entry = _entry(scope, note, status_code)
+            entry = _entry(scope, note, status_code, started_at)
             if entry is not None:
                 engine: Engine = scope["app"].state.hub.engine
                 # Shielded: a client that hangs up must not erase the record of its call.

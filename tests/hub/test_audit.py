@@ -196,3 +196,22 @@ def test_audit_cli_lists_recent_calls(served_hub: ServedHub) -> None:
     bad = runner.invoke(main, ["audit", "--since", "yesterday"], env=env)
     assert bad.exit_code == 2
     assert "neither an ISO time" in bad.output
+
+
+def test_tokens_and_the_audit_log_on_postgresql(pg_hub: RunningHub) -> None:
+    hub = pg_hub
+    before = utcnow()
+    made = _token(hub, "ci", Role.DEPLOYER)
+    auth = {"Authorization": f"Bearer {made['token']}"}
+    assert hub.client.get("/api/v1/devices", headers=auth).status_code == 200
+    assert hub.client.post("/api/v1/enrollment-tokens", json={}, headers=auth).status_code == 403
+    assert hub.client.post(f"/api/v1/tokens/{made['id']}/revoke").status_code == 200
+    assert hub.client.get("/api/v1/devices", headers=auth).status_code == 401
+    rows = _entries(hub, since=before.isoformat())
+    assert [(r["path"], r["status_code"], r["role"]) for r in rows] == [
+        (f"/api/v1/tokens/{made['id']}/revoke", 200, "admin"),
+        ("/api/v1/enrollment-tokens", 403, "deployer"),
+        ("/api/v1/tokens", 201, "admin"),
+    ]
+    assert [r["status_code"] for r in _entries(hub, refused=True, token_id=made["id"])] == [403]
+    assert _entries(hub, path="/api/v1/tokens/")[0]["route"] == "/api/v1/tokens/{token_id}/revoke"
