@@ -142,13 +142,17 @@ def creds(running_hub: RunningHub) -> Creds:
     return Creds(headers=headers, roles=roles, ids={r: made[r]["id"] for r in Role})
 
 
+def _unguarded(app: FastAPI) -> list[str]:
+    return [
+        f"{m} {p}" for m, p, r in _routes(app) if (m, p) not in PUBLIC_ROUTES and not _guarded(r)
+    ]
+
+
 def test_every_route_is_guarded_or_on_the_allowlist(running_hub: RunningHub) -> None:
     app = running_hub.client.app
     assert isinstance(app, FastAPI)
     routes = _routes(app)
-    unguarded = [
-        f"{m} {p}" for m, p, r in routes if (m, p) not in PUBLIC_ROUTES and not _guarded(r)
-    ]
+    unguarded = _unguarded(app)
     assert unguarded == [], (
         "routes without require_role and not in hub.auth.policy.PUBLIC_ROUTES: "
         + ", ".join(unguarded)
@@ -165,6 +169,20 @@ def test_every_route_is_guarded_or_on_the_allowlist(running_hub: RunningHub) -> 
             continue
         operation = spec["paths"][path.replace(":path", "")][method.lower()]
         assert bool(operation.get("security")) == ((method, path) not in PUBLIC_ROUTES), path
+
+
+def test_the_check_catches_a_route_added_without_auth(running_hub: RunningHub) -> None:
+    app = running_hub.client.app
+    assert isinstance(app, FastAPI)
+    assert _unguarded(app) == []
+
+    @app.post("/api/v1/widgets")
+    def make_widget() -> dict[str, str]:
+        return {"made": "yes"}
+
+    assert _unguarded(app) == ["POST /api/v1/widgets"]
+    running_hub.client.headers.pop("Authorization")
+    assert running_hub.client.post("/api/v1/widgets").status_code == 200  # open indeed
 
 
 def test_no_route_answers_2xx_without_the_right_credentials(
