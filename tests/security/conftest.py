@@ -21,10 +21,10 @@ from agent.install import ModelStore, TrustContext
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
 from agent.trust import verify_keyring
+from tests.support.agents import DEVICE
 from tests.support.package_simulator import PackageRepoSimulator
 from tests.support.repository import iris_files
 
-DEVICE = "dev-000000000001"
 DEVICE_CLASS = "generic"
 AGENT_VERSION = "0.1.0"
 

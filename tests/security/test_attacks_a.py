@@ -43,8 +43,8 @@ from agent.runtimes.base import Runtime
 from agent.runtimes.health import check_health
 from agent.trust import verify_keyring
 from tests.conftest import BrokerHandle
-from tests.security.conftest import AGENT_VERSION, DEVICE, make_store, tree
-from tests.support.agents import fast_settings, running_agent, write_identity
+from tests.security.conftest import AGENT_VERSION, make_store, tree
+from tests.support.agents import DEVICE, fast_settings, running_agent, write_identity
 from tests.support.fake_hub import FakeHub
 from tests.support.package_simulator import PackageRepoSimulator, SimPackage, tar_of
 

@@ -27,8 +27,8 @@ from agent.protocol.keys import Signature, SigningKey
 from agent.protocol.topics import Channel, Topics
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
-from tests.security.conftest import DEVICE, reason_table, tree, write_report
-from tests.support.agents import fast_settings, write_identity
+from tests.security.conftest import reason_table, tree, write_report
+from tests.support.agents import DEVICE, fast_settings, write_identity
 from tests.support.package_simulator import PackageRepoSimulator
 
 SEED = 20261204
