@@ -287,7 +287,7 @@ def device() -> None:
 
 device.add_command(device_logs)
 device.add_command(device_ping)
-for _command in ENROLL_COMMANDS:  # tokens, accept, disable, enable
+for _command in ENROLL_COMMANDS:  # tokens, pending, accept, disable, enable
     device.add_command(_command)
 
 

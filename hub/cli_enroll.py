@@ -1,5 +1,5 @@
-"""``outpost-hub device tokens|accept|disable|enable``: serial-bound enrolment tokens for
-manufacturing, and a device's broker access.
+"""``outpost-hub device tokens|pending|accept|disable|enable``: serial-bound enrolment tokens
+for manufacturing, the devices waiting for approval, and a device's broker access.
 
 ``hub.cli`` registers these on its ``device`` group; this module imports ``hub.cli_client``,
 never ``hub.cli``, so there is no import cycle.
@@ -131,4 +131,16 @@ def device_enable(ctx: click.Context, device_id: str) -> None:
     _change(ctx, device_id, "enable")
 
 
-ENROLL_COMMANDS = (device_tokens, device_accept, device_disable, device_enable)
+@click.command("pending")
+@click.pass_context
+def device_pending(ctx: click.Context) -> None:
+    """Devices waiting for approval (``devices.approval_required``), oldest first."""
+    devices = client(ctx).json("GET", "/api/v1/devices", params={"status": "pending"})
+    for d in devices:
+        click.echo(
+            f"{d['id']:<24} {d['name'] or '-':<16} {d['device_class']:<12} {d['enrolled_at']}"
+        )
+    click.echo(f"{len(devices)} pending; accept with: outpost-hub device accept ID", err=True)
+
+
+ENROLL_COMMANDS = (device_tokens, device_pending, device_accept, device_disable, device_enable)

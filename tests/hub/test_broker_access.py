@@ -333,3 +333,43 @@ def test_the_hub_can_drop_a_connection_the_password_reload_would_not(
     broker.hub_password = "wrong"
     with pytest.raises(BrokerError, match="refused the hub account"):
         broker.disconnect_client("dev-cert-like")
+
+
+def test_the_manufacturing_and_approval_flow_through_the_cli(tmp_path: Path) -> None:
+    with live_hub_with(tmp_path, devices={"approval_required": True}) as hub:
+        serials = tmp_path / "batch.txt"
+        serials.write_text("# line 4, batch 17\nsn-1000\n\nsn-1001  # spare\nSN 1002\nsn/1003\n")
+        refused = hub.cli("device", "tokens", "--serials", str(serials))
+        assert refused.exit_code == 2
+        assert "2 bad serial number(s)" in refused.output
+        assert f"{serials}:5: 'SN 1002' is not a device id" in refused.output
+        assert f"{serials}:6: 'sn/1003'" in refused.output
+
+        serials.write_text("# line 4, batch 17\nsn-1000\n\nsn-1001  # spare\n")
+        out = tmp_path / "tokens.csv"
+        made = hub.cli("device", "tokens", "--serials", str(serials), "--out", str(out))
+        assert made.exit_code == 0, made.output
+        assert out.stat().st_mode & 0o777 == 0o600
+        rows = out.read_text().splitlines()
+        assert rows[0] == "serial,token,expires_at"
+        assert [r.split(",")[0] for r in rows[1:]] == ["sn-1000", "sn-1001"]
+        token = rows[1].split(",")[1]
+
+        state = StateDir(tmp_path / "sn-1000")
+        identity = enroll(
+            hub_url=hub.url, token=token, state=state, now=utc_now(), serial="sn-1000"
+        )
+        assert identity.device_id == "sn-1000"
+        pending = hub.cli("device", "pending")
+        assert pending.exit_code == 0
+        assert pending.output.startswith("sn-1000")
+
+        assert hub.cli("device", "enable", "sn-1000").exit_code != 0  # accept, not enable
+        accepted = hub.cli("device", "accept", "sn-1000")
+        assert accepted.exit_code == 0, accepted.output
+        assert "sn-1000: active" in accepted.output
+        assert hub.cli("device", "disable", "sn-1000").output.startswith("sn-1000: disabled")
+        assert "sn-1000: active" in hub.cli("device", "enable", "sn-1000").output
+        bad = hub.cli("device", "disable", "a/#")
+        assert bad.exit_code == 2
+        assert "is not a device id" in bad.output
