@@ -9,14 +9,16 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import pytest
-from sqlalchemy import update
+from alembic import command
+from sqlalchemy import text, update
 from sqlmodel import Session, col, select
 
 from hub.broker.passwords import verify_password
-from hub.database import utcnow
+from hub.database import make_engine, utcnow
 from hub.deployments.models import DeploymentDevice
 from hub.devices import service
 from hub.devices.models import EnrollmentToken
+from hub.migrations.runner import alembic_config, upgrade
 from hub.settings import HubSettings
 
 from .conftest import RunningHub, hub_app
@@ -276,3 +278,39 @@ def test_access_changes_need_an_admin_token(running_hub: RunningHub) -> None:
         headers={"Authorization": ""},
     )
     assert refused.status_code == 401
+
+
+def test_devices_enrolled_before_the_access_migration_keep_their_access(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    upgrade(url, "0007")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO device (id, device_class, password_hash, enrolled_at,"
+                " desired_counter, online, evt_acked_seq, tags, command_seq)"
+                " VALUES ('dev-000000000001', 'generic', 'x', '2026-01-01 00:00:00', 0, 0, 0,"
+                " '{}', 0)"
+            )
+        )
+    upgrade(url, "0008")
+    with Session(engine) as session:
+        (user,) = service.broker_users(session=session)
+        assert (user.username, user.active) == ("dev-000000000001", True)
+    command.downgrade(alembic_config(url), "0007")
+    with engine.connect() as conn:
+        columns = {row[1] for row in conn.execute(text("PRAGMA table_info(device)"))}
+    assert "status" not in columns
+    engine.dispose()
+
+
+def test_serial_tokens_and_access_changes_on_postgresql(pg_hub: RunningHub) -> None:
+    tokens = _serial_tokens(pg_hub, ["sn-0700", "sn-0701"])
+    assert _enroll(pg_hub, tokens[0]["token"]).status_code == 201
+    assert _enroll(pg_hub, tokens[0]["token"]).status_code == 401
+    assert pg_hub.client.post("/api/v1/devices/sn-0700/disable").status_code == 200
+    disabled = pg_hub.client.get("/api/v1/devices", params={"status": "disabled"}).json()
+    assert [d["id"] for d in disabled] == ["sn-0700"]
+    assert pg_hub.client.post("/api/v1/devices/sn-0700/enable").status_code == 200
+    taken = pg_hub.client.post("/api/v1/enrollment-tokens/serials", json={"serials": ["sn-0700"]})
+    assert taken.status_code == 409
