@@ -568,3 +568,27 @@ def test_tls_settings_and_options_go_in_pairs_of_readable_files(tmp_path: Path) 
         api_server_options(settings, certfile=tmp_path / "c.pem")
     with pytest.raises(CliError, match="not a readable file"):
         api_server_options(settings, certfile=tmp_path / "c.pem", keyfile=tmp_path / "k.pem")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "role"),
+    [
+        ("GET", "/api/v1/devices", Role.VIEWER),
+        ("GET", "/metrics", Role.VIEWER),
+        ("HEAD", "/api/v1/models", Role.VIEWER),
+        ("GET", "/api/v1/tokens", Role.ADMIN),
+        ("GET", "/api/v1/audit", Role.ADMIN),
+        ("GET", "/api/v1/enrollment-tokens/anything", Role.ADMIN),
+        ("GET", "/api/v1/tokensmith", Role.VIEWER),  # a prefix is a path segment, not a string
+        ("POST", "/api/v1/models", Role.DEPLOYER),
+        ("POST", "/api/v1/models/{name}/{version}/retire", Role.ADMIN),  # exact, not a prefix
+        ("POST", "/api/v1/deployments", Role.DEPLOYER),
+        ("POST", "/api/v1/deployments/{deployment_id}/pause", Role.DEPLOYER),
+        ("DELETE", "/api/v1/deployments/{deployment_id}", Role.ADMIN),
+        ("PATCH", "/api/v1/devices/{device_id}", Role.ADMIN),
+        ("POST", "/api/v1/devices/{device_id}/commands", Role.ADMIN),
+        ("PUT", "/api/v1/something/new", Role.ADMIN),  # an unknown write fails closed
+    ],
+)
+def test_the_role_each_route_needs(method: str, path: str, role: Role) -> None:
+    assert required_role(method, path) == role
