@@ -2,6 +2,8 @@
 external broker (EMQX) asks, and, against the hub's real Mosquitto, disabling a connected
 device (dropped at once, refused after, back when enabled) and approval mode."""
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.core import utc_now
 from agent.enroll import enroll
 from agent.state import StateDir
+from hub.broker.config import render_acl
 from hub.broker.rules import device_grants, may_publish, may_receive, may_subscribe
 from hub.broker.supervisor import BrokerError
 from hub.settings import HubSettings
@@ -373,3 +376,54 @@ def test_the_manufacturing_and_approval_flow_through_the_cli(tmp_path: Path) -> 
         bad = hub.cli("device", "disable", "a/#")
         assert bad.exit_code == 2
         assert "is not a device id" in bad.output
+
+
+def test_a_denied_account_loses_every_topic_on_a_live_connection(
+    mosquitto: "BrokerHandle",
+) -> None:
+    # What a certificate login (no password line to remove) relies on until it is dropped:
+    # the reloaded ACL's `topic deny #` applies to connections already open.
+    password = mosquitto.add_device("dev-denied")
+    broker = mosquitto.broker
+    identity = SimpleNamespace(
+        device_id="dev-denied",
+        broker=SimpleNamespace(
+            host=mosquitto.host, port=mosquitto.port, username="dev-denied", password=password
+        ),
+    )
+    seen: list[tuple[str, bytes]] = []
+    hub = paho.Client(CallbackAPIVersion.VERSION2, client_id="test-hub-observer")
+    hub.username_pw_set(mosquitto.hub_username, mosquitto.hub_password)
+    hub.on_message = lambda c, u, m: seen.append((m.topic, bytes(m.payload)))
+    subscribed = threading.Event()
+    hub.on_subscribe = lambda *a: subscribed.set()
+    hub.connect(broker.hub_host, broker.hub_port)
+    hub.loop_start()
+    link = DeviceLink(identity)
+    try:
+        hub.subscribe(f"{ROOT}/#", qos=1)
+        assert subscribed.wait(5), "no SUBACK"
+        state = f"{ROOT}/d/dev-denied/state"
+        link.client.publish(state, b"before", qos=1).wait_for_publish(5)
+        wait_until(lambda: (state, b"before") in seen, 5, "the allowed publish")
+
+        acl = render_acl(ROOT, mosquitto.hub_username, ["dev-denied"])
+        broker.acl_file.write_text(acl)
+        offset = broker.log_file.stat().st_size
+        assert broker.pid is not None
+        os.kill(broker.pid, signal.SIGHUP)
+        wait_until(
+            lambda: b"Reloading config" in broker.log_file.read_bytes()[offset:], 5, "the reload"
+        )
+        link.client.publish(state, b"after", qos=1).wait_for_publish(5)
+        link.client.publish(state, b"sentinel-check", qos=1).wait_for_publish(5)
+        # The hub's own message on the same topic arrives; the device's never did.
+        hub.publish(state, b"from-hub", qos=1).wait_for_publish(5)
+        wait_until(lambda: (state, b"from-hub") in seen, 5, "the hub's control message")
+        assert link.client.is_connected()
+        assert (state, b"after") not in seen
+        assert (state, b"sentinel-check") not in seen
+    finally:
+        link.close()
+        hub.loop_stop()
+        hub.disconnect()
