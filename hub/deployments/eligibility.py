@@ -12,7 +12,7 @@ from sqlmodel import Session, col, select
 
 from agent.protocol.documents import ANY_DEVICE_CLASS
 from hub.deployments.models import Deployment, DeviceDesired, DeviceState, RolloutState
-from hub.devices.models import Device
+from hub.devices.models import Device, DeviceStatus
 from hub.registry.models import ModelVersion
 from hub.registry.service import device_classes_of
 
@@ -88,6 +88,9 @@ def _judge_one(
 ) -> Verdict:
     if device is None:
         return Verdict(device_id, DeviceState.SKIPPED, "unknown device")
+    if device.status != DeviceStatus.ACTIVE:
+        # Off the broker: it could never answer, and the rollout would wait out its timeout.
+        return Verdict(device_id, DeviceState.SKIPPED, f"device is {device.status}")
     classes = candidate.device_classes
     if ANY_DEVICE_CLASS not in classes and device.device_class not in classes:
         return Verdict(

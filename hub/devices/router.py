@@ -32,6 +32,7 @@ from hub.devices.schemas import (
     TokenCreated,
     check_device_id,
 )
+from hub.security.revocation import revoke_device_certificates
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,13 @@ async def _change_status(
     # Rewrites the broker's password file and ACL; the embedded Mosquitto drops a disabled
     # device's connection during the reload this waits for.
     await run_in_threadpool(ctx.on_credentials_changed)
-    if action == "disable" and ctx.broker is not None:
+    if action != "disable":
+        return changed
+    # Its certificates go on the CRL (and the connection is dropped with them), so a TLS
+    # reconnect is refused at the handshake, not only denied every topic by the ACL.
+    if await run_in_threadpool(revoke_device_certificates, ctx, device_id):
+        return changed
+    if ctx.broker is not None:
         # A device logged in by certificate is not dropped by the reload: take its client id.
         try:
             await run_in_threadpool(ctx.broker.disconnect_client, device_id)

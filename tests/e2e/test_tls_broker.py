@@ -38,9 +38,10 @@ from hub.broker import (
     find_mosquitto,
     hash_password,
 )
+from hub.broker.kick import take_over_client_id
 from hub.security.ca import DeviceCA
 from hub.security.listener import prepare_tls_listener
-from hub.security.revocation import revoke_device_certificates, take_over_session
+from hub.security.revocation import revoke_device_certificates
 from hub.settings import HubSettings
 from tests.support.agents import AgentThread, fast_settings, make_agent
 from tests.support.live_hub import live_hub_with
@@ -339,7 +340,7 @@ def test_revoked_device_live_connection_survives_a_reload_and_is_kicked(
     live.publish(f"{ROOT}/d/dev-tls-live/tm", b"still-here")
     hub.until(f"{ROOT}/d/dev-tls-live/tm", b"still-here")
     assert not live.lost.is_set(), "mosquitto dropped the client at reload after all"
-    assert take_over_session(
+    take_over_client_id(
         host=tb.broker.hub_host,
         port=tb.broker.hub_port,
         username=DEFAULT_HUB_USERNAME,
@@ -353,7 +354,7 @@ def test_revoked_device_live_connection_survives_a_reload_and_is_kicked(
 
 def test_agent_gets_a_certificate_and_connects_with_tls_only(tmp_path: Path) -> None:
     """The whole road: enrol, request a certificate with the broker password, run on TLS;
-    revoke it through the hub and watch it fall off and stay off."""
+    disable it through the hub's API and watch it fall off and stay off."""
     with live_hub_with(tmp_path, broker={"tls": {"enabled": True}}) as hub:
         tokens = []
         with hub.api as client:
@@ -379,8 +380,12 @@ def test_agent_gets_a_certificate_and_connects_with_tls_only(tmp_path: Path) -> 
                     lambda a=agent: hub.device(a.device_id)["reported_state"] is not None,
                     what=f"{agent.device_id} reporting its state",
                 )
-            revoked = revoke_device_certificates(hub.ctx, identity.device_id)
-            assert len(revoked) == 1
+            # Disabling the device is what revokes its certificate (and drops it).
+            with hub.api as client:
+                answer = client.post(f"/api/v1/devices/{identity.device_id}/disable")
+                assert answer.status_code == 200, answer.text
+            assert hub.ctx.device_ca is not None
+            assert revoke_device_certificates(hub.ctx, identity.device_id) == []  # done already
             wait_until(lambda: not tls_agent.connected, TIMEOUT_S, "the revoked agent dropped")
             failures = tls_agent.link.connect_failures
             wait_until(

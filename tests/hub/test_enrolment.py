@@ -265,6 +265,31 @@ def test_disable_cancels_the_devices_unfinished_deployment_work(
     assert missing.status_code == 404
 
 
+def test_a_new_deployment_skips_devices_off_the_broker(
+    running_hub: RunningHub, iris_model: "IrisModel"
+) -> None:
+    """A disabled device could never answer: it is skipped with the reason, not waited for."""
+    assert running_hub.register_iris(iris_model).status_code == 201
+    devices = [running_hub.enroll()["device_id"] for _ in range(2)]
+    running_hub.ctx.on_credentials_changed = lambda: None
+    assert running_hub.client.post(f"/api/v1/devices/{devices[0]}/disable").status_code == 200
+    created = running_hub.client.post(
+        "/api/v1/deployments", json={"model": "iris", "version": None, "devices": devices}
+    )
+    assert created.status_code == 201, created.text
+    with Session(running_hub.ctx.engine) as session:
+        states = {
+            row.device_id: (row.state, row.detail)
+            for row in session.exec(
+                select(DeploymentDevice).where(
+                    DeploymentDevice.deployment_id == created.json()["id"]
+                )
+            )
+        }
+    assert states[devices[0]] == ("skipped", "device is disabled")
+    assert states[devices[1]][0] != "skipped"
+
+
 def test_access_changes_need_an_admin_token(running_hub: RunningHub) -> None:
     device_id = running_hub.enroll()["device_id"]
     for action in ("accept", "disable", "enable"):
