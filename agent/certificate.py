@@ -10,9 +10,6 @@ A renewal asks again with the same key, so the key and the certificate on disk a
 """
 
 import base64
-import json
-import urllib.error
-import urllib.request
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.errors import EnrollmentError
+from agent.hubhttp import post_json
 from agent.state import StateDir
 from agent.tlsfiles import TlsEndpoint, TlsFiles
 
@@ -79,22 +77,14 @@ def make_csr(key: ec.EllipticCurvePrivateKey, device_id: str) -> bytes:
 
 def _post(url: str, body: dict[str, Any], *, user: str, password: str, timeout_s: float) -> Any:
     basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-    request = urllib.request.Request(  # noqa: S310 - the hub URL stored at enrolment
+    return post_json(
         url,
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json", "authorization": f"Basic {basic}"},
-        method="POST",
+        body,
+        timeout_s=timeout_s,
+        error=CertificateError,
+        what="the certificate",
+        headers={"authorization": f"Basic {basic}"},
     )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")[:500]
-        raise CertificateError(f"hub refused the certificate ({exc.code}): {detail}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise CertificateError(f"cannot reach the hub at {url}: {exc}") from None
-    except json.JSONDecodeError:
-        raise CertificateError("hub answered with something that is not JSON") from None
 
 
 def check_issued(

@@ -9,9 +9,6 @@ spending one use of the token per device. A token made for a serial number (manu
 enrols the device whose id is that serial; ``serial`` lets the device check it got its own.
 """
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +18,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.errors import EnrollmentError
+from agent.hubhttp import post_json
 from agent.protocol.documents import Signed
 from agent.protocol.keys import b64decode, key_id
 from agent.state import BrokerCredentials, Identity, StateDir
@@ -65,22 +63,7 @@ class BulkEnrollmentResponse(BaseModel):
 
 
 def _post_json(url: str, body: dict[str, Any], timeout_s: float) -> Any:
-    request = urllib.request.Request(  # noqa: S310 - the operator gives the hub URL
-        url,
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")[:500]
-        raise EnrollmentError(f"hub refused enrolment ({exc.code}): {detail}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise EnrollmentError(f"cannot reach the hub at {url}: {exc}") from None
-    except json.JSONDecodeError:
-        raise EnrollmentError("hub answered with something that is not JSON") from None
+    return post_json(url, body, timeout_s=timeout_s, error=EnrollmentError, what="enrolment")
 
 
 def _parse(model: type[_Response], raw: Any) -> _Response:

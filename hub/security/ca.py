@@ -37,6 +37,19 @@ from hub.secretfiles import write_secret
 
 logger = logging.getLogger(__name__)
 
+# Client and server certificates alike: signatures (the TLS handshake) and nothing else.
+_SIGNING_ONLY = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.crt"
 SERVER_KEY_FILE = "broker.key"
@@ -307,17 +320,7 @@ class DeviceCA:
                 validity,
             )
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                _SIGNING_ONLY,
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
@@ -450,17 +453,7 @@ class DeviceCA:
                     validity,
                 )
                 .add_extension(
-                    x509.KeyUsage(
-                        digital_signature=True,
-                        content_commitment=False,
-                        key_encipherment=False,
-                        data_encipherment=False,
-                        key_agreement=False,
-                        key_cert_sign=False,
-                        crl_sign=False,
-                        encipher_only=False,
-                        decipher_only=False,
-                    ),
+                    _SIGNING_ONLY,
                     critical=True,
                 )
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
