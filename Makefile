@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: all test lint typecheck unit demo mosquitto clean bench bench-rollout bench-scale bench-storm bench-waves bench-ingest
+.PHONY: all test security lint typecheck unit demo mosquitto clean bench bench-rollout bench-scale bench-storm bench-waves bench-ingest
 
 all: test
 
@@ -28,6 +28,14 @@ typecheck: $(STAMP)
 ## make test: lint, type-check (strict), import rules and every test against real parts.
 test: $(STAMP) mosquitto lint typecheck
 	$(BIN)/pytest -q
+
+## make security: the adversarial suite alone (also part of make test), printing the figures
+## SECURITY.md reports: fuzz reason tables, the ACL matrix, the API route matrix, schemathesis.
+SECURITY_TESTS := tests/security tests/e2e/test_acl_matrix.py tests/e2e/test_tls_broker.py \
+	tests/hub/test_api_auth.py tests/hub/test_audit.py tests/hub/test_openapi_fuzz.py \
+	tests/hub/test_broker_access.py tests/hub/test_enrolment.py tests/hub/test_device_ca.py
+security: $(STAMP) mosquitto
+	$(BIN)/pytest -q -s $(SECURITY_TESTS)
 
 ## make demo: hub + its Mosquitto, three agents, the example model deployed and scored.
 demo: $(STAMP) mosquitto
