@@ -106,6 +106,12 @@ class HubProcess:
         return find_pid(str(self.data_dir / "broker" / "mosquitto.conf"))
 
     @property
+    def hub_listener_port(self) -> int:
+        """The embedded broker's hub listener, where hub-account clients keep their own client
+        ids (on the device listener the client id is forced to the user name)."""
+        return int((self.data_dir / "broker" / "hub-port").read_text(encoding="utf-8"))
+
+    @property
     def broker_password(self) -> str:
         """The hub's own broker password (its account may publish anywhere under the root)."""
         return (self.data_dir / "hub-broker.password").read_text(encoding="utf-8").strip()

@@ -285,9 +285,11 @@ def run_pass(
 def _floor_pass(
     cfg: IngestConfig, fleet: _Fleet, load: Load, mosquitto: int
 ) -> tuple[Published, FloorReceived, float]:
+    # Many clients with the hub account: on its own listener, where client ids are kept.
+    floor_port = fleet.hub.hub_listener_port
     floor_cfg = FloorConfig(
         host=fleet.host,
-        port=fleet.port,
+        port=floor_port,
         account=fleet.hub_account("bench-floor-subscriber"),
         topic=f"{fleet.topics.root}/{FLOOR_LEVEL}/+/tm",
         expected=load.messages,
@@ -299,7 +301,7 @@ def _floor_pass(
         async def both() -> tuple[Published, FloorReceived]:
             published = await publish_stream(
                 host=fleet.host,
-                port=fleet.port,
+                port=floor_port,
                 accounts=[fleet.hub_account(f"bench-floor-{d}") for d in fleet.device_ids],
                 topics=[fleet.floor_topic(d) for d in fleet.device_ids],
                 load=load,

@@ -146,6 +146,11 @@ class EmbeddedBroker:
         return self._data_dir / "acl"
 
     @property
+    def hub_port_file(self) -> Path:
+        """Where the hub listener's port of the running broker is written."""
+        return self._data_dir / "hub-port"
+
+    @property
     def port_file(self) -> Path:
         """The port picked at the first start: devices are enrolled with it, so it stays."""
         return self._data_dir / "port"
@@ -240,6 +245,9 @@ class EmbeddedBroker:
                     logger.warning("mosquitto failed to start on port %d, retrying", port)
             if self._fixed_port is None:
                 write_atomic(self.port_file, f"{port}\n".encode(), mode=0o600)
+            # For tools on this machine that log in with the hub account (benchmarks, several
+            # clients at once): on the device listener their client ids would all be "hub".
+            write_atomic(self.hub_port_file, f"{self._hub_port}\n".encode(), mode=0o600)
         self._supervisor = threading.Thread(
             target=self._supervise, name="mosquitto-supervisor", daemon=True
         )
