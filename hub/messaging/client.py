@@ -14,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol.topics import Channel, Topics
 from hub.errors import MessagingUnavailable
+from hub.messaging.buffered import BufferedClient, check_paho_internals
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class MqttClient:
         self._on_message_cb = on_message
         self.connected = False
         self._subscribed = threading.Event()
-        client = mqtt.Client(
+        check_paho_internals()
+        client = BufferedClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=f"outpost-hub-{secrets.token_hex(4)}",
             protocol=mqtt.MQTTv311,
