@@ -108,16 +108,21 @@ def _covers(grant: list[str], wanted: list[str]) -> bool:
     return len(grant) == len(wanted)
 
 
-def may_publish(topic_root: str, device_id: str, topic: str) -> bool:
-    """Whether ``device_id`` may publish (or leave as its Will) a message on ``topic``."""
+def _may_touch(topic_root: str, device_id: str, topic: str, access: Access) -> bool:
+    """Whether ``device_id`` holds a grant of ``access`` for the plain topic ``topic``."""
     if not is_valid_device_id(device_id) or not _plain(topic) or any(c in topic for c in "+#"):
         return False
     levels = topic.split("/")
     return any(
         _matches(g.for_device(device_id).split("/"), levels)
         for g in device_grants(topic_root)
-        if g.access is Access.WRITE
+        if g.access is access
     )
+
+
+def may_publish(topic_root: str, device_id: str, topic: str) -> bool:
+    """Whether ``device_id`` may publish (or leave as its Will) a message on ``topic``."""
+    return _may_touch(topic_root, device_id, topic, Access.WRITE)
 
 
 def may_subscribe(topic_root: str, device_id: str, topic_filter: str) -> bool:
@@ -137,11 +142,4 @@ def may_subscribe(topic_root: str, device_id: str, topic_filter: str) -> bool:
 
 def may_receive(topic_root: str, device_id: str, topic: str) -> bool:
     """Whether a message on ``topic`` may be delivered to ``device_id``."""
-    if not is_valid_device_id(device_id) or not _plain(topic) or any(c in topic for c in "+#"):
-        return False
-    levels = topic.split("/")
-    return any(
-        _matches(g.for_device(device_id).split("/"), levels)
-        for g in device_grants(topic_root)
-        if g.access is Access.READ
-    )
+    return _may_touch(topic_root, device_id, topic, Access.READ)

@@ -8,8 +8,6 @@ member and rebuild the archive the way the hub writes it (deterministic ustar, r
 """
 
 import hashlib
-import io
-import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,9 +34,10 @@ from agent.protocol.documents import (
 )
 from agent.protocol.keys import Signature, SigningKey
 from agent.protocol.messages import DesiredBody, encode
-from agent.protocol.package import FILES_DIR, MANIFEST_NAME, SIGNATURE_NAME, plan_chunks
+from agent.protocol.package import FILES_DIR, MANIFEST_NAME, SIGNATURE_NAME
 from hub.packages.builder import build_archive
 from hub.signing.keystore import KeyStore
+from tests.support.repository import package_ref, regular, tar_bytes
 
 CHUNK_BYTES = 4096
 
@@ -46,14 +45,7 @@ CHUNK_BYTES = 4096
 def tar_of(members: Mapping[str, bytes]) -> bytes:
     """An archive of regular files, written like ``hub.packages.builder`` writes packages, but
     with whatever members a test chooses (in the order given)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return tar_bytes([regular(name, data) for name, data in members.items()])
 
 
 @dataclass(frozen=True)
@@ -171,16 +163,7 @@ class PackageRepoSimulator:
         if deployment_id is None:
             self._deployments += 1
             deployment_id = f"dep-{self._deployments:05d}"
-        plan = plan_chunks(data, CHUNK_BYTES)
-        return PackageRef(
-            model=manifest.model.name,
-            version=manifest.model.version,
-            digest=hashlib.sha256(data).hexdigest(),
-            size=plan.size,
-            chunk_bytes=plan.chunk_bytes,
-            chunks=list(plan.chunks),
-            deployment_id=deployment_id,
-        )
+        return package_ref(data, manifest, chunk_bytes=CHUNK_BYTES, deployment_id=deployment_id)
 
     def desired_doc(
         self,

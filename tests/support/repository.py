@@ -74,6 +74,22 @@ def regular(name: str, data: bytes, mode: int = 0o644) -> tuple[tarfile.TarInfo,
     return info, data
 
 
+def package_ref(
+    data: bytes, manifest: Manifest, *, chunk_bytes: int, deployment_id: str
+) -> PackageRef:
+    """The director's entry for these exact package bytes, as the hub names them."""
+    plan = plan_chunks(data, chunk_bytes)
+    return PackageRef(
+        model=manifest.model.name,
+        version=manifest.model.version,
+        digest=hashlib.sha256(data).hexdigest(),
+        size=plan.size,
+        chunk_bytes=plan.chunk_bytes,
+        chunks=list(plan.chunks),
+        deployment_id=deployment_id,
+    )
+
+
 @dataclass
 class RepositorySimulator:
     device_id: str = "dev-000000000001"
@@ -158,19 +174,10 @@ class RepositorySimulator:
         chunk_bytes: int = 4096,
         deployment_id: str | None = None,
     ) -> PackageRef:
-        plan = plan_chunks(data, chunk_bytes)
         if deployment_id is None:
             self.deployment_seq += 1
             deployment_id = f"dep-{self.deployment_seq:04d}"
-        return PackageRef(
-            model=manifest.model.name,
-            version=manifest.model.version,
-            digest=hashlib.sha256(data).hexdigest(),
-            size=plan.size,
-            chunk_bytes=plan.chunk_bytes,
-            chunks=list(plan.chunks),
-            deployment_id=deployment_id,
-        )
+        return package_ref(data, manifest, chunk_bytes=chunk_bytes, deployment_id=deployment_id)
 
     def desired(
         self,
