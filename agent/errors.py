@@ -87,3 +87,17 @@ class InputError(AgentError):
     """A scoring request whose data does not fit the model: answer 400 with the detail."""
 
     reason = Reason.MALFORMED
+
+
+class ModelCallError(Exception):
+    """A scoring call the model could not answer, for a reason the caller should see.
+
+    ``status`` is the HTTP status the endpoint answers with: 500 when the model or entry script
+    raised, 503 while a crashed worker restarts (or after it kept crashing), 504 when a call ran
+    past its time limit.
+    """
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail

@@ -161,9 +161,21 @@ class ModelInfo(_Doc):
 
 
 class RuntimeSpec(_Doc):
-    kind: Literal["builtin"] = "builtin"
+    """The inference config: a built-in runtime for the framework, or an entry script.
+
+    With ``kind`` "script", ``entry_script`` names a file among the package's files defining
+    ``init()`` and ``run(raw_data)`` (Azure ML's scoring-script contract); the agent runs it in a
+    worker process of its own. ``requirements`` are PEP 508 strings the device's Python must
+    satisfy; an agent refuses the package at install when one is missing. ``options`` are
+    checked by ``agent.runtimes.options``. An agent older than the script kind refuses such a
+    package as malformed rather than loading its model without the script.
+    """
+
+    kind: Literal["builtin", "script"] = "builtin"
     model_file: str  # path of the model among the files
-    options: dict[str, str | int | bool] = Field(default_factory=dict)
+    entry_script: str | None = None
+    requirements: list[str] = Field(default_factory=list)
+    options: dict[str, str | int | bool | list[str]] = Field(default_factory=dict)
 
 
 class Manifest(_Doc):

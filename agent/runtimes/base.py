@@ -1,9 +1,9 @@
 """The runtime port: what the installer and the scoring endpoint need from a loaded model."""
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from agent.protocol.documents import Manifest
+from agent.protocol.documents import Manifest, ModelSignature
 
 
 class Runtime(Protocol):
@@ -12,8 +12,31 @@ class Runtime(Protocol):
     def predict(self, data: Any) -> dict[str, Any]:
         """Run the model; returns each output by name as JSON-ready lists.
 
-        Raises ``agent.errors.InputError`` when ``data`` does not fit the model's inputs.
+        Raises ``agent.errors.InputError`` when ``data`` does not fit the model's inputs, and
+        ``agent.errors.ModelCallError`` when the model could not answer (a script that raised,
+        hung or crashed).
         """
+        ...
+
+    def signature(self) -> ModelSignature:
+        """The inputs and outputs requests are checked against (empty when not known)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the runtime holds (a worker process); called once it stops serving."""
+        ...
+
+
+@runtime_checkable
+class RawBodyRuntime(Protocol):
+    """A runtime handed the request body as it came, as an entry script's ``run(raw_data)`` is.
+
+    Its calls may take long (user code in a worker process), so the endpoint makes them off the
+    event loop; they must be safe to call from several threads.
+    """
+
+    def run_raw(self, body: bytes, content_type: str) -> Any:
+        """The JSON-ready value ``run`` returned; raises ``ModelCallError`` when it failed."""
         ...
 
 

@@ -1,12 +1,10 @@
-"""ONNX Runtime: load a package's ``.onnx`` file and score JSON data with it.
+"""ONNX Runtime: load a package's ``.onnx`` file and score request data with it.
 
-Request data is checked against the model's declared inputs before it reaches onnxruntime, so
-a bad request gets a 400 that names the input, dtype and shape it should have had, instead of
-an onnxruntime message about node internals.
+Request data is checked against the model's declared inputs (``agent.runtimes.tensors``)
+before it reaches onnxruntime.
 """
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +13,13 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from agent.errors import InputError, ModelLoadError
-from agent.protocol.documents import Manifest, ModelSignature, TensorSpec
+from agent.protocol.documents import ModelSignature, TensorSpec
+from agent.runtimes.options import CPU_PROVIDER, OnnxOptions
+from agent.runtimes.tensors import TensorInput, feeds, free_shape, json_ready
 
 logger = logging.getLogger(__name__)
 
-# ONNX element types as onnxruntime names them, and the numpy dtype a JSON value becomes.
+# ONNX element types as onnxruntime names them, and the numpy dtype a request value becomes.
 ONNX_DTYPES: dict[str, npt.DTypeLike] = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
@@ -36,166 +36,71 @@ ONNX_DTYPES: dict[str, npt.DTypeLike] = {
     "tensor(string)": np.object_,
 }
 
-DEFAULT_THREADS = 1  # our models are small: a second thread costs more in sync than it saves
+
+def _tensor(name: str, onnx_type: str, dims: Any) -> TensorInput:
+    # Sequence and map types (sklearn's ZipMap output) keep onnxruntime's own type name.
+    return TensorInput(name, ONNX_DTYPES.get(onnx_type), free_shape(dims), type_name=onnx_type)
 
 
-def _dtype_name(onnx_type: str) -> str:
-    """``float32`` for ``tensor(float)``; non-tensor types keep onnxruntime's name."""
-    dtype = ONNX_DTYPES.get(onnx_type)
-    if dtype is None:
-        return onnx_type
-    if dtype is np.object_:
-        return "string"
-    return np.dtype(dtype).name
-
-
-def _shape(dims: Any) -> list[int | None]:
-    """Fixed dimensions as ints, symbolic or unknown ones (``"N"``, ``None``) as None."""
-    if not isinstance(dims, list):
-        return []
-    return [d if isinstance(d, int) and d >= 0 else None for d in dims]
-
-
-def _shape_text(shape: list[int | None]) -> str:
-    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
-
-
-def json_ready(value: Any) -> Any:
-    """Arrays, numpy scalars and the maps/sequences onnxruntime returns, as plain JSON values."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        # JSON keys are strings; sklearn's ZipMap uses int64 class labels as keys.
-        return {str(json_ready(k)): json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(v) for v in value]
-    return value
-
-
-class _Input:
-    """One declared model input and how to turn a JSON value into a feed for it."""
-
-    def __init__(self, name: str, onnx_type: str, dims: Any) -> None:
-        self.name = name
-        self.onnx_type = onnx_type
-        self.dtype = ONNX_DTYPES.get(onnx_type)
-        self.dtype_name = _dtype_name(onnx_type)
-        self.shape = _shape(dims)
-
-    def expectation(self) -> str:
-        return f"input {self.name!r} expects {self.dtype_name} of shape {_shape_text(self.shape)}"
-
-    def convert(self, value: Any) -> npt.NDArray[Any]:
-        if self.dtype is None:
-            raise InputError(f"input {self.name!r} has type {self.onnx_type}, not supported")
-        try:
-            raw = np.asarray(value)
-        except (ValueError, TypeError) as exc:
-            # numpy refuses ragged nesting ("inhomogeneous shape").
-            raise InputError(f"{self.expectation()}; got a ragged or invalid array") from exc
-        target = np.dtype(self.dtype)
-        if target.kind == "O":
-            if raw.dtype.kind != "U":
-                raise InputError(f"{self.expectation()}; got non-string values")
-            array = raw.astype(np.object_)
-        elif target.kind == "b":
-            if raw.dtype.kind != "b":
-                raise InputError(f"{self.expectation()}; got non-boolean values")
-            array = raw
-        else:
-            # JSON booleans are numbers to numpy; a model asking for numbers wants numbers.
-            if raw.dtype.kind not in "iuf":
-                raise InputError(f"{self.expectation()}; got non-numeric values")
-            if target.kind in "iu" and raw.dtype.kind == "f" and not np.all(np.mod(raw, 1) == 0):
-                raise InputError(f"{self.expectation()}; got fractional values")
-            try:
-                with np.errstate(over="raise", invalid="raise"):
-                    array = raw.astype(target, casting="unsafe")
-                if target.kind in "iu" and not np.array_equal(array, raw):
-                    raise OverflowError
-            except (OverflowError, FloatingPointError) as exc:
-                raise InputError(f"{self.expectation()}; values out of range") from exc
-        if array.ndim != len(self.shape) or any(
-            want is not None and want != got
-            for want, got in zip(self.shape, array.shape, strict=True)
-        ):
-            raise InputError(f"{self.expectation()}; got shape {list(array.shape)}")
-        return array
+def choose_providers(wanted: list[str]) -> list[str]:
+    """``wanted`` in order, without those this onnxruntime lacks, always ending with the CPU."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in wanted if p in available]
+    skipped = [p for p in wanted if p not in available]
+    if skipped:
+        logger.warning(
+            "execution providers not available here; skipped",
+            extra={"skipped": skipped, "available": sorted(available)},
+        )
+    if CPU_PROVIDER not in chosen:
+        chosen.append(CPU_PROVIDER)
+    return chosen
 
 
 class OnnxRuntime:
-    """A model loaded in an onnxruntime ``InferenceSession`` on the CPU."""
+    """A model loaded in an onnxruntime ``InferenceSession``."""
 
-    def __init__(self, model_path: Path, *, threads: int = DEFAULT_THREADS) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3  # errors only: warnings about unused initialisers are noise
+    def __init__(self, model_path: Path, options: OnnxOptions | None = None) -> None:
+        options = options or OnnxOptions()
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.threads
+        session_options.inter_op_num_threads = 1
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options.log_severity_level = 3  # errors only: unused initialisers are noise
+        self.providers = choose_providers(list(options.providers))
         try:
             self._session = ort.InferenceSession(
-                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+                str(model_path), sess_options=session_options, providers=self.providers
             )
         except Exception as exc:
             # onnxruntime raises its own pybind exception types (InvalidProtobuf, Fail, ...)
             # with no common base besides Exception.
             raise ModelLoadError(f"onnxruntime could not load {model_path.name}: {exc}") from exc
-        self._inputs = [_Input(i.name, i.type, i.shape) for i in self._session.get_inputs()]
-        self._output_names = [o.name for o in self._session.get_outputs()]
+        self._inputs = [_tensor(i.name, i.type, i.shape) for i in self._session.get_inputs()]
+        self._outputs = [_tensor(o.name, o.type, o.shape) for o in self._session.get_outputs()]
+        self._output_names = [o.name for o in self._outputs]
         if not self._inputs:
             raise ModelLoadError(f"{model_path.name} declares no inputs")
-
-    @classmethod
-    def from_manifest(cls, model_dir: Path, manifest: Manifest) -> "OnnxRuntime":
-        """Load the manifest's model file from ``model_dir`` with its runtime options."""
-        threads = manifest.runtime.options.get("threads", DEFAULT_THREADS)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ModelLoadError(f"runtime option threads must be a positive integer: {threads!r}")
-        return cls(model_dir / manifest.runtime.model_file, threads=threads)
 
     def signature(self) -> ModelSignature:
         """The model's inputs and outputs as onnxruntime reports them."""
         return ModelSignature(
-            inputs=[
-                TensorSpec(name=i.name, dtype=i.dtype_name, shape=i.shape) for i in self._inputs
-            ],
+            inputs=[i.spec() for i in self._inputs],
             outputs=[
-                TensorSpec(name=o.name, dtype=_dtype_name(o.type), shape=_shape(o.shape))
-                for o in self._session.get_outputs()
+                TensorSpec(name=o.name, dtype=o.dtype_name, shape=o.shape) for o in self._outputs
             ],
         )
 
-    def _feeds(self, data: Any) -> dict[str, npt.NDArray[Any]]:
-        if isinstance(data, dict):
-            names = {i.name for i in self._inputs}
-            unknown = sorted(set(data) - names)
-            missing = sorted(names - set(data))
-            if unknown or missing:
-                raise InputError(
-                    f"data must name the inputs {sorted(names)}; "
-                    f"missing {missing}, unknown {unknown}; "
-                    + "; ".join(i.expectation() for i in self._inputs)
-                )
-            return {i.name: i.convert(data[i.name]) for i in self._inputs}
-        if len(self._inputs) > 1:
-            raise InputError(
-                "this model has several inputs; send data as an object of input name to rows: "
-                + "; ".join(i.expectation() for i in self._inputs)
-            )
-        if not isinstance(data, list):
-            raise InputError(f"data must be a list of rows; {self._inputs[0].expectation()}")
-        return {self._inputs[0].name: self._inputs[0].convert(data)}
-
     def predict(self, data: Any) -> dict[str, Any]:
-        """Score ``data`` (a list of rows, or input name -> rows); outputs by name as JSON."""
-        feeds = self._feeds(data)
+        """Score ``data`` (a list of rows, an array, or input name -> rows); outputs by name."""
         try:
-            results = self._session.run(self._output_names, feeds)
+            results = self._session.run(self._output_names, feeds(data, self._inputs))
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
             # Dimensions the declared shape leaves symbolic can still be wrong inside the graph.
             raise InputError(f"the model rejected the input: {exc}") from exc
         return {
             name: json_ready(value) for name, value in zip(self._output_names, results, strict=True)
         }
+
+    def close(self) -> None:
+        """Nothing to release beyond the session, which goes with the last reference."""

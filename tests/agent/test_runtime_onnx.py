@@ -31,7 +31,8 @@ CHECK = HealthCheck(input="sample_input.json", expected_output="expected_output.
 
 
 def manifest(
-    framework: Framework = Framework.ONNX, options: dict[str, str | int | bool] | None = None
+    framework: Framework = Framework.ONNX,
+    options: dict[str, str | int | bool | list[str]] | None = None,
 ) -> Manifest:
     return Manifest(
         model=ModelInfo(name="iris", version=1, framework=framework),
@@ -111,13 +112,26 @@ def test_garbage_model_is_a_load_error(tmp_path: Path) -> None:
         OnnxRuntime(tmp_path / "missing.onnx")
 
 
-def test_load_runtime_dispatches_on_framework(files: Path) -> None:
-    rt = load_runtime(files, manifest(options={"threads": 2}))
+def test_load_runtime_takes_the_options_and_refuses_bad_ones(files: Path) -> None:
+    rt = load_runtime(files, manifest(options={"threads": 2, "warmup": 3}))
     assert isinstance(rt, OnnxRuntime)
-    with pytest.raises(IncompatibleError, match="tflite runtime arrives later"):
-        load_runtime(files, manifest(Framework.TFLITE))
-    with pytest.raises(ModelLoadError, match="threads"):
+    with pytest.raises(IncompatibleError, match=r"threads: Input should be a valid integer"):
         load_runtime(files, manifest(options={"threads": "many"}))
+    with pytest.raises(IncompatibleError, match=r"thread.*it takes providers, threads, warmup"):
+        load_runtime(files, manifest(options={"thread": 2}))
+    with pytest.raises(IncompatibleError, match=r"warmup: Input should be greater than"):
+        load_runtime(files, manifest(options={"warmup": -1}))
+
+
+def test_providers_missing_here_fall_back_to_the_cpu(files: Path) -> None:
+    rt = load_runtime(
+        files, manifest(options={"providers": ["NoSuchExecutionProvider", "CPUExecutionProvider"]})
+    )
+    assert isinstance(rt, OnnxRuntime)
+    assert rt.providers == ["CPUExecutionProvider"]
+    rt = load_runtime(files, manifest(options={"providers": ["NoSuchExecutionProvider"]}))
+    assert isinstance(rt, OnnxRuntime)
+    assert rt.providers == ["CPUExecutionProvider"]
 
 
 # -- health check --------------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""Turning a scoring request's data into a model's input arrays, checked against its signature.
+
+Shared by every built-in runtime, so a wrong request gets the same 400 from ONNX Runtime and
+LiteRT, naming the input, dtype and shape the model expects instead of a runtime's message
+about node internals. Data is a list of rows for a model with one input, or an object of input
+name to rows; a NumPy array (from an ``.npy`` body) is taken as it is, after the same checks.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import InputError
+from agent.protocol.documents import TensorSpec
+
+Shape = list[int | None]
+
+
+def free_shape(dims: Any) -> Shape:
+    """Fixed dimensions as ints; symbolic or unknown ones (``"N"``, ``None``, ``-1``) as None."""
+    if not isinstance(dims, Sequence) or isinstance(dims, str):
+        return []
+    return [int(d) if isinstance(d, int | np.integer) and d >= 0 else None for d in dims]
+
+
+def shape_text(shape: Shape) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+
+
+def dtype_name(dtype: npt.DTypeLike) -> str:
+    """The name a signature uses: ``float32``, ``int64``, ``bool``, ``string``."""
+    resolved = np.dtype(dtype)
+    if resolved.kind in "OUS":
+        return "string"
+    return resolved.name
+
+
+def json_ready(value: Any) -> Any:
+    """Arrays, numpy scalars and the maps/sequences runtimes return, as plain JSON values."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        # JSON keys are strings; sklearn's ZipMap uses int64 class labels as keys.
+        return {str(json_ready(k)): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
+
+
+class TensorInput:
+    """One declared model input and how to turn a request's value into an array for it.
+
+    ``dtype`` None means the runtime gave a type no JSON value can become (a sequence or map
+    input); such an input is reported in the signature and refused with a clear 400.
+    """
+
+    def __init__(
+        self, name: str, dtype: npt.DTypeLike | None, shape: Shape, *, type_name: str = ""
+    ) -> None:
+        self.name = name
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.dtype_name = type_name if self.dtype is None else dtype_name(self.dtype)
+        self.shape = shape
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(name=self.name, dtype=self.dtype_name, shape=self.shape)
+
+    def expectation(self) -> str:
+        return f"input {self.name!r} expects {self.dtype_name} of shape {shape_text(self.shape)}"
+
+    def convert(self, value: Any) -> npt.NDArray[Any]:
+        """``value`` as an array of this input's dtype and shape, or ``InputError`` saying why."""
+        if self.dtype is None:
+            raise InputError(f"input {self.name!r} has type {self.dtype_name}, not supported")
+        try:
+            raw = np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            # numpy refuses ragged nesting ("inhomogeneous shape").
+            raise InputError(f"{self.expectation()}; got a ragged or invalid array") from exc
+        target = self.dtype
+        if target.kind in "OUS":
+            if raw.dtype.kind not in "US":
+                raise InputError(f"{self.expectation()}; got non-string values")
+            array = raw.astype(target)
+        elif target.kind == "b":
+            if raw.dtype.kind != "b":
+                raise InputError(f"{self.expectation()}; got non-boolean values")
+            array = raw
+        else:
+            # JSON booleans are numbers to numpy; a model asking for numbers wants numbers.
+            if raw.dtype.kind not in "iuf":
+                raise InputError(f"{self.expectation()}; got non-numeric values")
+            if target.kind in "iu" and raw.dtype.kind == "f" and not np.all(np.mod(raw, 1) == 0):
+                raise InputError(f"{self.expectation()}; got fractional values")
+            if raw.dtype == target:
+                array = raw
+            else:
+                try:
+                    with np.errstate(over="raise", invalid="raise"):
+                        array = raw.astype(target, casting="unsafe")
+                    if target.kind in "iu" and not np.array_equal(array, raw):
+                        raise OverflowError
+                except (OverflowError, FloatingPointError) as exc:
+                    raise InputError(f"{self.expectation()}; values out of range") from exc
+        if array.ndim != len(self.shape) or any(
+            want is not None and want != got
+            for want, got in zip(self.shape, array.shape, strict=True)
+        ):
+            raise InputError(f"{self.expectation()}; got shape {list(array.shape)}")
+        return array
+
+
+def feeds(data: Any, inputs: Sequence[TensorInput]) -> dict[str, npt.NDArray[Any]]:
+    """Request data as one array per input: a list of rows (or an array) for a model with one
+    input, an object of input name to rows for any model."""
+    if isinstance(data, Mapping):
+        names = {i.name for i in inputs}
+        unknown = sorted(set(data) - names)
+        missing = sorted(names - set(data))
+        if unknown or missing:
+            raise InputError(
+                f"data must name the inputs {sorted(names)}; "
+                f"missing {missing}, unknown {unknown}; "
+                + "; ".join(i.expectation() for i in inputs)
+            )
+        return {i.name: i.convert(data[i.name]) for i in inputs}
+    if len(inputs) > 1:
+        raise InputError(
+            "this model has several inputs; send data as an object of input name to rows: "
+            + "; ".join(i.expectation() for i in inputs)
+        )
+    if not isinstance(data, list | np.ndarray):
+        raise InputError(f"data must be a list of rows; {inputs[0].expectation()}")
+    return {inputs[0].name: inputs[0].convert(data)}
