@@ -55,7 +55,9 @@ class OptionsError(ValueError):
     """Options a runtime does not take; the message names what it does take."""
 
 
-def _model_for(framework: Framework, kind: str) -> type[_Options]:
+def _model_for(
+    framework: Framework, kind: str
+) -> type[OnnxOptions] | type[TfliteOptions] | type[ScriptOptions]:
     if kind == "script":
         return ScriptOptions
     if framework is Framework.TFLITE:
