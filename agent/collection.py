@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from agent.outbox import stored
 from agent.protocol.documents import CollectPolicy
 from agent.protocol.messages import CollectedRecord
+from agent.runtimes.tensors import json_ready
 
 BUDGET_NOTE = "collection.day_budget"
 MAX_CORRELATION_ID = 200  # CollectedRecord.correlation_id's limit
@@ -156,7 +157,8 @@ class Collector:
                     "deployment_id": sample.deployment_id,
                     "correlation_id": (sample.correlation_id or "")[:MAX_CORRELATION_ID] or None,
                     "latency_ms": round(sample.latency_ms, 3),
-                    "inputs": sample.inputs,
+                    # A .npy request's data is an array; records are JSON.
+                    "inputs": json_ready(sample.inputs),
                     "outputs": sample.outputs,
                 },
             )

@@ -30,8 +30,9 @@ from urllib.parse import unquote
 
 import h11
 
-from agent.errors import InputError
-from agent.runtimes.base import ActiveModel, ActiveModels
+from agent.errors import InputError, ModelCallError
+from agent.runtimes.base import ActiveModel, ActiveModels, RawBodyRuntime
+from agent.scoring_body import BodyError, is_json, media_type, request_data
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class ScoringCall:
     """One call that reached a model."""
 
     model: ActiveModel
-    data: Any  # the request's "data"
+    data: Any  # the request's "data" (an array for a .npy body; None: not readable)
     outputs: dict[str, Any] | None  # None: the model raised
     latency_s: float  # of the model's predict alone
     correlation_id: str | None  # the X-Correlation-Id header, when given
@@ -90,6 +91,7 @@ class ScoringServer:
         max_body_bytes: int = 16 * 1024 * 1024,
         idle_timeout_s: float = 60.0,
         observer: ScoringObserver | None = None,
+        max_unpacked_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         """``observer`` defaults to ``models`` when that is one too (the agent core is both)."""
         self._models = models
@@ -100,6 +102,7 @@ class ScoringServer:
         self._host = host
         self._requested_port = port
         self._max_body_bytes = max_body_bytes
+        self._max_unpacked_bytes = max_unpacked_bytes  # of an .npz body's arrays
         self._idle_timeout_s = idle_timeout_s
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
@@ -260,7 +263,9 @@ class ScoringServer:
             body = read
         else:
             await self._read_body(conn, reader, 0)
-        return self._route(request, body, headers.get("x-correlation-id"))
+        return await self._route(
+            request, body, media_type(headers.get("content-type")), headers.get("x-correlation-id")
+        )
 
     def _check_request(self, request: h11.Request, headers: dict[str, bytes]) -> _Response | None:
         """Routing, method, auth and size, decided from the headers alone."""
@@ -295,7 +300,9 @@ class ScoringServer:
                 matched = True
         return matched
 
-    def _route(self, request: h11.Request, body: bytes, correlation: bytes | None) -> _Response:
+    async def _route(
+        self, request: h11.Request, body: bytes, kind: str, correlation: bytes | None
+    ) -> _Response:
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
         route = _match(path)
         if route == "healthz":
@@ -320,37 +327,33 @@ class ScoringServer:
             if model is None:
                 return _error(404, f"no active model named {route!r}")
         correlation_id = correlation.decode("utf-8", "replace").strip() if correlation else None
-        return self._score(model, body, correlation_id or None)
+        if isinstance(model.runtime, RawBodyRuntime):
+            return await self._score_raw(model, model.runtime, body, kind, correlation_id or None)
+        return self._score(model, body, kind, correlation_id or None)
 
-    def _score(self, model: ActiveModel, body: bytes, correlation_id: str | None) -> _Response:
+    def _score(
+        self, model: ActiveModel, body: bytes, kind: str, correlation_id: str | None
+    ) -> _Response:
+        """A built-in runtime: the body's data checked against the signature, then the model."""
         try:
-            request = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _error(400, f"body is not valid JSON: {exc}")
-        if not isinstance(request, dict) or "data" not in request:
-            return _error(400, 'body must be a JSON object with "data"')
+            data = request_data(body, kind, max_unpacked_bytes=self._max_unpacked_bytes)
+        except BodyError as exc:
+            return _error(exc.status, exc.detail)
         outputs: dict[str, Any] | None = None
         started = time.perf_counter()
         try:
-            # Inline on the event loop: our models answer in microseconds. A slow model would
-            # want a worker thread or process so one request can't stall every other connection.
-            outputs = model.runtime.predict(request["data"])
+            # Inline on the event loop: built-in runtimes answer in microseconds, less than a
+            # hop to a thread would cost. Entry scripts, which may take long, go to one.
+            outputs = model.runtime.predict(data)
         except InputError as exc:
             return _error(400, exc.detail)
+        except ModelCallError as exc:
+            return _error(exc.status, exc.detail)
         except Exception:
             logger.exception("model failed", extra={"model": model.name, "version": model.version})
             return _error(500, "the model failed; see the device log")
         finally:
-            self._observe(
-                ScoringCall(
-                    model=model,
-                    data=request["data"],
-                    outputs=outputs,
-                    latency_s=time.perf_counter() - started,
-                    correlation_id=correlation_id,
-                    body_bytes=len(body),
-                )
-            )
+            self._observe(model, data, outputs, started, correlation_id, len(body))
         first = next(iter(outputs.values()), None)
         return _Response(
             200,
@@ -361,9 +364,53 @@ class ScoringServer:
             },
         )
 
-    def _observe(self, call: ScoringCall) -> None:
+    async def _score_raw(
+        self,
+        model: ActiveModel,
+        runtime: RawBodyRuntime,
+        body: bytes,
+        kind: str,
+        correlation_id: str | None,
+    ) -> _Response:
+        """An entry script: ``run(raw_data)`` gets the body as it came, in a thread, so a slow
+        or hung script holds up its own callers and no one else's."""
+        outputs: dict[str, Any] | None = None
+        started = time.perf_counter()
+        try:
+            result = await asyncio.to_thread(runtime.run_raw, body, kind)
+            outputs = {"result": result}
+        except ModelCallError as exc:
+            return _error(exc.status, exc.detail)
+        except Exception:
+            logger.exception("model failed", extra={"model": model.name, "version": model.version})
+            return _error(500, "the model failed; see the device log")
+        finally:
+            self._observe(
+                model, _logged_data(body, kind), outputs, started, correlation_id, len(body)
+            )
+        return _Response(
+            200, {"result": result, "model": {"name": model.name, "version": model.version}}
+        )
+
+    def _observe(
+        self,
+        model: ActiveModel,
+        data: Any,
+        outputs: dict[str, Any] | None,
+        started: float,
+        correlation_id: str | None,
+        body_bytes: int,
+    ) -> None:
         if self._observer is None:
             return
+        call = ScoringCall(
+            model=model,
+            data=data,
+            outputs=outputs,
+            latency_s=time.perf_counter() - started,
+            correlation_id=correlation_id,
+            body_bytes=body_bytes,
+        )
         try:
             self._observer.scored(call)
         except Exception:
@@ -391,6 +438,20 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                 if not data:
                     break
                 discarded += len(data)
+
+
+def _logged_data(body: bytes, kind: str) -> Any:
+    """What data collection records of an entry script's call: the JSON request's ``data`` (or
+    the whole JSON body, as a script may take any shape), None for a binary body."""
+    if not is_json(kind):
+        return None
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(request, dict) and "data" in request:
+        return request["data"]
+    return request
 
 
 def _match(path: str) -> str | None:
