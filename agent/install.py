@@ -156,7 +156,9 @@ class ModelStore:
         write_atomic(model_dir / POINTER_NAME, pointer.model_dump_json().encode())
         self._failpoints.hit(Failpoint.AFTER_SWITCH)
         self._prune(model_dir, keep={pointer.directory, previous.directory if previous else ""})
-        return ActiveModel(ref.model, ref.version, ref.digest, manifest, runtime)
+        return ActiveModel(
+            ref.model, ref.version, ref.digest, manifest, runtime, final / FILES_SUBDIR
+        )
 
     def kept_previous(self, ref: PackageRef) -> bool:
         """Whether ``ref`` is this model's rollback target and its directory is still here."""
@@ -209,7 +211,9 @@ class ModelStore:
         write_atomic(model_dir / POINTER_NAME, pointer.model_dump_json().encode())
         self._failpoints.hit(Failpoint.AFTER_SWITCH)
         self._prune(model_dir, keep={pointer.directory, current.directory})
-        return ActiveModel(ref.model, ref.version, ref.digest, manifest, runtime)
+        return ActiveModel(
+            ref.model, ref.version, ref.digest, manifest, runtime, target / FILES_SUBDIR
+        )
 
     def on_disk(self) -> list[str]:
         """Every model with a directory here: installed, or left by an interrupted install or
@@ -312,7 +316,8 @@ class ModelStore:
             try:
                 manifest = self._reverify(self.root / model / pointer.directory, trust)
                 runtime = self._load(self.root / model / pointer.directory, manifest)
-                return ActiveModel(model, pointer.version, pointer.digest, manifest, runtime)
+                files = self.root / model / pointer.directory / FILES_SUBDIR
+                return ActiveModel(model, pointer.version, pointer.digest, manifest, runtime, files)
             except AgentError as exc:
                 logger.error(
                     "installed model no longer verifies", extra={"m": model, "why": str(exc)}

@@ -9,11 +9,11 @@ become a large allocation.
 """
 
 import io
-import json
 import zipfile
 from typing import Any
 
 import numpy as np
+import orjson
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -48,8 +48,8 @@ def request_data(body: bytes, kind: str, *, max_unpacked_bytes: int) -> Any:
     """The data to score: a JSON request's ``data``, an array, or input name -> array."""
     if is_json(kind):
         try:
-            request = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
             raise BodyError(400, f"body is not valid JSON: {exc}") from None
         if not isinstance(request, dict) or "data" not in request:
             raise BodyError(400, 'body must be a JSON object with "data"')

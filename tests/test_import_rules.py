@@ -24,10 +24,11 @@ PURE_MODULES = {"agent.trust", "agent.archive", "agent.download", "agent.atomic"
 ADAPTERS = (
     "agent.mqtt",
     "agent.scoring",
+    "agent.httpserver",
     "agent.core",
     "agent.runtimes",
     "paho",
-    "h11",
+    "httptools",
     "onnxruntime",
 )
 

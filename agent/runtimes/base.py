@@ -1,6 +1,7 @@
 """The runtime port: what the installer and the scoring endpoint need from a loaded model."""
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from agent.protocol.documents import Manifest, ModelSignature
@@ -49,6 +50,7 @@ class ActiveModel:
     digest: str
     manifest: Manifest
     runtime: Runtime
+    files_dir: Path | None = None  # the package's files (the self-description reads the sample)
 
 
 class ActiveModels(Protocol):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import HealthCheckError, InputError
+from agent.errors import HealthCheckError, InputError, ModelCallError
 from agent.protocol.documents import HealthCheck
 from agent.runtimes.base import Runtime
 
@@ -80,6 +80,8 @@ def check_health(runtime: Runtime, files_dir: Path, check: HealthCheck) -> None:
         outputs = runtime.predict(sample)
     except InputError as exc:
         raise HealthCheckError(f"the model rejected its own sample input: {exc.detail}") from exc
+    except ModelCallError as exc:
+        raise HealthCheckError(f"the model failed on its sample input: {exc.detail}") from exc
     if not outputs:
         raise HealthCheckError("the model returned no outputs")
     for name, value in outputs.items():

@@ -146,8 +146,7 @@ def test_rotate_secondary_then_primary_without_downtime(tmp_path: Path) -> None:
         server = scoring_server(settings, models=OneModel(), state=state)
         await server.start()
         try:
-            assert server._server is not None
-            assert server._server.sockets[0].getsockname()[0] == "127.0.0.1"
+            assert server.address[0] == "127.0.0.1"
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
                 assert await _status(client, first.primary) == 200
                 assert await _status(client, first.secondary) == 200
