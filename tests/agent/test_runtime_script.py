@@ -1,0 +1,681 @@
+"""Entry scripts in a worker process: real ``score.py`` files, real worker processes, the real
+iris ONNX model; crashes, hangs and crash loops injected by the scripts themselves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from agent.errors import HealthCheckError, IncompatibleError, ModelCallError, ModelLoadError
+from agent.protocol.documents import (
+    Framework,
+    HealthCheck,
+    Manifest,
+    ModelInfo,
+    ModelSignature,
+    RuntimeSpec,
+    TensorSpec,
+)
+from agent.runtimes import load_runtime
+from agent.runtimes.health import check_health
+from agent.runtimes.options import ScriptOptions
+from agent.runtimes.script import ScriptRuntime, Supervision, WorkerState
+from tests.support.waiting import wait_until
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from examples.build_example_model import IrisModel
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "score_iris"
+FAST = Supervision(backoff_first_s=0.01, backoff_max_s=0.05)
+IRIS_ROWS = [
+    {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2},
+    {"sepal_length": 6.9, "sepal_width": 3.2, "petal_length": 5.7, "petal_width": 2.3},
+]
+
+
+def manifest(
+    *,
+    entry: str | None = "score.py",
+    requirements: list[str] | None = None,
+    options: dict[str, str | int | bool | list[str]] | None = None,
+    signature: ModelSignature | None = None,
+) -> Manifest:
+    return Manifest(
+        model=ModelInfo(name="scripted", version=1, framework=Framework.ONNX),
+        runtime=RuntimeSpec(
+            kind="script",
+            model_file="model.onnx",
+            entry_script=entry,
+            requirements=requirements or [],
+            options=options or {},
+        ),
+        signature=signature or ModelSignature(),
+        files=[],
+        health_check=HealthCheck(input="sample_input.json", expected_output="expected_output.json"),
+        created_at=datetime(2024, 1, 1, tzinfo=UTC),
+    )
+
+
+def write_script(directory: Path, source: str, name: str = "score.py") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text(textwrap.dedent(source), encoding="utf-8")
+    return directory
+
+
+class Runtimes:
+    """Starts runtimes for a test and closes every one of them at its end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[ScriptRuntime] = []
+
+    def start(
+        self,
+        source: str,
+        *,
+        supervision: Supervision = FAST,
+        timeout_ms: int = 5000,
+        init_timeout_ms: int = 20_000,
+        files: Path | None = None,
+    ) -> ScriptRuntime:
+        directory = files or write_script(self.tmp_path / f"files-{len(self.started)}", source)
+        options = ScriptOptions(timeout_ms=timeout_ms, init_timeout_ms=init_timeout_ms)
+        runtime = ScriptRuntime.start(directory, manifest(), options, supervision)
+        self.started.append(runtime)
+        return runtime
+
+
+@pytest.fixture
+def runtimes(tmp_path: Path) -> Iterator[Runtimes]:
+    made = Runtimes(tmp_path)
+    yield made
+    for runtime in made.started:
+        runtime.close()
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists and is not a zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
+
+
+def call(runtime: ScriptRuntime, data: Any) -> Any:
+    return runtime.run_raw(json.dumps({"data": data}).encode(), "application/json")
+
+
+# -- serving ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def iris_files(iris_model: IrisModel, tmp_path: Path) -> Path:
+    """The example score.py beside the iris model, as a package's files folder holds them."""
+    files = tmp_path / "iris-files"
+    files.mkdir()
+    shutil.copy(iris_model.model, files / "model.onnx")
+    for name in ("score.py", "sample_input.json", "expected_output.json"):
+        shutil.copy(EXAMPLE / name, files / name)
+    return files
+
+
+def test_the_example_script_pre_and_post_processes_around_the_onnx_model(
+    iris_files: Path, runtimes: Runtimes
+) -> None:
+    runtime = runtimes.start("", files=iris_files)
+    result = call(runtime, IRIS_ROWS)
+    assert result["species"] == ["setosa", "virginica"]
+    assert result["probabilities"][0]["setosa"] > 0.9
+    assert set(result["probabilities"][1]) == {"setosa", "versicolor", "virginica"}
+    # Plain rows in the model's order work too, and a bad row is the script's 500.
+    assert call(runtime, [[5.0, 2.0, 3.5, 1.0]])["species"] == ["versicolor"]
+    with pytest.raises(ModelCallError) as raised:
+        call(runtime, [{"sepal_length": 1}])
+    assert raised.value.status == 500
+    assert "score.py raised ValueError: a row lacks sepal_width" in raised.value.detail
+
+
+def test_load_runtime_warms_up_and_the_health_check_passes_through_the_script(
+    iris_files: Path,
+) -> None:
+    runtime = load_runtime(iris_files, manifest(options={"warmup": 2, "timeout_ms": 3000}))
+    try:
+        assert isinstance(runtime, ScriptRuntime)
+        check_health(runtime, iris_files, manifest().health_check)
+        (iris_files / "expected_output.json").write_text('{"species": ["setosa", "x", "y"]}')
+        with pytest.raises(HealthCheckError, match="species"):
+            check_health(runtime, iris_files, manifest().health_check)
+    finally:
+        runtime.close()
+
+
+def test_the_worker_gets_the_model_folder_in_both_variables_and_first_on_its_path(
+    runtimes: Runtimes, tmp_path: Path
+) -> None:
+    files = write_script(
+        tmp_path / "env",
+        """
+        import os, sys
+        import helper  # a module of the package, beside the script
+
+        def init():
+            pass
+
+        def run(raw_data):
+            return {
+                "outpost": os.environ["OUTPOST_MODEL_DIR"],
+                "azure": os.environ["AZUREML_MODEL_DIR"],
+                "cwd": os.getcwd(),
+                "path0": sys.path[0],
+                "helper": helper.VALUE,
+                "raw_type": type(raw_data).__name__,
+            }
+        """,
+    )
+    (files / "helper.py").write_text("VALUE = 42\n")
+    runtime = runtimes.start("", files=files)
+    got = call(runtime, [1])
+    assert got["outpost"] == got["azure"] == got["cwd"] == got["path0"] == str(files)
+    assert (got["helper"], got["raw_type"]) == (42, "str")
+    assert not (files / "__pycache__").exists(), "the verified folder is left as it was"
+
+
+def test_json_bodies_arrive_as_text_and_binary_bodies_as_bytes(runtimes: Runtimes) -> None:
+    runtime = runtimes.start(
+        """
+        def init():
+            pass
+
+        def run(raw_data):
+            return [type(raw_data).__name__, len(raw_data)]
+        """
+    )
+    assert runtime.run_raw('{"data": "é"}'.encode(), "application/json") == ["str", 13]
+    assert runtime.run_raw(b"\x00\xff\x10", "application/octet-stream") == ["bytes", 3]
+    assert runtime.run_raw(b"plain", "") == ["str", 5]
+    with pytest.raises(ModelCallError) as raised:
+        runtime.run_raw(b"\xff\xfe", "application/json")
+    assert raised.value.status == 400
+
+
+def test_print_and_c_level_writes_do_not_break_the_protocol(runtimes: Runtimes) -> None:
+    runtime = runtimes.start(
+        """
+        import os, sys
+
+        def init():
+            print("loading")
+
+        def run(raw_data):
+            print("a line on stdout", raw_data)
+            os.write(1, b"bytes straight to fd 1\\n")
+            sys.stdout.flush()
+            return "answer"
+        """
+    )
+    for _ in range(3):
+        assert call(runtime, [1, 2]) == "answer"
+
+
+def test_numpy_results_are_converted_and_predict_keys_outputs(runtimes: Runtimes) -> None:
+    runtime = runtimes.start(
+        """
+        import json
+        import numpy as np
+
+        def init():
+            pass
+
+        def run(raw_data):
+            data = json.loads(raw_data)["data"]
+            if data == "dict":
+                return {"scores": np.arange(3, dtype=np.float32), "best": np.int64(2)}
+            if data == "text":
+                return json.dumps({"label": [1]})
+            return np.array(data) * 2
+        """
+    )
+    assert runtime.predict([1, 2]) == {"result": [2, 4]}
+    assert runtime.predict("dict") == {"scores": [0.0, 1.0, 2.0], "best": 2}
+    # A script that returns JSON text, as Azure samples do, is compared by its value.
+    assert runtime.predict("text") == {"label": [1]}
+    assert call(runtime, "text") == '{"label": [1]}'
+
+
+def test_the_signature_is_the_manifests(tmp_path: Path) -> None:
+    declared = ModelSignature(inputs=[TensorSpec(name="rows", dtype="float32", shape=[None, 4])])
+    files = write_script(tmp_path / "sig", "def init(): pass\ndef run(raw_data): return 1\n")
+    runtime = ScriptRuntime.start(files, manifest(signature=declared), ScriptOptions(), FAST)
+    try:
+        assert runtime.signature() == declared
+    finally:
+        runtime.close()
+
+
+def test_concurrent_callers_are_served_one_at_a_time(runtimes: Runtimes) -> None:
+    runtime = runtimes.start(
+        """
+        import json, os, time
+
+        busy = False
+
+        def init():
+            pass
+
+        def run(raw_data):
+            global busy
+            assert not busy, "two calls at once"
+            busy = True
+            time.sleep(0.002)
+            busy = False
+            return json.loads(raw_data)["data"]
+        """
+    )
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def caller(n: int) -> None:
+        try:
+            for i in range(10):
+                results[n * 100 + i] = call(runtime, n * 100 + i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert results == {key: key for key in results}
+    assert len(results) == 60
+
+
+# -- failing scripts ----------------------------------------------------------------------------
+
+
+def test_an_exception_in_run_is_a_500_naming_it_and_the_worker_serves_on(
+    runtimes: Runtimes,
+) -> None:
+    runtime = runtimes.start(
+        """
+        import json
+
+        def init():
+            pass
+
+        def run(raw_data):
+            if json.loads(raw_data)["data"] == "bad":
+                raise ValueError("no such flower")
+            return "fine"
+        """
+    )
+    pid = runtime.worker_pid
+    with pytest.raises(ModelCallError) as raised:
+        call(runtime, "bad")
+    assert raised.value.status == 500
+    assert raised.value.detail == (
+        "score.py raised ValueError: no such flower (score.py, line 9, in run)"
+    )
+    assert call(runtime, "good") == "fine"
+    assert runtime.worker_pid == pid
+    assert runtime.stats().crashes == 0
+
+
+def test_a_result_json_cannot_hold_is_a_500(runtimes: Runtimes) -> None:
+    runtime = runtimes.start("def init(): pass\ndef run(raw_data): return {1, 2}\n")
+    with pytest.raises(ModelCallError) as raised:
+        call(runtime, 1)
+    assert raised.value.status == 500
+    assert "set is not JSON serializable" in raised.value.detail
+
+
+HANGS_ON_REQUEST = """
+    import json, time
+
+    def init():
+        pass
+
+    def run(raw_data):
+        if json.loads(raw_data)["data"] == "hang":
+            while True:
+                time.sleep(1)
+        return "ok"
+    """
+
+
+def test_a_hung_call_is_a_504_within_the_limit_and_the_worker_is_replaced(
+    runtimes: Runtimes,
+) -> None:
+    runtime = runtimes.start(HANGS_ON_REQUEST, timeout_ms=300)
+    first_pid = runtime.worker_pid
+    assert first_pid is not None
+    started = time.monotonic()
+    with pytest.raises(ModelCallError) as raised:
+        call(runtime, "hang")
+    took_s = time.monotonic() - started
+    assert raised.value.status == 504
+    assert "did not answer within 300 ms" in raised.value.detail
+    assert 0.3 <= took_s < 3.0
+    assert not alive(first_pid), "the hung worker was killed"
+    wait_until(lambda: runtime.stats().state is WorkerState.OK, 10, "the restart")
+    assert call(runtime, "fine") == "ok"
+    assert runtime.worker_pid not in (None, first_pid)
+    stats = runtime.stats()
+    assert (stats.timeouts, stats.restarts, stats.crashes) == (1, 1, 0)
+
+
+def test_callers_waiting_behind_a_hung_call_are_told_busy(runtimes: Runtimes) -> None:
+    runtime = runtimes.start(HANGS_ON_REQUEST, timeout_ms=500)
+    outcomes: list[int] = []
+
+    def hang() -> None:
+        with pytest.raises(ModelCallError) as raised:
+            call(runtime, "hang")
+        outcomes.append(raised.value.status)
+
+    hanging = threading.Thread(target=hang)
+    hanging.start()
+    wait_until(lambda: runtime._call_lock.locked(), 5, "the hung call to start")
+    with pytest.raises(ModelCallError) as raised:
+        call(runtime, "fine")
+    hanging.join(10)
+    assert raised.value.status in (503, 504)
+    assert outcomes == [504]
+
+
+@pytest.mark.parametrize(
+    ("crash", "words"),
+    [("os._exit(3)", "exited with code 3"), ("os.kill(os.getpid(), 11)", "was killed by SIGSEGV")],
+)
+def test_a_worker_that_dies_in_a_call_is_a_503_and_comes_back(
+    runtimes: Runtimes, crash: str, words: str
+) -> None:
+    runtime = runtimes.start(
+        f"""
+        import json, os, sys
+
+        def init():
+            pass
+
+        def run(raw_data):
+            if json.loads(raw_data)["data"] == "die":
+                print("about to go", file=sys.stderr, flush=True)
+                {crash}
+            return "alive"
+        """
+    )
+    with pytest.raises(ModelCallError) as raised:
+        call(runtime, "die")
+    assert raised.value.status == 503
+    assert f"score.py's worker {words} during the call" in raised.value.detail
+    assert "about to go" in raised.value.detail
+    wait_until(lambda: runtime.stats().state is WorkerState.OK, 10, "the restart")
+    assert call(runtime, "live") == "alive"
+    assert runtime.stats().crashes == 1
+
+
+def test_a_worker_that_dies_between_calls_is_restarted_before_the_next_one(
+    runtimes: Runtimes, tmp_path: Path
+) -> None:
+    files = write_script(
+        tmp_path / "between",
+        """
+        import os, threading
+
+        def init():
+            if os.path.exists("die-soon"):
+                os.remove("die-soon")
+                threading.Timer(0.2, os._exit, args=(4,)).start()
+
+        def run(raw_data):
+            return os.getpid()
+        """,
+    )
+    (files / "die-soon").touch()
+    runtime = runtimes.start("", files=files)
+    first = runtime.worker_pid
+    wait_until(lambda: runtime.stats().crashes == 1, 10, "the worker's death to be noticed")
+    wait_until(lambda: runtime.stats().state is WorkerState.OK, 10, "the restart")
+    assert call(runtime, None) not in (None, first)
+
+
+def test_repeated_failures_are_a_crash_loop_that_refuses_calls_at_once(
+    runtimes: Runtimes, caplog: pytest.LogCaptureFixture
+) -> None:
+    loop = Supervision(
+        backoff_first_s=0.01, backoff_max_s=60, crash_loop_failures=3, crash_loop_window_s=60
+    )
+    runtime = runtimes.start(
+        "import os\ndef init(): pass\ndef run(raw_data): os._exit(9)\n", supervision=loop
+    )
+    for _ in range(3):
+        wait_until(lambda: runtime.stats().state is not WorkerState.RESTARTING, 10, "restart")
+        with pytest.raises(ModelCallError) as raised:
+            call(runtime, 1)
+        assert raised.value.status == 503
+    stats = runtime.stats()
+    assert stats.state is WorkerState.CRASH_LOOP
+    assert stats.crashes == 3
+    started = time.monotonic()
+    with pytest.raises(ModelCallError) as raised:
+        call(runtime, 1)
+    assert time.monotonic() - started < 0.5, "refused at once, no worker involved"
+    assert raised.value.status == 503
+    assert "crash loop (3 failures within 60 s" in raised.value.detail
+    assert "exited with code 9" in raised.value.detail
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "crash loop" in r.message]
+    assert len(errors) == 1
+
+
+def test_a_crash_loop_ends_when_its_failures_leave_the_window(runtimes: Runtimes) -> None:
+    window = Supervision(
+        backoff_first_s=0.01, backoff_max_s=0.05, crash_loop_failures=2, crash_loop_window_s=1.0
+    )
+    runtime = runtimes.start(HANGS_ON_REQUEST, supervision=window, timeout_ms=100)
+    for _ in range(2):
+        wait_until(lambda: runtime.stats().state is WorkerState.OK, 10, "restart")
+        with pytest.raises(ModelCallError):
+            call(runtime, "hang")
+    assert runtime.stats().state is WorkerState.CRASH_LOOP
+    wait_until(lambda: runtime.stats().state is WorkerState.OK, 10, "the window to pass")
+    assert call(runtime, "fine") == "ok"
+    assert runtime.stats().timeouts == 2
+
+
+# -- starting -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            "def init():\n    raise RuntimeError('no weights')\ndef run(raw_data): pass\n",
+            "init() raised RuntimeError: no weights (score.py, line 2, in init)",
+        ),
+        ("def init(): pass\n", "score.py defines no run(raw_data) function"),
+        ("def run(raw_data): pass\n", "score.py defines no init() function"),
+        (
+            "import surely_not_a_module\n",
+            "importing score.py raised ModuleNotFoundError: No module named 'surely_not_a_module'",
+        ),
+        ("def init(:\n", "importing score.py raised SyntaxError"),
+        (
+            "import os\ndef init():\n    print('bye')\n    os._exit(7)\ndef run(raw_data): pass\n",
+            "score.py's worker exited with code 7 before init() finished (its last output: bye)",
+        ),
+    ],
+)
+def test_a_script_that_cannot_start_is_a_model_load_error(
+    tmp_path: Path, source: str, message: str
+) -> None:
+    files = write_script(tmp_path / "bad", source)
+    with pytest.raises(ModelLoadError) as raised:
+        ScriptRuntime.start(files, manifest(), ScriptOptions(), FAST)
+    assert message in raised.value.detail
+
+
+def test_an_init_past_its_limit_is_a_model_load_error_and_leaves_no_process(
+    tmp_path: Path,
+) -> None:
+    files = write_script(
+        tmp_path / "slow",
+        """
+        import os, time
+        def init():
+            with open("pid", "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(60)
+        def run(raw_data): pass
+        """,
+    )
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"init\(\) did not finish within 300 ms"):
+        ScriptRuntime.start(files, manifest(), ScriptOptions(init_timeout_ms=300), FAST)
+    assert time.monotonic() - started < 5
+    assert not alive(int((files / "pid").read_text()))
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (None, "names no entry_script"),
+        ("missing.py", "'missing.py' is not among the package's files"),
+        ("../score.py", "outside the package's files"),
+    ],
+)
+def test_a_missing_entry_script_is_a_model_load_error(
+    tmp_path: Path, entry: str | None, message: str
+) -> None:
+    files = write_script(tmp_path / "files", "def init(): pass\ndef run(raw_data): pass\n")
+    write_script(tmp_path, "def init(): pass\ndef run(raw_data): pass\n")
+    with pytest.raises(ModelLoadError, match=message):
+        ScriptRuntime.start(files, manifest(entry=entry), ScriptOptions(), FAST)
+
+
+def test_unmet_requirements_refuse_the_package_before_any_worker_starts(tmp_path: Path) -> None:
+    files = write_script(tmp_path / "req", "open('started', 'w')\ndef init(): pass\n")
+    needs = ["surely-not-installed-pkg>=1", "numpy>=999", "numpy>=1", "pywin32; os_name == 'nt'"]
+    with pytest.raises(IncompatibleError) as raised:
+        ScriptRuntime.start(files, manifest(requirements=needs), ScriptOptions(), FAST)
+    assert raised.value.detail.startswith(
+        "score.py needs surely-not-installed-pkg>=1 (not installed); numpy>=999 ("
+    )
+    assert raised.value.detail.endswith(" installed)")
+    assert not (files / "started").exists()
+
+
+# -- ending -------------------------------------------------------------------------------------
+
+
+def test_close_kills_the_worker_and_its_children_and_refuses_later_calls(
+    runtimes: Runtimes,
+) -> None:
+    runtime = runtimes.start(
+        """
+        import subprocess, sys
+
+        child = None
+
+        def init():
+            global child
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+        def run(raw_data):
+            return child.pid
+        """
+    )
+    worker = runtime.worker_pid
+    assert worker is not None
+    child = call(runtime, None)
+    assert alive(worker)
+    assert alive(child)
+    runtime.close()
+    assert not alive(worker)
+    wait_until(lambda: not alive(child), 5, "the script's own child to be killed")
+    with pytest.raises(ModelCallError) as raised:
+        call(runtime, None)
+    assert (raised.value.status, "stopped serving" in raised.value.detail) == (503, True)
+    runtime.close()  # again: nothing left to do, and no error
+    assert runtime.stats().state is WorkerState.CLOSED
+
+
+def test_close_lets_a_call_in_flight_finish(runtimes: Runtimes) -> None:
+    runtime = runtimes.start(
+        """
+        import time
+        def init(): pass
+        def run(raw_data):
+            time.sleep(0.3)
+            return "finished"
+        """
+    )
+    answers: list[Any] = []
+    caller = threading.Thread(target=lambda: answers.append(call(runtime, None)))
+    caller.start()
+    wait_until(lambda: runtime._call_lock.locked(), 5, "the call to start")
+    runtime.close()
+    caller.join(5)
+    assert answers == ["finished"]
+
+
+def test_workers_die_with_their_agent_even_while_user_code_hangs(tmp_path: Path) -> None:
+    """The lifeline: an agent killed with SIGKILL closes nothing, yet no worker is left."""
+    files = write_script(
+        tmp_path / "orphan",
+        """
+        import time
+        def init(): pass
+        def run(raw_data):
+            while True:
+                time.sleep(1)
+        """,
+    )
+    agent = textwrap.dedent(
+        f"""
+        import os, sys, threading
+        from pathlib import Path
+        from agent.runtimes.options import ScriptOptions
+        from agent.runtimes.script import ScriptRuntime
+        from tests.agent.test_runtime_script import manifest
+
+        runtime = ScriptRuntime.start(Path({str(files)!r}), manifest(), ScriptOptions())
+        threading.Thread(target=runtime.run_raw, args=(b"{{}}", ""), daemon=True).start()
+        print(runtime.worker_pid, flush=True)
+        sys.stdin.read()  # until the test kills this process
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", agent],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        worker = int(proc.stdout.readline())
+        assert alive(worker)
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: not alive(worker), 10, "the orphaned worker to exit")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdin is not None:
+            proc.stdin.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
