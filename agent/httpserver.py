@@ -129,6 +129,8 @@ class _Connection(asyncio.Protocol):
         self._draining = False  # refused a body: discard what still comes, then close
         self._discarded = 0
         self._drain_after = False
+        self._in_head = False  # between the first byte of a request and the end of its head
+        self._head_began_here = False
         self._paused_for: set[str] = set()
         self._last_activity = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -153,13 +155,16 @@ class _Connection(asyncio.Protocol):
             return
         if self._closing:
             return  # a response that closes is queued; nothing after it is read
-        if not self._headers_done:
-            self._head_bytes += len(data)
-            if self._head_bytes > self._server.max_header_bytes:
-                self._finish(error(431, "request head too large", close=True), drain=True)
-                return
+        self._head_began_here = False
         try:
             self._parser.feed_data(data)
+            # llhttp keeps an unfinished head in memory: bound it. The chunk a head began in is
+            # not counted (it also holds the requests before it), so the bound is the limit
+            # plus one read.
+            if self._in_head and not self._head_began_here:
+                self._head_bytes += len(data)
+                if self._head_bytes > self._server.max_header_bytes:
+                    self._finish(error(431, "request head too large", close=True), drain=True)
         except httptools.HttpParserUpgrade:
             self._finish(
                 error(400, "bad request: protocol upgrades are not served", close=True), drain=True
@@ -196,23 +201,34 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
         self._body_size = 0
-        self._head_bytes = 0
-        self._headers_done = False
+        self._head_bytes = 0  # whole reads since the head began (see data_received)
+        self._head_size = 0  # the head's URL and headers as parsed
         self._refusal: Response | None = None
         self._method = ""
         self._path = ""
 
     def on_message_begin(self) -> None:
         self._begin_message()
+        self._in_head = True
+        self._head_began_here = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.lower()] = value
+        self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > self._server.max_header_bytes and not self._closing:
+            self._finish(error(431, "request head too large", close=True), drain=True)
 
     def on_headers_complete(self) -> None:
-        self._headers_done = True
+        self._in_head = False
+        if self._closing:
+            return
         self._method = self._parser.get_method().decode("ascii", "replace")
         self._path = self._url.decode("latin-1").split("?", 1)[0]
         headers = self._headers

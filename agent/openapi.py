@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agent import __version__
 from agent.protocol.documents import ModelSignature, TensorSpec
 from agent.runtimes.base import ActiveModel
 
 OPENAPI_VERSION = "3.0.3"
 MAX_EXAMPLE_BYTES = 64 * 1024  # a larger sample is left out rather than bloat the document
-_JSON_TYPES = {"b": "boolean", "i": "integer", "u": "integer", "f": "number"}
 _ERROR_STATUSES = {
     "400": "the body is not valid, or its data does not fit the model's signature",
     "401": "missing or wrong API key",
@@ -34,18 +35,28 @@ _ERROR_STATUSES = {
 
 
 def _scalar(dtype: str) -> dict[str, Any]:
+    """The JSON type of one element, with the dtype's range, so a client validating against it
+    sends nothing the endpoint refuses as out of range."""
     if dtype == "string":
         return {"type": "string"}
-    kind = {"bool": "b", "float16": "f", "float32": "f", "float64": "f"}.get(dtype)
-    if kind is None and dtype[:3] in ("int", "uin"):
-        kind = "i"
-    json_type = _JSON_TYPES.get(kind or "")
-    if json_type is None:
+    if dtype == "bool":
+        return {"type": "boolean"}
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
         return {}  # a sequence or map output: any JSON value
-    schema: dict[str, Any] = {"type": json_type}
-    if dtype in ("float32", "float16", "int64", "int32", "uint8", "int8"):
-        schema["format"] = dtype
-    return schema
+    if resolved.kind == "f":
+        limit = float(np.finfo(resolved).max)
+        return {"type": "number", "format": dtype, "minimum": -limit, "maximum": limit}
+    if resolved.kind in "iu":
+        info = np.iinfo(resolved)
+        return {
+            "type": "integer",
+            "format": dtype,
+            "minimum": int(info.min),
+            "maximum": int(info.max),
+        }
+    return {}
 
 
 def tensor_schema(spec: TensorSpec) -> dict[str, Any]:
@@ -56,6 +67,8 @@ def tensor_schema(spec: TensorSpec) -> dict[str, Any]:
         if dim is not None:
             array["minItems"] = dim
             array["maxItems"] = dim
+        else:
+            array["minItems"] = 1  # a free (batch) dimension: at least one row to score
         schema = array
     return schema
 

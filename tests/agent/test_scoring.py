@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
+import numpy as np
 import pytest
 
 from agent.errors import InputError
@@ -342,3 +344,84 @@ def test_stop_closes_idle_keep_alive_connections(iris: ActiveModel) -> None:
         writer.close()
 
     run(main())
+
+
+def _npy(array: np.ndarray[Any, Any]) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npz(**arrays: np.ndarray[Any, Any]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_npy_and_npz_bodies_score_like_json(iris: ActiveModel) -> None:
+    rows = np.asarray(ROWS, dtype=np.float32)
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        expected = (await client.post("/score", json={"data": ROWS}, headers=AUTH)).json()
+        for content_type, body in (
+            ("application/x-npy", _npy(rows)),
+            ("application/octet-stream", _npy(rows.astype(np.float64))),
+            ("application/x-npz", _npz(input=rows)),
+            ("application/octet-stream", _npz(input=rows)),  # told apart by its zip magic
+        ):
+            r = await client.post(
+                "/score", content=body, headers={**AUTH, "content-type": content_type}
+            )
+            assert r.status_code == 200, (content_type, r.text)
+            assert r.json()["outputs"]["label"] == expected["outputs"]["label"]
+            np.testing.assert_allclose(
+                r.json()["outputs"]["probabilities"],
+                expected["outputs"]["probabilities"],
+                rtol=1e-5,
+            )
+
+    with_client(Models(iris), scenario)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "reason"),
+    [
+        ("application/x-npy", b"not numpy at all", 400, "not a .npy file"),
+        ("application/x-npy", b"\x93NUMPY\x01\x00garbage", 400, "not a valid .npy file"),
+        ("application/x-npy", "OBJECT", 400, "not a valid .npy file"),
+        ("application/x-npy", "WRONG_SHAPE", 400, "expects float32 of shape [N, 4]; got shape"),
+        ("application/x-npy", "STRINGS", 400, "got non-numeric values"),
+        ("application/x-npz", b"PK\x03\x04 broken zip", 400, "not a valid .npz file"),
+        ("application/x-npz", "WRONG_NAME", 400, "missing ['input'], unknown ['pixels']"),
+        ("application/x-npz", "BOMB", 400, "over the limit of"),
+        ("text/csv", b"1,2,3,4", 415, "send application/json, application/x-npy"),
+        ("application/json", b'{"data": NaN}', 400, "not valid JSON"),
+    ],
+)
+def test_bad_binary_bodies_are_refused_with_the_reason(
+    iris: ActiveModel, content_type: str, body: bytes | str, status: int, reason: str
+) -> None:
+    made = {
+        "OBJECT": lambda: (
+            b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, "
+            b"'shape': (1,), }" + b" " * 53 + b"\n" + b"\x00" * 8
+        ),
+        "WRONG_SHAPE": lambda: _npy(np.zeros((2, 3), dtype=np.float32)),
+        "STRINGS": lambda: _npy(np.array([["a", "b", "c", "d"]])),
+        "WRONG_NAME": lambda: _npz(pixels=np.zeros((1, 4), dtype=np.float32)),
+        # 8 MB of zeros compress to a few KB; refused before unpacking (limit set to 1 MB).
+        "BOMB": lambda: _npz(input=np.zeros((2_000_000,), dtype=np.float32)),
+    }
+    content = made[body]() if isinstance(body, str) else body
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        r = await client.post(
+            "/score", content=content, headers={**AUTH, "content-type": content_type}
+        )
+        assert r.status_code == status, r.text
+        assert reason in r.json()["error"]
+        # The model still answers on the same client afterwards.
+        ok = await client.post("/score", json={"data": ROWS}, headers=AUTH)
+        assert ok.status_code == 200
+
+    with_client(Models(iris), scenario, max_unpacked_bytes=1024 * 1024)
