@@ -13,6 +13,7 @@ from agent.protocol.canonical import canonical_bytes
 from agent.protocol.documents import DetachedSignatures, Manifest, Role
 from agent.protocol.keys import verify_signature
 from agent.protocol.package import plan_chunks
+from examples.build_tflite_model import committed_model
 from hub.blobs import BlobStore
 from hub.errors import SigningUnavailable
 from hub.packages.models import Package
@@ -21,6 +22,8 @@ from hub.registry import service as registry
 from hub.registry.models import ModelVersion
 from hub.signing.keystore import KeyStore, OfflineRole
 
+TFLITE = committed_model()  # a real model: the hub checks TFLite models too
+
 
 def _register(session: Session, blobs: BlobStore, name: str = "tiny") -> ModelVersion:
     return registry.register_model(
@@ -28,9 +31,9 @@ def _register(session: Session, blobs: BlobStore, name: str = "tiny") -> ModelVe
         blobs=blobs,
         name=name,
         framework="tflite",
-        files=[registry.UploadedFile("model.tflite", b"\x00tflite-bytes" * 10)],
-        sample_input=b"[[1.0, 2.0]]",
-        expected_output=b"[[0.5]]",
+        files=[registry.UploadedFile("model.tflite", TFLITE.model.read_bytes())],
+        sample_input=TFLITE.sample_input.read_bytes(),
+        expected_output=TFLITE.expected_output.read_bytes(),
         max_bytes=1_000_000,
     )
 

@@ -10,8 +10,11 @@ from sqlmodel import Session
 
 from agent.protocol.documents import Keyring, Role
 from agent.protocol.keys import SigningKey, verify_signature
+from examples.build_tflite_model import committed_model
 from hub.errors import Conflict, InvalidInput, SigningUnavailable
 from hub.signing.keystore import KeyStore, OfflineRole
+
+TFLITE = committed_model()  # a real model: the hub checks TFLite models too
 
 
 def _mode(path: Path) -> int:
@@ -185,9 +188,9 @@ def test_a_package_manifest_signed_offline_builds_the_package(
         blobs=blobs,
         name="tiny",
         framework="tflite",
-        files=[registry.UploadedFile("model.tflite", b"\x00tflite-bytes" * 10)],
-        sample_input=b"[[1.0, 2.0]]",
-        expected_output=b"[[0.5]]",
+        files=[registry.UploadedFile("model.tflite", TFLITE.model.read_bytes())],
+        sample_input=TFLITE.sample_input.read_bytes(),
+        expected_output=TFLITE.expected_output.read_bytes(),
         max_bytes=1_000_000,
     )
 
