@@ -4,6 +4,9 @@ Starts the hub (which starts and supervises its own Mosquitto), enrols three age
 the example iris classifier, deploys it to all three with live progress, then sends one scoring
 request to each agent and prints the answers. Everything runs under ``.demo/`` and goes through
 the same commands a user types. Ctrl-C (or ``--exit``) stops every process it started.
+
+``--framework tflite`` does the same with the committed TFLite build of the classifier
+(examples/models/iris-tflite), which the agents run with LiteRT.
 """
 
 import argparse
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from examples.build_example_model import build_iris_model
+from examples.build_tflite_model import committed_model
 
 AGENTS = 3
 
@@ -104,7 +108,18 @@ def score(port: int, key: str, data: Any) -> Any:
         return json.loads(response.read())
 
 
-def demo(base: Path, processes: Processes, exit_after: bool) -> None:
+def example_model(framework: str, base: Path) -> tuple[Path, Path, Path]:
+    """The model file, sample input and expected output the demo registers."""
+    if framework == "tflite":
+        say("Using the committed TFLite example (iris classifier, built without TensorFlow)")
+        tflite = committed_model()
+        return tflite.model, tflite.sample_input, tflite.expected_output
+    say("Building the example model (iris classifier, scikit-learn → ONNX)")
+    onnx = build_iris_model(base / "model")
+    return onnx.model, onnx.sample_input, onnx.expected_output
+
+
+def demo(base: Path, processes: Processes, exit_after: bool, framework: str = "onnx") -> None:
     bin_dir = Path(sys.executable).parent
     hub_cli, agent_cli = str(bin_dir / "outpost-hub"), str(bin_dir / "outpost-agent")
     shutil.rmtree(base, ignore_errors=True)
@@ -122,14 +137,13 @@ def demo(base: Path, processes: Processes, exit_after: bool) -> None:
     wait_http(f"{hub_url}/healthz", 60, hub, base / "logs" / "hub.log")
     env["OUTPOST_HUB_TOKEN"] = (hub_dir / "admin.token").read_text().strip()
 
-    say("Building the example model (iris classifier, scikit-learn → ONNX)")
-    model = build_iris_model(base / "model")
+    model_file, sample_input, expected_output = example_model(framework, base)
     run(
         [
-            hub_cli, "model", "register", str(model.model), "--name", "iris",
-            "--framework", "onnx", "--sample-input", str(model.sample_input),
-            "--expected-output", str(model.expected_output), "--tag", "dataset=iris",
-            "--description", "logistic regression on the iris data set",
+            hub_cli, "model", "register", str(model_file), "--name", "iris",
+            "--framework", framework, "--sample-input", str(sample_input),
+            "--expected-output", str(expected_output), "--tag", "dataset=iris",
+            "--description", f"logistic regression on the iris data set ({framework})",
         ],
         env,
     )  # fmt: skip
@@ -162,7 +176,7 @@ def demo(base: Path, processes: Processes, exit_after: bool) -> None:
     print(run(deploy, env).rstrip())
 
     say("Scoring one request on each agent (POST /score with its key)")
-    sample = json.loads(model.sample_input.read_text())
+    sample = json.loads(sample_input.read_text())
     for device_id, port, state_dir in agents:
         key = run([agent_cli, "--state-dir", str(state_dir), "key"], env).strip()
         answer = score(port, key, sample)
@@ -183,11 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path(".demo"), help="working directory")
     parser.add_argument("--exit", action="store_true", help="stop everything after scoring")
+    parser.add_argument(
+        "--framework",
+        choices=["onnx", "tflite"],
+        default="onnx",
+        help="the example model to deploy: ONNX (built here) or TFLite (committed)",
+    )
     args = parser.parse_args(argv)
     processes = Processes(args.dir / "logs")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        demo(args.dir, processes, args.exit)
+        demo(args.dir, processes, args.exit, args.framework)
     except KeyboardInterrupt:
         print("\nstopping", file=sys.stderr)
     finally:
