@@ -62,6 +62,7 @@ from agent.protocol.messages import (
 from agent.protocol.topics import Channel, TopicError, Topics
 from agent.runtimes import available_frameworks
 from agent.runtimes.base import ActiveModel
+from agent.runtimes.script import ScriptRuntime, WorkerState, WorkerStats
 from agent.scoring import ScoringCall
 from agent.settings import AgentSettings
 from agent.state import BadVersion, InstallAttempt, StateDir
@@ -177,6 +178,7 @@ class Agent:
         self._keyring: Keyring | None = None
         self._desired: DesiredState | None = None
         self._active: dict[str, ActiveModel] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # runtimes being closed
         self._reported_active: dict[str, str | None] = {}
         self._runtimes = sorted(available_frameworks() if runtimes is None else runtimes)
         # The desired counter the last state report was sent for.
@@ -456,6 +458,7 @@ class Agent:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+            await self._close_runtimes()
             await self._close_outbox(flush=stop.is_set())
 
     def _on_connected(self) -> None:
@@ -526,6 +529,7 @@ class Agent:
             outbox_dropped=figures.dropped,
             disk_free_bytes=self._disk_free_or_none(),
             active=[(m.name, m.version) for m in self._active.values()],
+            workers=self._workers(),
         )
         try:
             record = stored(TelemetryRecord, fields)
@@ -552,8 +556,11 @@ class Agent:
         )
 
     def health(self) -> Health:
-        """Degraded while a package the desired state lists has failed here for its deployment:
-        the device does not run what it was told to."""
+        """Degraded while a package the desired state lists has failed here for its deployment
+        (the device does not run what it was told to), or while an entry script's worker is in
+        a crash loop (its model refuses every call)."""
+        if any(w.state is WorkerState.CRASH_LOOP for w in self._workers().values()):
+            return "degraded"
         desired = self._desired
         if desired is None:
             return "ok"
@@ -562,6 +569,14 @@ class Agent:
             if bad is not None and bad.deployment_id == ref.deployment_id:
                 return "degraded"
         return "ok"
+
+    def _workers(self) -> dict[tuple[str, int], WorkerStats]:
+        """The entry-script models' workers, by model name and version."""
+        return {
+            (m.name, m.version): m.runtime.stats()
+            for m in self._active.values()
+            if isinstance(m.runtime, ScriptRuntime)
+        }
 
     def _disk_free_or_none(self) -> int | None:
         try:
@@ -959,9 +974,13 @@ class Agent:
 
     def _activate(self, ref: PackageRef, model: ActiveModel) -> None:
         """Serve ``model``, installed or switched back to, and say so."""
-        # Replacing the entry is what releases the old runtime: requests already holding it
-        # finish on it, and nothing else refers to it.
+        # New requests get the new runtime from here on; the old one is closed in a thread,
+        # which lets a call already holding it finish first (an entry script's worker process
+        # would otherwise be left running).
+        replaced = self._active.get(ref.model)
         self._active[ref.model] = model
+        if replaced is not None and replaced.runtime is not model.runtime:
+            self._retire(replaced)
         self._reported_active[ref.model] = ref.deployment_id
         self._progress.bad.pop(ref.digest, None)
         self._progress.installing = None
@@ -989,9 +1008,34 @@ class Agent:
         if removed:
             self._publish_state()
 
+    def _retire(self, model: ActiveModel) -> None:
+        """Close a runtime that no longer serves, off the event loop."""
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(model.runtime.close), name=f"close-{model.name}-v{model.version}"
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closed_runtime)
+
+    def _closed_runtime(self, task: "asyncio.Task[None]") -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("closing %s failed: %s", task.get_name(), task.exception())
+
+    async def _close_runtimes(self) -> None:
+        """At stop: close every runtime, so no entry script's worker outlives the agent."""
+        for model in self._active.values():
+            self._retire(model)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
     async def _uninstall(self, model: str) -> None:
         served = self._active.pop(model, None)
         self._reported_active.pop(model, None)
+        if served is not None:
+            # Before its files go: a script's worker runs in that folder.
+            try:
+                await asyncio.to_thread(served.runtime.close)
+            except Exception:
+                logger.exception("closing the runtime of %s failed", model)
         attempt = self._progress.installing
         if attempt is not None and attempt.ref.model == model:
             # An interrupted install of a model no longer wanted is not to be retried or

@@ -131,11 +131,7 @@ class ModelStore:
             staging.rename(final)
             fsync_dir(model_dir)
             self._failpoints.hit(Failpoint.AFTER_RENAME)
-            runtime = self._load(final, manifest)
-            self._failpoints.hit(Failpoint.AFTER_LOAD)
-            report(Step.HEALTH_CHECK)
-            self._check_health(runtime, final / FILES_SUBDIR, manifest.health_check)
-            self._failpoints.hit(Failpoint.AFTER_HEALTH)
+            runtime = self._load_and_check(final, manifest, report)
         except FailpointCrash:
             raise  # a simulated kill: nothing gets cleaned up, as with a real one
         except BaseException:
@@ -153,8 +149,7 @@ class ModelStore:
             previous=previous.model_copy(update={"previous": None}) if previous else None,
         )
         # The switch: one atomic rename. Everything before it left the old version active.
-        write_atomic(model_dir / POINTER_NAME, pointer.model_dump_json().encode())
-        self._failpoints.hit(Failpoint.AFTER_SWITCH)
+        self._switch(model_dir, pointer, runtime)
         self._prune(model_dir, keep={pointer.directory, previous.directory if previous else ""})
         return ActiveModel(
             ref.model, ref.version, ref.digest, manifest, runtime, final / FILES_SUBDIR
@@ -193,11 +188,7 @@ class ModelStore:
             )
         report(Step.VERIFIED)
         report(Step.INSTALLING)
-        runtime = self._load(target, manifest)
-        self._failpoints.hit(Failpoint.AFTER_LOAD)
-        report(Step.HEALTH_CHECK)
-        self._check_health(runtime, target / FILES_SUBDIR, manifest.health_check)
-        self._failpoints.hit(Failpoint.AFTER_HEALTH)
+        runtime = self._load_and_check(target, manifest, report)
         # The version switched away from becomes the rollback target: it passed its own health
         # check here, and keeping it makes re-promoting it (a rollout resumed) local as well.
         # Both directories are already on disk, so the switch frees and fetches nothing.
@@ -208,8 +199,7 @@ class ModelStore:
             deployment_id=ref.deployment_id,
             previous=current.model_copy(update={"previous": None}),
         )
-        write_atomic(model_dir / POINTER_NAME, pointer.model_dump_json().encode())
-        self._failpoints.hit(Failpoint.AFTER_SWITCH)
+        self._switch(model_dir, pointer, runtime)
         self._prune(model_dir, keep={pointer.directory, current.directory})
         return ActiveModel(
             ref.model, ref.version, ref.digest, manifest, runtime, target / FILES_SUBDIR
@@ -299,6 +289,31 @@ class ModelStore:
                     " a different package under the same version is refused",
                     reason=Reason.REPLAY,
                 )
+
+    def _load_and_check(self, directory: Path, manifest: Manifest, report: StepReporter) -> Runtime:
+        """Load the model and health-check it. A runtime that fails here is closed: an entry
+        script's worker process must not outlive the attempt. (A simulated crash closes it
+        too, as a real one ends the worker through its lifeline.)"""
+        runtime = self._load(directory, manifest)
+        try:
+            self._failpoints.hit(Failpoint.AFTER_LOAD)
+            report(Step.HEALTH_CHECK)
+            self._check_health(runtime, directory / FILES_SUBDIR, manifest.health_check)
+            self._failpoints.hit(Failpoint.AFTER_HEALTH)
+        except BaseException:
+            runtime.close()
+            raise
+        return runtime
+
+    def _switch(self, model_dir: Path, pointer: Pointer, runtime: Runtime) -> None:
+        """Point the model at ``pointer`` with one atomic write. If that fails the old version
+        stays active and the new runtime is closed (after a simulated crash too, as above)."""
+        try:
+            write_atomic(model_dir / POINTER_NAME, pointer.model_dump_json().encode())
+            self._failpoints.hit(Failpoint.AFTER_SWITCH)
+        except BaseException:
+            runtime.close()
+            raise
 
     def _load(self, directory: Path, manifest: Manifest) -> Runtime:
         try:
