@@ -8,11 +8,11 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from agent.protocol.messages import ModelStats
 
@@ -24,6 +24,21 @@ PROC_STATM = Path("/proc/self/statm")
 THERMAL_ROOT = Path("/sys/class/thermal")
 
 Health = Literal["ok", "degraded"]
+ModelKey = tuple[str, int]  # name, version
+
+
+class WorkerFigures(Protocol):
+    """An entry script's worker as its runtime counts it (``agent.runtimes.script``): the
+    state now, and totals since the runtime started."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def restarts(self) -> int: ...
+    @property
+    def timeouts(self) -> int: ...
+    @property
+    def crashes(self) -> int: ...
 
 
 class Reservoir:
@@ -66,7 +81,9 @@ class ModelCalls:
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
-        self._calls: dict[tuple[str, int], _Calls] = {}
+        self._calls: dict[ModelKey, _Calls] = {}
+        # Each entry-script worker's totals at the end of the last interval.
+        self._worker_totals: dict[ModelKey, tuple[int, int, int]] = {}
 
     def record(self, model: str, version: int, latency_ms: float, *, failed: bool) -> None:
         """One call that reached the model; ``failed`` when it raised (bad input included)."""
@@ -77,31 +94,56 @@ class ModelCalls:
         calls.errors += failed
         calls.latencies.add(latency_ms)
 
-    def take(self, active: Iterable[tuple[str, int]]) -> list[ModelStats]:
+    def take(
+        self,
+        active: Iterable[ModelKey],
+        workers: Mapping[ModelKey, WorkerFigures] | None = None,
+    ) -> list[ModelStats]:
         """The interval's figures of every active model (zero when not called) and of every
-        model called during it (one replaced mid-interval, say); starts the next interval."""
+        model called during it (one replaced mid-interval, say); starts the next interval.
+
+        ``workers`` are the entry-script models' workers: their totals become the interval's
+        restarts, timeouts and crashes."""
         calls, self._calls = self._calls, {}
+        workers = workers or {}
         keys = list(dict.fromkeys([*active, *sorted(calls)]))[:MAX_MODELS]
         stats = []
         for model, version in keys:
             found = calls.get((model, version))
+            fields: dict[str, Any] = {"model": model, "version": version}
             if found is None or not found.latencies.values:
-                stats.append(ModelStats(model=model, version=version, inferences=0, errors=0))
-                continue
-            latencies = found.latencies.values
-            p50, p95, p99 = (round(percentile(latencies, q), 3) for q in (0.50, 0.95, 0.99))
-            stats.append(
-                ModelStats(
-                    model=model,
-                    version=version,
+                fields.update(inferences=0, errors=0)
+            else:
+                latencies = found.latencies.values
+                p50, p95, p99 = (round(percentile(latencies, q), 3) for q in (0.50, 0.95, 0.99))
+                fields.update(
                     inferences=found.inferences,
                     errors=found.errors,
                     p50_ms=p50,
                     p95_ms=p95,
                     p99_ms=p99,
                 )
-            )
+            worker = workers.get((model, version))
+            if worker is not None:
+                fields.update(self._worker_fields((model, version), worker))
+            stats.append(ModelStats(**fields))
+        for gone in set(self._worker_totals) - set(workers):
+            del self._worker_totals[gone]
         return stats
+
+    def _worker_fields(self, key: ModelKey, worker: WorkerFigures) -> dict[str, Any]:
+        totals = (worker.restarts, worker.timeouts, worker.crashes)
+        before = self._worker_totals.get(key, (0, 0, 0))
+        self._worker_totals[key] = totals
+        if any(now < then for now, then in zip(totals, before, strict=True)):
+            before = (0, 0, 0)  # a new runtime for the same version (reinstalled): from zero
+        restarts, timeouts, crashes = (now - then for now, then in zip(totals, before, strict=True))
+        return {
+            "worker": str(worker.state),
+            "restarts": restarts,
+            "timeouts": timeouts,
+            "crashes": crashes,
+        }
 
 
 class ProcessProbe:
@@ -161,7 +203,8 @@ class IntervalMeter:
         outbox_backlog: int,
         outbox_dropped: int,
         disk_free_bytes: int | None,
-        active: Iterable[tuple[str, int]],
+        active: Iterable[ModelKey],
+        workers: Mapping[ModelKey, WorkerFigures] | None = None,
     ) -> dict[str, Any]:
         """The fields of a ``TelemetryRecord`` (all but its seq) for the interval ending now.
 
@@ -186,5 +229,5 @@ class IntervalMeter:
             "reconnects": reconnects,
             "outbox_backlog": outbox_backlog,
             "outbox_dropped": outbox_dropped,
-            "models": self.calls.take(active),
+            "models": self.calls.take(active, workers),
         }

@@ -138,6 +138,13 @@ class AckBody(_Body):
 MAX_BATCH_RECORDS = 1000
 
 
+WorkerState = Literal["ok", "restarting", "crash_loop"]
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 class ModelStats(_Body):
     """One model's scoring over a telemetry interval."""
 
@@ -149,6 +156,15 @@ class ModelStats(_Body):
     p50_ms: float | None = Field(default=None, ge=0)
     p95_ms: float | None = Field(default=None, ge=0)
     p99_ms: float | None = Field(default=None, ge=0)
+    # Entry-script models only; None for a built-in runtime, and then left out of the JSON, so
+    # the message of every other model is as it was. The state of the model's worker process
+    # at the end of the interval ("crash_loop": calls refused after repeated failures), and
+    # during the interval: workers started again, calls killed past their time limit, and
+    # workers that died or failed to start.
+    worker: WorkerState | None = Field(default=None, exclude_if=_is_none)
+    restarts: int | None = Field(default=None, ge=0, exclude_if=_is_none)
+    timeouts: int | None = Field(default=None, ge=0, exclude_if=_is_none)
+    crashes: int | None = Field(default=None, ge=0, exclude_if=_is_none)
 
 
 class TelemetryRecord(_Body):

@@ -3,7 +3,9 @@ iris ONNX model; crashes, hangs and crash loops injected by the scripts themselv
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -16,20 +18,32 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from agent.core import Agent
 from agent.errors import HealthCheckError, IncompatibleError, ModelCallError, ModelLoadError
+from agent.protocol.canonical import canonical_bytes
 from agent.protocol.documents import (
+    DetachedSignatures,
+    FileEntry,
     Framework,
     HealthCheck,
     Manifest,
     ModelInfo,
     ModelSignature,
+    PackageRef,
     RuntimeSpec,
     TensorSpec,
+    document_dict,
 )
+from agent.protocol.messages import Reason, Step
+from agent.protocol.package import FILES_DIR, MANIFEST_NAME, SIGNATURE_NAME
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
 from agent.runtimes.options import ScriptOptions
-from agent.runtimes.script import ScriptRuntime, Supervision, WorkerState
+from agent.runtimes.script import ScriptRuntime, Supervision, WorkerState, WorkerStats
+from agent.telemetry import ModelCalls
+from tests.support.agents import DEVICE, AgentThread, fast_settings, running_agent
+from tests.support.fake_hub import FakeHub
+from tests.support.repository import BuiltPackage, RepositorySimulator, regular, tar_bytes
 from tests.support.waiting import wait_until
 
 if TYPE_CHECKING:
@@ -679,3 +693,233 @@ def test_workers_die_with_their_agent_even_while_user_code_hangs(tmp_path: Path)
             proc.stdin.close()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# -- in the agent: replaced, rolled back, refused, uninstalled, stopped ------------------------
+
+AGENT_SCRIPT = b"""
+import json, os
+
+scale = None
+
+def init():
+    global scale
+    with open(os.path.join(os.environ["OUTPOST_MODEL_DIR"], "weights.json")) as f:
+        scale = json.load(f)["scale"]
+
+def run(raw_data):
+    data = json.loads(raw_data)["data"]
+    if data == "die":
+        os._exit(5)
+    return {"scaled": [x * scale for x in data], "pid": os.getpid()}
+"""
+
+
+def script_package(
+    repo: RepositorySimulator,
+    iris: IrisModel,
+    *,
+    version: int,
+    scale: int = 2,
+    expected: bytes = b'{"scaled": [2, 4]}',
+    requirements: list[str] | None = None,
+) -> BuiltPackage:
+    """A signed package whose runtime is the entry script above (the simulator builds built-in
+    ones only)."""
+    files = {
+        "score.py": AGENT_SCRIPT,
+        "model.onnx": iris.model.read_bytes(),  # checked for external data like any ONNX model
+        "weights.json": json.dumps({"scale": scale}).encode(),
+        "sample_input.json": b"[1, 2]",
+        "expected_output.json": expected,
+    }
+    manifest = Manifest(
+        model=ModelInfo(name="scripted", version=version, framework=Framework.ONNX),
+        runtime=RuntimeSpec(
+            kind="script",
+            model_file="model.onnx",
+            entry_script="score.py",
+            requirements=requirements or [],
+            options={"timeout_ms": 2000},
+        ),
+        files=[
+            FileEntry(path=p, size=len(d), sha256=hashlib.sha256(d).hexdigest())
+            for p, d in sorted(files.items())
+        ],
+        health_check=HealthCheck(input="sample_input.json", expected_output="expected_output.json"),
+        created_at=repo.now,
+    )
+    doc = document_dict(manifest)
+    signature = DetachedSignatures(signatures=[repo.release.sign(doc)])
+    members = [
+        regular(MANIFEST_NAME, canonical_bytes(doc)),
+        regular(SIGNATURE_NAME, signature.model_dump_json().encode()),
+        *(regular(f"{FILES_DIR}/{p}", d) for p, d in sorted(files.items())),
+    ]
+    data = tar_bytes(members)
+    return BuiltPackage(data, repo.ref_for(data, manifest), manifest)
+
+
+def workers_of(state_dir: Path) -> set[int]:
+    """The live worker processes running a script from this agent's state directory."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = any(b"script_worker" in a for a in argv) and any(
+            str(state_dir).encode() in a for a in argv
+        )
+        if ours and alive(int(proc.name)):
+            found.add(int(proc.name))
+    return found
+
+
+def served_pid(runner: AgentThread) -> int | None:
+    model = runner.call(lambda: runner.agent.get("scripted"))  # type: ignore[union-attr]
+    if model is None:
+        return None
+    return model.runtime.worker_pid  # type: ignore[no-any-return]
+
+
+def steps(hub: FakeHub, ref: PackageRef) -> list[Step]:
+    return [
+        e.step
+        for _, e in hub.events
+        if e.digest == ref.digest and e.deployment_id == ref.deployment_id
+    ]
+
+
+@pytest.mark.integration
+def test_no_worker_outlives_its_version_replaced_rolled_back_refused_uninstalled_or_stopped(
+    hub: FakeHub, repo: RepositorySimulator, state_dir: Path, iris_model: IrisModel
+) -> None:
+    v1, v2 = (
+        script_package(repo, iris_model, version=1),
+        script_package(repo, iris_model, version=2, scale=3, expected=b'{"scaled": [3, 6]}'),
+    )
+    broken = script_package(repo, iris_model, version=3, expected=b'{"scaled": [0, 0]}')
+    hub.offer(v1, v2, broken)
+    hub.desired[DEVICE] = repo.desired_message([v1.ref])
+    with running_agent(state_dir) as (runner, _):
+        hub.wait_for(lambda: Step.ACTIVE in steps(hub, v1.ref))
+        first = served_pid(runner)
+        assert workers_of(state_dir) == {first}
+
+        hub.publish_desired(DEVICE, repo.desired_message([v2.ref]))  # replaced
+        hub.wait_for(lambda: Step.ACTIVE in steps(hub, v2.ref))
+        second = served_pid(runner)
+        wait_until(lambda: workers_of(state_dir) == {second}, 10, "v1's worker to end")
+
+        back = v1.ref.model_copy(update={"deployment_id": v2.ref.deployment_id})
+        hub.publish_desired(DEVICE, repo.desired_message([back]))  # rolled back, from disk
+        hub.wait_for(lambda: Step.ACTIVE in steps(hub, back))
+        third = served_pid(runner)
+        wait_until(lambda: workers_of(state_dir) == {third}, 10, "v2's worker to end")
+
+        hub.publish_desired(DEVICE, repo.desired_message([broken.ref]))  # fails its check
+        hub.wait_for(lambda: Step.FAILED in steps(hub, broken.ref))
+        assert served_pid(runner) == third
+        assert workers_of(state_dir) == {third}, "the refused version's worker is gone"
+
+        hub.publish_desired(DEVICE, repo.desired_message([]))  # uninstalled
+        wait_until(lambda: served_pid(runner) is None, 20, "the uninstall")
+        wait_until(lambda: workers_of(state_dir) == set(), 10, "the last worker to end")
+
+        hub.publish_desired(DEVICE, repo.desired_message([v2.ref]))
+        hub.wait_for(
+            lambda: steps(hub, v2.ref).count(Step.ACTIVE) >= 1 and served_pid(runner) is not None
+        )
+        last = served_pid(runner)
+    # Stopped: the agent closed what it served.
+    assert last is not None
+    assert not alive(last)
+    assert workers_of(state_dir) == set()
+    for pid in (first, second, third):
+        assert pid is not None
+        assert not alive(pid)
+
+
+@pytest.mark.integration
+def test_unmet_requirements_fail_the_install_as_incompatible(
+    hub: FakeHub, repo: RepositorySimulator, state_dir: Path, iris_model: IrisModel
+) -> None:
+    needy = script_package(
+        repo, iris_model, version=1, requirements=["surely-not-installed-pkg>=1"]
+    )
+    hub.offer(needy)
+    hub.desired[DEVICE] = repo.desired_message([needy.ref])
+    with running_agent(state_dir):
+        hub.wait_for(lambda: Step.FAILED in steps(hub, needy.ref))
+    (failed,) = [e for _, e in hub.events if e.step is Step.FAILED]
+    assert failed.reason is Reason.INCOMPATIBLE
+    assert failed.detail == "score.py needs surely-not-installed-pkg>=1 (not installed)"
+    assert workers_of(state_dir) == set()
+
+
+def fast_loader(files_dir: Path, manifest: Manifest) -> Any:
+    """load_runtime, with restarts quick enough for a test and a crash loop after 3 crashes."""
+    if manifest.runtime.kind != "script":
+        return load_runtime(files_dir, manifest)
+    loop = Supervision(backoff_first_s=0.01, backoff_max_s=60, crash_loop_failures=3)
+    return ScriptRuntime.start(files_dir, manifest, ScriptOptions(timeout_ms=2000), loop)
+
+
+@pytest.mark.integration
+def test_a_crash_loop_makes_the_device_degraded_and_is_reported_in_telemetry(
+    hub: FakeHub, repo: RepositorySimulator, state_dir: Path, iris_model: IrisModel
+) -> None:
+    package = script_package(repo, iris_model, version=1)
+    hub.offer(package)
+    hub.desired[DEVICE] = repo.desired_message([package.ref])
+    settings = fast_settings(state_dir, telemetry={"interval_s": 3600})
+    runner = AgentThread(
+        lambda: Agent(settings=settings, load_runtime=fast_loader, check_health=check_health)
+    )
+    agent = runner.start()
+    try:
+        hub.wait_for(lambda: Step.ACTIVE in steps(hub, package.ref))
+        runtime = runner.call(lambda: agent.get("scripted")).runtime
+        assert runner.call(agent.health) == "ok"
+        for _ in range(3):
+            wait_until(lambda: runtime.stats().state is not WorkerState.RESTARTING, 10, "restart")
+            with pytest.raises(ModelCallError):
+                call(runtime, "die")
+        assert runner.call(agent.health) == "degraded"
+        runner.run(agent.record_telemetry())
+        hub.wait_for(lambda: len(hub.telemetry) >= 1)
+        (record,) = hub.telemetry.values()
+        assert record.health == "degraded"
+        (stats,) = record.models
+        assert (stats.model, stats.worker, stats.crashes, stats.restarts) == (
+            "scripted",
+            "crash_loop",
+            3,
+            2,
+        )
+    finally:
+        runner.stop()
+    assert workers_of(state_dir) == set()
+
+
+def test_worker_totals_become_each_intervals_figures_and_builtin_models_carry_none() -> None:
+    calls = ModelCalls(random.Random(0))
+    key = ("scripted", 1)
+    (first,) = calls.take([key], {key: WorkerStats(WorkerState.OK, 2, 1, 1)})
+    assert (first.worker, first.restarts, first.timeouts, first.crashes) == ("ok", 2, 1, 1)
+    (second,) = calls.take([key], {key: WorkerStats(WorkerState.CRASH_LOOP, 3, 1, 2)})
+    assert (second.worker, second.restarts, second.timeouts, second.crashes) == (
+        "crash_loop",
+        1,
+        0,
+        1,
+    )
+    # Reinstalled: a new runtime counts from zero again.
+    (third,) = calls.take([key], {key: WorkerStats(WorkerState.OK, 0, 0, 0)})
+    assert (third.restarts, third.timeouts, third.crashes) == (0, 0, 0)
+    (builtin,) = calls.take([("iris", 1)])
+    assert builtin.worker is None
+    assert "worker" not in builtin.model_dump_json(), "other models' telemetry is unchanged"
