@@ -311,3 +311,58 @@ def test_health_check_fails_on_wrong_values(runtime: TfliteRuntime, files: Path)
     (files / "expected_output.json").write_text(json.dumps({"label": [0, 2, 2]}))
     with pytest.raises(HealthCheckError, match="'label'"):
         check_health(runtime, files, CHECK)
+
+
+# -- quantized models ---------------------------------------------------------------------------
+
+
+def _dequantize_model(scale: float, zero_point: int) -> bytes:
+    """The smallest integer-interface model: int8 [N, 4] in, DEQUANTIZE, float32 out."""
+    import flatbuffers  # type: ignore[import-untyped]
+    from ai_edge_litert import schema_py_generated as tfl
+
+    quantization = tfl.QuantizationParametersT()
+    quantization.scale = [scale]
+    quantization.zeroPoint = [zero_point]
+
+    def tensor(name: str, kind: int, quant: Any = None) -> Any:
+        t = tfl.TensorT()
+        t.name, t.type, t.buffer, t.quantization = name, kind, 0, quant
+        t.shape, t.shapeSignature = [1, 4], [-1, 4]
+        return t
+
+    code = tfl.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = tfl.BuiltinOperator.DEQUANTIZE
+    code.version = 1
+    op = tfl.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0], [1]
+    graph = tfl.SubGraphT()
+    graph.tensors = [
+        tensor("q", tfl.TensorType.INT8, quantization),
+        tensor("x", tfl.TensorType.FLOAT32),
+    ]
+    graph.inputs, graph.outputs, graph.operators = [0], [1], [op]
+    model = tfl.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, [code], [graph]
+    model.buffers = [tfl.BufferT()]
+    builder = flatbuffers.Builder(0)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def test_an_integer_interface_takes_the_quantized_integers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "model.tflite"
+    path.write_bytes(_dequantize_model(scale=0.5, zero_point=3))
+    with caplog.at_level("INFO", logger="agent.runtimes.tflite"):
+        quantized = TfliteRuntime(path)
+    logged = next(r for r in caplog.records if r.getMessage() == "quantized tensors")
+    assert logged.tensors == {"q": {"scale": 0.5, "zero_point": 3}}  # type: ignore[attr-defined]
+    assert [(t.name, t.dtype) for t in quantized.signature().inputs] == [("q", "int8")]
+    # x = scale * (q - zero_point)
+    assert quantized.predict([[3, 5, -128, 127]]) == {"x": [[0.0, 1.0, -65.5, 62.0]]}
+    with pytest.raises(InputError, match="expects int8 of shape \\[N, 4\\]; got fractional"):
+        quantized.predict([[0.5, 1, 2, 3]])
+    with pytest.raises(InputError, match="values out of range"):
+        quantized.predict([[200, 1, 2, 3]])
