@@ -195,6 +195,28 @@ def _open(path: Path) -> Any:
 @click.option("--expected-output", type=click.Path(path_type=Path), required=True)
 @click.option("--tag", "tags", multiple=True, help="key=value, repeatable")
 @click.option("--description", default="")
+@click.option(
+    "--entry-script",
+    type=click.Path(path_type=Path),
+    help="score.py with init() and run(raw_data): devices run the model through it",
+)
+@click.option(
+    "--requirement",
+    "requirements",
+    multiple=True,
+    help="a PEP 508 requirement of the entry script (e.g. 'pillow>=10'), repeatable",
+)
+@click.option(
+    "--requirements-file",
+    type=click.Path(path_type=Path),
+    help="a requirements.txt of the entry script (names and version ranges only)",
+)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    help="a runtime option key=value (e.g. timeout_ms=2000, threads=2), repeatable",
+)
 @click.pass_context
 def model_register(
     ctx: click.Context,
@@ -205,27 +227,72 @@ def model_register(
     expected_output: Path,
     tags: Sequence[str],
     description: str,
+    entry_script: Path | None,
+    requirements: Sequence[str],
+    requirements_file: Path | None,
+    options: Sequence[str],
 ) -> None:
-    """Register model file(s) as the next version of NAME (the first file is the model)."""
+    """Register model file(s) as the next version of NAME (the first file is the model).
+
+    Further files (a script's helper modules, label lists) go into the package beside it.
+    """
+    wanted = list(requirements)
+    if requirements_file is not None:
+        wanted += _requirements_file(requirements_file)
     api = client(ctx)
     handles = [_open(p) for p in (*paths, sample_input, expected_output)]
+    if entry_script is not None:
+        handles.append(_open(entry_script))
     try:
         files: list[tuple[str, tuple[str, Any]]] = [
             ("files", (p.name, h)) for p, h in zip(paths, handles, strict=False)
         ]
-        files.append(("sample_input", (sample_input.name, handles[-2])))
-        files.append(("expected_output", (expected_output.name, handles[-1])))
+        files.append(("sample_input", (sample_input.name, handles[len(paths)])))
+        files.append(("expected_output", (expected_output.name, handles[len(paths) + 1])))
+        if entry_script is not None:
+            files.append(("entry_script", (entry_script.name, handles[-1])))
         data: dict[str, Any] = {
             "name": name,
             "framework": framework,
             "description": description,
             "tags": list(tags),
+            "requirements": wanted,
+            "options": list(options),
         }
         body = api.json("POST", "/api/v1/models", data=data, files=files)
     finally:
         for h in handles:
             h.close()
-    click.echo(f"registered {body['name']}:{body['version']}")
+    click.echo(f"registered {body['name']}:{body['version']} ({_describe_runtime(body)})")
+
+
+def _requirements_file(path: Path) -> list[str]:
+    """The requirements of a requirements.txt: one per line, comments and blank lines skipped.
+    pip's options (-r, --index-url, ...) name how to install, and a device installs nothing."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {path}: {exc}")
+    found = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        spec = line.split(" #", 1)[0].strip()
+        if not spec or spec.startswith("#"):
+            continue
+        if spec.startswith("-"):
+            fail(f"{path}:{number}: {spec!r}: only requirements (name and versions) are taken")
+        found.append(spec)
+    return found
+
+
+def _describe_runtime(version: dict[str, Any]) -> str:
+    """ "script score.py (timeout_ms=2000)" or "built-in onnx runtime"."""
+    runtime = version.get("runtime") or {}
+    options = " ".join(f"{k}={v}" for k, v in sorted((runtime.get("options") or {}).items()))
+    if runtime.get("kind") == "script":
+        text = f"script {runtime.get('entry_script')}"
+    else:
+        text = f"built-in {version['framework']} runtime"
+    return f"{text} ({options})" if options else text
 
 
 @model.command("list")
@@ -249,6 +316,9 @@ def model_show(ctx: click.Context, ref: str) -> None:
         click.echo(f"  {m['description']}")
     for k, v in sorted(m["tags"].items()):
         click.echo(f"  tag {k}={v}")
+    click.echo(f"  runtime {_describe_runtime(m)}")
+    for spec in (m.get("runtime") or {}).get("requirements", []):
+        click.echo(f"  needs  {spec}")
     for io_name in ("inputs", "outputs"):
         for t in m["signature"].get(io_name, []):
             click.echo(f"  {io_name[:-1]:<6} {t['name']} {t['dtype']} {t['shape']}")

@@ -13,7 +13,6 @@ from agent.protocol.documents import (
     Manifest,
     ModelInfo,
     ModelSignature,
-    RuntimeSpec,
     document_dict,
 )
 from agent.protocol.package import DEFAULT_CHUNK_BYTES, plan_chunks
@@ -24,7 +23,7 @@ from hub.errors import NotFound, TooLarge
 from hub.packages.builder import build_archive, sha256_hex
 from hub.packages.models import Package
 from hub.registry.models import ModelVersion
-from hub.registry.service import device_classes_of, list_files
+from hub.registry.service import device_classes_of, inference_of, list_files
 from hub.signing.keystore import KeyStore
 
 logger = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ def ensure_package(
             version=model_version.version,
             framework=Framework(model_version.framework),
         ),
-        runtime=RuntimeSpec(model_file=model_version.model_file),
+        runtime=inference_of(model_version).runtime_spec(model_version.model_file),
         signature=ModelSignature.model_validate(model_version.signature),
         files=[
             FileEntry(path=path, size=len(data), sha256=sha256_hex(data))

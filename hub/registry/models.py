@@ -26,6 +26,15 @@ class ModelVersion(SQLModel, table=True):
     tags: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     signature: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     model_file: str  # path of the model among the files
+    # The inference config (agent.protocol.documents.RuntimeSpec): the framework's built-in
+    # runtime, or an entry script among the files with the PEP 508 requirements the device's
+    # Python must meet; options as checked by agent.runtimes.options, typed.
+    runtime_kind: str = Field(default="builtin", max_length=16)
+    entry_script: str | None = Field(default=None, max_length=255)
+    requirements: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    runtime_options: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False)
+    )
     sample_input: str
     expected_output: str
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -33,11 +33,26 @@ async def register(
     expected_output: Annotated[UploadFile, File()],
     tags: Annotated[list[str] | None, Form(description="repeated key=value")] = None,
     description: Annotated[str, Form()] = "",
+    entry_script: Annotated[
+        UploadFile | None,
+        File(description="score.py with init() and run(raw_data): devices run the model with it"),
+    ] = None,
+    requirements: Annotated[
+        list[str] | None, Form(description="repeated PEP 508 requirement of the entry script")
+    ] = None,
+    options: Annotated[
+        list[str] | None, Form(description="repeated key=value runtime option")
+    ] = None,
 ) -> ModelVersionPublic:
     limit = ctx.settings.registry.max_package_bytes
     uploaded = [
         service.UploadedFile(name=f.filename or "", data=await _read(f, limit)) for f in files
     ]
+    script = None
+    if entry_script is not None:
+        script = service.UploadedFile(
+            name=entry_script.filename or "", data=await _read(entry_script, limit)
+        )
     sample = await _read(sample_input, limit)
     expected = await _read(expected_output, limit)
     # Loading and running the model takes a while; keep it off the event loop.
@@ -53,6 +68,9 @@ async def register(
         tags=service.parse_tags(tags or []),
         description=description,
         max_bytes=limit,
+        entry_script=script,
+        requirements=requirements or [],
+        options=options or [],
     )
     return service.to_public(session=session, row=row)
 

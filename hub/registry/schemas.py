@@ -12,6 +12,15 @@ class ModelFilePublic(BaseModel):
     size: int
 
 
+class RuntimeConfigPublic(BaseModel):
+    """How devices run the version: ``builtin`` (the framework's runtime) or ``script``."""
+
+    kind: str
+    entry_script: str | None
+    requirements: list[str]
+    options: dict[str, Any]
+
+
 class ModelVersionPublic(BaseModel):
     name: str
     version: int
@@ -20,6 +29,7 @@ class ModelVersionPublic(BaseModel):
     tags: dict[str, str]
     signature: dict[str, Any]
     model_file: str
+    runtime: RuntimeConfigPublic
     sample_input: str
     expected_output: str
     created_at: datetime

@@ -12,12 +12,18 @@ from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from agent.protocol.documents import ANY_DEVICE_CLASS, Framework
+from agent.protocol.documents import ANY_DEVICE_CLASS, Framework, ModelSignature
 from hub.blobs import BlobStore
 from hub.errors import Conflict, InvalidInput, NotFound, TooLarge
+from hub.registry.inference import InferenceConfig, inference_config
 from hub.registry.inspection import inspect_model
 from hub.registry.models import MAX_VERSION, ModelFile, ModelVersion
-from hub.registry.schemas import ModelFilePublic, ModelSummary, ModelVersionPublic
+from hub.registry.schemas import (
+    ModelFilePublic,
+    ModelSummary,
+    ModelVersionPublic,
+    RuntimeConfigPublic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +96,17 @@ def register_model(
     tags: dict[str, str] | None = None,
     description: str = "",
     max_bytes: int,
+    entry_script: UploadedFile | None = None,
+    requirements: Sequence[str] = (),
+    options: Sequence[str] = (),
 ) -> ModelVersion:
-    """Check and store a new version of ``name``; the first file is the model the runtime loads."""
+    """Check and store a new version of ``name``; the first file is the model the runtime loads.
+
+    With ``entry_script`` the version runs that script (stored among its files) on devices, and
+    the hub does not run the model: user code stays off the hub, and the devices' health check
+    runs the sample through the script. ``requirements`` (PEP 508) and ``options``
+    (``key=value``) are checked as a device will check them.
+    """
     check_name(name)
     try:
         fw = Framework(framework)
@@ -99,15 +114,27 @@ def register_model(
         raise InvalidInput(
             f"unknown framework {framework!r}; use one of {[str(f) for f in Framework]}"
         ) from None
-    _check_files(files)
-    total = sum(len(f.data) for f in files) + len(sample_input) + len(expected_output)
+    all_files = [*files, entry_script] if entry_script is not None else list(files)
+    if not files:
+        raise InvalidInput("at least one model file is required")
+    _check_files(all_files)
+    config = inference_config(
+        fw,
+        entry_script=entry_script.name if entry_script is not None else None,
+        requirements=requirements,
+        options=options,
+    )
+    total = sum(len(f.data) for f in all_files) + len(sample_input) + len(expected_output)
     if total > max_bytes:
         raise TooLarge(f"model files total {total} bytes, over the limit of {max_bytes}")
     sample = _load_json("sample input", sample_input)
     expected = _load_json("expected output", expected_output)
-    signature = inspect_model(fw, files[0].data, sample, expected)
+    if config.kind == "script":
+        signature = ModelSignature()
+    else:
+        signature = inspect_model(fw, files[0].data, sample, expected)
 
-    stored = [(f.name, blobs.put(f.data)) for f in files]
+    stored = [(f.name, blobs.put(f.data)) for f in all_files]
     stored.append((SAMPLE_INPUT_FILE, blobs.put(sample_input)))
     stored.append((EXPECTED_OUTPUT_FILE, blobs.put(expected_output)))
 
@@ -123,6 +150,10 @@ def register_model(
             tags=dict(tags or {}),
             signature=signature.model_dump(mode="json"),
             model_file=files[0].name,
+            runtime_kind=config.kind,
+            entry_script=config.entry_script,
+            requirements=config.requirements,
+            runtime_options=config.options,
             sample_input=SAMPLE_INPUT_FILE,
             expected_output=EXPECTED_OUTPUT_FILE,
         )
@@ -179,6 +210,16 @@ def device_classes_of(model_version: ModelVersion) -> list[str]:
     return classes or [ANY_DEVICE_CLASS]
 
 
+def inference_of(model_version: ModelVersion) -> InferenceConfig:
+    """The stored inference config of a version (built-in with defaults before it existed)."""
+    return InferenceConfig(
+        kind="script" if model_version.runtime_kind == "script" else "builtin",
+        entry_script=model_version.entry_script,
+        requirements=list(model_version.requirements),
+        options=dict(model_version.runtime_options),
+    )
+
+
 def list_files(*, session: Session, model_version_id: int) -> list[ModelFile]:
     return list(
         session.exec(
@@ -192,6 +233,7 @@ def list_files(*, session: Session, model_version_id: int) -> list[ModelFile]:
 def to_public(*, session: Session, row: ModelVersion) -> ModelVersionPublic:
     assert row.id is not None
     files = list_files(session=session, model_version_id=row.id)
+    config = inference_of(row)
     return ModelVersionPublic(
         name=row.name,
         version=row.version,
@@ -200,6 +242,12 @@ def to_public(*, session: Session, row: ModelVersion) -> ModelVersionPublic:
         tags=row.tags,
         signature=row.signature,
         model_file=row.model_file,
+        runtime=RuntimeConfigPublic(
+            kind=config.kind,
+            entry_script=config.entry_script,
+            requirements=config.requirements,
+            options=config.options,
+        ),
         sample_input=row.sample_input,
         expected_output=row.expected_output,
         created_at=row.created_at,
