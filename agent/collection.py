@@ -20,10 +20,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from agent.jsonvalues import plain
 from agent.outbox import stored
 from agent.protocol.documents import CollectPolicy
 from agent.protocol.messages import CollectedRecord
-from agent.runtimes.tensors import json_ready
 
 BUDGET_NOTE = "collection.day_budget"
 MAX_CORRELATION_ID = 200  # CollectedRecord.correlation_id's limit
@@ -157,9 +157,9 @@ class Collector:
                     "deployment_id": sample.deployment_id,
                     "correlation_id": (sample.correlation_id or "")[:MAX_CORRELATION_ID] or None,
                     "latency_ms": round(sample.latency_ms, 3),
-                    # A .npy request's data is an array; records are JSON.
-                    "inputs": json_ready(sample.inputs),
-                    "outputs": sample.outputs,
+                    # Arrays (a .npy request's data, a model's outputs) as the answer wrote them.
+                    "inputs": plain(sample.inputs),
+                    "outputs": plain(sample.outputs),
                 },
             )
         except (ValidationError, ValueError, TypeError):

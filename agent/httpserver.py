@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httptools
-import orjson
+
+from agent.jsonvalues import to_json
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def encode(response: Response) -> bytes:
         # orjson: ~10x the stdlib's speed, which on this path is most of the agent's own cost.
         # It writes NaN as null, so runtimes refuse non-finite outputs before they get here.
         try:
-            body = orjson.dumps(response.body)
+            body = to_json(response.body)
         except TypeError as exc:
             logger.error("response is not JSON-ready: %s", exc)
             return encode(error(500, "internal error; see the device log", close=True))

@@ -35,8 +35,10 @@ from urllib.parse import unquote
 
 from agent.errors import InputError, ModelCallError
 from agent.httpserver import HttpServer, Request, Response, error
+from agent.jsonvalues import to_json
 from agent.openapi import openapi_document
 from agent.runtimes.base import ActiveModel, ActiveModels, RawBodyRuntime
+from agent.runtimes.tensors import non_finite
 from agent.scoring_body import BodyError, is_json, media_type, request_data
 
 logger = logging.getLogger(__name__)
@@ -195,6 +197,18 @@ class ScoringServer:
             # Inline on the event loop: built-in runtimes answer in microseconds, less than a
             # hop to a thread would cost. Entry scripts, which may take long, go to one.
             outputs = model.runtime.predict(data)
+            answer = to_json(
+                {
+                    "result": next(iter(outputs.values()), None),
+                    "outputs": outputs,
+                    "model": {"name": model.name, "version": model.version},
+                }
+            )
+            # NaN and infinity are written as null; only then is the slower exact check due.
+            broken = non_finite(outputs) if b"null" in answer else None
+            if broken is not None:
+                outputs = None  # a failed call, for telemetry
+                return error(500, f"the model produced NaN or infinity in output {broken!r}")
         except InputError as exc:
             return error(400, exc.detail)
         except ModelCallError as exc:
@@ -204,15 +218,7 @@ class ScoringServer:
             return error(500, "the model failed; see the device log")
         finally:
             self._observe(model, data, outputs, started, correlation_id, len(body))
-        first = next(iter(outputs.values()), None)
-        return Response(
-            200,
-            {
-                "result": first,
-                "outputs": outputs,
-                "model": {"name": model.name, "version": model.version},
-            },
-        )
+        return Response(200, answer)
 
     async def _score_raw(
         self,

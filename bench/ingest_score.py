@@ -12,41 +12,29 @@ every collected call, so the agent's sending of them does not run into a round w
 collection.
 """
 
-import http.client
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import httpx
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from agent.enroll import DeviceRequest
 from agent.state import StateDir
+from bench.agentproc import AgentProcess, ScoringClient, enroll_one, running
 from bench.hub import HubProcess
 from bench.machine import cpu_seconds
 from bench.timing import BenchTimeout
 from examples.build_example_model import IrisModel, build_iris_model
-from hub.broker.supervisor import free_loopback_port
 from hub.database import make_engine
 from hub.telemetry.models import CollectedRecord
-from outpost_sim.enrollment import DeviceToEnroll, enroll_devices
 
 MODEL = "iris"
 # Every call sampled, and budgets no run of this bench reaches.
 EVERY_CALL = {"sample_rate": 1.0, "max_per_minute": 1_000_000_000, "max_bytes_per_day": 1 << 40}
 _POLL_S = 0.05
-_STOP_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -68,84 +56,9 @@ class ScoreMeasured:
     sample_bytes: int  # the request body
 
 
-class _Agent:
-    """``outpost-agent run`` for one enrolled state directory, its scoring endpoint on a free
-    loopback port."""
-
-    def __init__(self, state_dir: Path, log: Path) -> None:
-        self.state_dir = state_dir
-        self.port = free_loopback_port()
-        self._log_path = log
-        self._log: IO[bytes] | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_AGENT_")}
-        env["OUTPOST_AGENT_SCORING__PORT"] = str(self.port)
-        self._log = self._log_path.open("ab")
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.main", "--state-dir", str(self.state_dir), "run"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.wait_serving(timeout_s, version=None)
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
-
-    def wait_serving(self, timeout_s: float, *, version: int | None) -> None:
-        """Until ``/healthz`` answers, and with a ``version`` says it serves that version of the
-        model (the one it replaces is served until the switch)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"the agent exited; see {self._log_path}")
-            try:
-                health = httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1.0)
-                if version is None:
-                    return
-                served = {(m["name"], m["version"]) for m in health.json()["models"]}
-                if (MODEL, version) in served:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise BenchTimeout(
-                    f"the agent was not serving {MODEL} v{version} within {timeout_s:g} s"
-                )
-            time.sleep(_POLL_S)
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(_STOP_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-def _enroll_one(hub: HubProcess, state_dir: Path) -> str:
-    token = hub.call("POST", "/api/v1/enrollment-tokens", json={"uses": 1, "ttl_s": 3600})
-    enroll_devices(
-        hub_url=hub.url,
-        token=token["token"],
-        devices=[DeviceToEnroll(state_dir, DeviceRequest(name="bench-score-agent"))],
-    )
-    return StateDir(state_dir).load_identity().device_id
-
-
 def _deploy(
     hub: HubProcess,
-    agent: _Agent,
+    agent: AgentProcess,
     model: IrisModel,
     *,
     device_id: str,
@@ -165,7 +78,7 @@ def _deploy(
             "data_collection": collect,
         },
     )
-    agent.wait_serving(timeout_s, version=version)
+    agent.wait_serving(timeout_s, {MODEL: version})
 
 
 def _stored(engine: Any, device_id: str) -> int:
@@ -187,46 +100,6 @@ def _wait_stored(engine: Any, device_id: str, expected: int, timeout_s: float) -
     return stored
 
 
-class _Client:
-    """One keep-alive connection, Nagle off, the same request every time: as little client
-    as there can be between the clock and the endpoint."""
-
-    def __init__(self, port: int, key: str, data: bytes) -> None:
-        self._conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        self._conn.connect()
-        assert self._conn.sock is not None
-        self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._body = b'{"data": ' + data.strip() + b"}"
-        self._headers = {"content-type": "application/json", "x-api-key": key}
-
-    def score(self) -> float:
-        """One call; its latency in seconds."""
-        started = time.perf_counter()
-        self._conn.request("POST", "/score", self._body, self._headers)
-        response = self._conn.getresponse()
-        answer = response.read()
-        elapsed = time.perf_counter() - started
-        if response.status != 200:
-            raise RuntimeError(f"/score answered {response.status}: {answer[:200]!r}")
-        return elapsed
-
-    @property
-    def body_bytes(self) -> int:
-        return len(self._body)
-
-    def close(self) -> None:
-        self._conn.close()
-
-
-@contextmanager
-def _running(agent: _Agent, timeout_s: float) -> Iterator[_Agent]:
-    try:
-        agent.start(timeout_s)
-        yield agent
-    finally:
-        agent.stop()
-
-
 def measure_score(
     hub: HubProcess, root: Path, cfg: ScoreConfig, *, database_url: str
 ) -> ScoreMeasured:
@@ -236,20 +109,20 @@ def measure_score(
     try:
         model = build_iris_model(root / "model")
         state_dir = root / "agent"
-        device_id = _enroll_one(hub, state_dir)
+        device_id = enroll_one(hub, state_dir)
         key = StateDir(state_dir).scoring_keys().primary
         engine = make_engine(database_url)
-        agent = _Agent(state_dir, root / "agent.log")
+        agent = AgentProcess(state_dir, root / "agent.log")
         off: list[float] = []
         on: list[float] = []
         cpu = {False: 0.0, True: 0.0}
         collected = 0
         stored = 0
         per_round = max(1, cfg.calls // cfg.rounds)
-        with _running(agent, cfg.timeout_s):
+        with running(agent, cfg.timeout_s):
             _deploy(hub, agent, model, device_id=device_id, collect=None, timeout_s=cfg.timeout_s)
             sample = json.dumps(json.loads(model.sample_input.read_bytes())).encode()
-            client = _Client(agent.port, key, sample)
+            client = ScoringClient(agent.port, key, b'{"data": ' + sample.strip() + b"}")
             collecting = False
             try:
                 for r in range(cfg.rounds):

@@ -11,7 +11,7 @@ class Runtime(Protocol):
     """A loaded model. ``predict`` takes the JSON ``data`` of a scoring request."""
 
     def predict(self, data: Any) -> dict[str, Any]:
-        """Run the model; returns each output by name as JSON-ready lists.
+        """Run the model; returns each output by name: a NumPy array or a JSON value.
 
         Raises ``agent.errors.InputError`` when ``data`` does not fit the model's inputs, and
         ``agent.errors.ModelCallError`` when the model could not answer (a script that raised,

@@ -4,7 +4,6 @@ Runs in the caller's thread: for the models we ship it is microseconds of CPU wo
 """
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import numpy as np
 from agent.errors import HealthCheckError, InputError, ModelCallError
 from agent.protocol.documents import HealthCheck
 from agent.runtimes.base import Runtime
+from agent.runtimes.tensors import json_ready, non_finite
 
 
 def _read_json(files_dir: Path, relative: str, what: str) -> Any:
@@ -25,16 +25,6 @@ def _read_json(files_dir: Path, relative: str, what: str) -> Any:
         raise HealthCheckError(f"{what} {relative!r} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HealthCheckError(f"{what} {relative!r} is not valid JSON: {exc}") from exc
-
-
-def _has_nan(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isnan(value)
-    if isinstance(value, dict):
-        return any(_has_nan(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(_has_nan(v) for v in value)
-    return False
 
 
 def _numeric(value: Any) -> np.ndarray[Any, Any] | None:
@@ -64,7 +54,7 @@ def _compare(name: str, actual: Any, expected: Any, check: HealthCheck) -> None:
             )
         return
     # Labels, strings, maps: compare as JSON, so tuples equal lists and int keys equal strings.
-    if json.loads(json.dumps(actual)) != expected:
+    if json.loads(json.dumps(json_ready(actual))) != expected:
         raise HealthCheckError(f"output {name!r} is not the expected value")
 
 
@@ -84,9 +74,9 @@ def check_health(runtime: Runtime, files_dir: Path, check: HealthCheck) -> None:
         raise HealthCheckError(f"the model failed on its sample input: {exc.detail}") from exc
     if not outputs:
         raise HealthCheckError("the model returned no outputs")
-    for name, value in outputs.items():
-        if _has_nan(value):
-            raise HealthCheckError(f"output {name!r} contains NaN")
+    broken = non_finite(outputs)
+    if broken is not None:
+        raise HealthCheckError(f"output {broken!r} contains NaN or infinity")
 
     if isinstance(expected, dict):
         if not expected:

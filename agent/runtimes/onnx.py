@@ -15,7 +15,7 @@ import onnxruntime as ort
 from agent.errors import InputError, ModelLoadError
 from agent.protocol.documents import ModelSignature, TensorSpec
 from agent.runtimes.options import CPU_PROVIDER, OnnxOptions
-from agent.runtimes.tensors import TensorInput, feeds, free_shape, json_outputs
+from agent.runtimes.tensors import TensorInput, feeds, free_shape, named_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class OnnxRuntime:
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
             # Dimensions the declared shape leaves symbolic can still be wrong inside the graph.
             raise InputError(f"the model rejected the input: {exc}") from exc
-        return json_outputs(self._output_names, results)
+        return named_outputs(self._output_names, results)
 
     def close(self) -> None:
         """Nothing to release beyond the session, which goes with the last reference."""

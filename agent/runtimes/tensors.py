@@ -6,13 +6,14 @@ about node internals. Data is a list of rows for a model with one input, or an o
 name to rows; a NumPy array (from an ``.npy`` body) is taken as it is, after the same checks.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import InputError, ModelCallError
+from agent.errors import InputError
 from agent.protocol.documents import TensorSpec
 
 Shape = list[int | None]
@@ -51,21 +52,33 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-def json_outputs(names: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
-    """A runtime's outputs by name as JSON values; a non-finite float is the model's failure.
+def named_outputs(names: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+    """A runtime's outputs by name: arrays stay arrays (the endpoint writes them as JSON without
+    a detour through Python lists), anything else becomes JSON values."""
+    return {
+        name: value if isinstance(value, np.ndarray) else json_ready(value)
+        for name, value in zip(names, values, strict=True)
+    }
 
-    JSON has no NaN or infinity (the endpoint's encoder would write null), and a model that
-    produced one is broken, not the request: ``ModelCallError`` 500 names the output.
-    """
-    outputs: dict[str, Any] = {}
-    for name, value in zip(names, values, strict=True):
-        if isinstance(value, np.ndarray):
-            if value.dtype.kind in "fc" and not np.isfinite(value).all():
-                raise ModelCallError(500, f"output {name!r} contains NaN or infinity")
-            outputs[name] = value.tolist()
-        else:
-            outputs[name] = json_ready(value)
-    return outputs
+
+def non_finite(outputs: Mapping[str, Any]) -> str | None:
+    """The name of the first output holding NaN or infinity, or None."""
+    for name, value in outputs.items():
+        if _holds_non_finite(value):
+            return name
+    return None
+
+
+def _holds_non_finite(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "fc" and not bool(np.isfinite(value).all())
+    if isinstance(value, float | np.floating):
+        return not math.isfinite(value)
+    if isinstance(value, Mapping):
+        return any(_holds_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_non_finite(v) for v in value)
+    return False
 
 
 class TensorInput:
@@ -136,7 +149,7 @@ class TensorInput:
 def feeds(data: Any, inputs: Sequence[TensorInput]) -> dict[str, npt.NDArray[Any]]:
     """Request data as one array per input: a list of rows (or an array) for a model with one
     input, an object of input name to rows for any model."""
-    if isinstance(data, Mapping):
+    if isinstance(data, dict | Mapping):  # dict first: the JSON case, and the fast check
         names = {i.name for i in inputs}
         unknown = sorted(set(data) - names)
         missing = sorted(names - set(data))
