@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import ingest, rollout, scale, storm, waves
+from bench import ingest, rollout, scale, scoring, storm, waves
 from bench.results import RESULTS_PATH, Report
 from hub.broker import MosquittoNotFoundError, find_mosquitto
 
@@ -154,3 +154,22 @@ def test_ingest_stores_every_record_once_and_times_score_with_and_without_collec
     # Two rounds (off, on; on, off) of 10 warm-up and 20 timed calls: 60 calls collected.
     stored = report.figure("collected calls stored by the hub")
     assert (stored.project, stored.target) == (60, "60")
+
+
+@pytest.mark.e2e
+def test_scoring_times_every_runtime_against_its_floor_and_weighs_the_agent(
+    results: Path, tmp_path: Path
+) -> None:
+    before = _results_now()
+    argv = ["--calls", "40", "--rounds", "2", "--warmup", "5", "--no-record"]
+    report = _unrecorded(
+        scoring.main([*argv, "--work-dir", str(tmp_path)], results_path=results), results, before
+    )
+    for runtime in ("ONNX Runtime", "LiteRT", "score.py"):
+        for quantile in ("p50", "p99"):
+            figure = report.figure(f"/score {quantile}, {runtime}")
+            assert figure.project > 0
+            assert (figure.ratio or 0) > 0, figure.name
+    memory = report.figure("memory, ONNX model loaded (RSS)")
+    # The agent holds the same session and more, so it cannot weigh less than the floor.
+    assert memory.project > memory.floor > 0  # type: ignore[operator]
