@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: all test security lint typecheck unit demo mosquitto clean bench bench-rollout bench-scale bench-storm bench-waves bench-ingest
+.PHONY: all test security lint typecheck unit demo mosquitto clean bench bench-rollout bench-scale bench-storm bench-waves bench-ingest bench-scoring
 
 all: test
 
@@ -41,7 +41,7 @@ security: $(STAMP) mosquitto
 demo: $(STAMP) mosquitto
 	$(BIN)/python -m examples.demo
 
-## make bench-rollout / bench-scale / bench-storm / bench-waves / bench-ingest: one benchmark at the issue's
+## make bench-rollout / bench-scale / bench-storm / bench-waves / bench-ingest / bench-scoring: one benchmark at the issue's
 ## sizes, printed with its floor and ratio and appended to bench/RESULTS.md (see bench/README.md).
 bench-rollout: $(STAMP) mosquitto
 	$(BIN)/python -m bench.rollout
@@ -61,7 +61,12 @@ bench-ingest: $(STAMP) mosquitto
 	$(BIN)/python -m bench.ingest $(INGEST_ARGS)
 
 ## make bench: all five, one after the other (the machine is small: never at once).
-bench: bench-rollout bench-scale bench-storm bench-waves bench-ingest
+## bench-scoring: /score per runtime (ONNX Runtime, LiteRT, score.py) against a bare server making
+## the raw call, and the agent's memory against a bare session.
+bench-scoring: $(STAMP) mosquitto
+	$(BIN)/python -m bench.scoring
+
+bench: bench-rollout bench-scale bench-storm bench-waves bench-ingest bench-scoring
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache examples/build
