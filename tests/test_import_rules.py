@@ -2,8 +2,10 @@
 
 - ``agent.protocol`` imports nothing else of the project;
 - ``hub`` may import ``agent.protocol`` only, never the rest of the agent or the simulator;
-  one exception: the registration check (``hub.registry.inspection``) runs a model with the
-  agent's own runtimes and health check, so the hub refuses what a device would, in its words;
+  the exceptions are the registration checks, so the hub refuses what a device would, in its
+  words: ``hub.registry.inspection`` runs a model with the agent's own runtimes and health
+  check, and ``hub.registry.inference`` checks runtime options and requirement strings with
+  the agent's own parsers;
 - ``agent`` never imports ``hub`` or the simulator;
 - the simulator never imports ``hub``;
 - pure modules (verification) never import adapters (MQTT, HTTP, runtimes).
@@ -71,9 +73,12 @@ RULES = [
 ]
 
 
-# The one hub module that may use these parts of the agent (see the docstring).
-HUB_MODEL_CHECK = "hub.registry.inspection"
-HUB_MODEL_CHECK_USES = ("agent.runtimes", "agent.errors", "agent.external_data")
+# The hub modules that check a model version at registration as a device would, in the
+# device's words, and the parts of the agent each may use for it (see the docstring).
+HUB_CHECKS_AS_DEVICE = {
+    "hub.registry.inspection": ("agent.runtimes", "agent.errors", "agent.external_data"),
+    "hub.registry.inference": ("agent.runtimes.options", "agent.runtimes.requirements"),
+}
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -85,7 +90,7 @@ def _violations(module: str, imported: set[str]) -> list[str]:
     for name in imported:
         for source, forbidden, allowed in RULES:
             exempt = allowed is not None and _under(name, allowed)
-            if module == HUB_MODEL_CHECK and any(_under(name, u) for u in HUB_MODEL_CHECK_USES):
+            if any(_under(name, u) for u in HUB_CHECKS_AS_DEVICE.get(module, ())):
                 exempt = True
             if _under(module, source) and _under(name, forbidden) and not exempt:
                 bad.add(name)
@@ -114,6 +119,7 @@ def test_import_rules(module: str, path: Path) -> None:
         ("hub.deployments.service", "agent.trust"),
         ("hub.registry.service", "agent.runtimes"),
         ("hub.registry.inspection", "agent.core"),
+        ("hub.registry.inference", "agent.runtimes.script"),
         ("agent.core", "hub.main"),
         ("outpost_sim.fleet", "hub.devices"),
         ("agent.trust", "agent.mqtt"),
