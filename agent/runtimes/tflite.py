@@ -29,7 +29,7 @@ from agent.runtimes.tensors import (
     dtype_name,
     feeds,
     free_shape,
-    json_ready,
+    named_outputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ class TfliteRuntime:
         self._inputs = [tensor(d, s) for d, s in zip(input_details, in_signatures, strict=True)]
         self._outputs = [tensor(d, s) for d, s in zip(output_details, out_signatures, strict=True)]
         self._checks = [TensorInput(t.name, t.dtype, t.shape) for t in self._inputs]
+        self._output_names = [t.name for t in self._outputs]
         # The shape each input tensor is allocated at now; a request of other rows resizes it.
         self._allocated: dict[int, tuple[int, ...] | None] = {
             int(d["index"]): tuple(int(x) for x in d["shape"]) for d in input_details
@@ -176,11 +177,12 @@ class TfliteRuntime:
         )
 
     def predict(self, data: Any) -> dict[str, Any]:
-        """Score ``data`` (a list of rows, an array, or input name -> rows); outputs by name."""
+        """Score ``data`` (a list of rows, an array, or input name -> rows); outputs by name,
+        as NumPy arrays."""
         arrays = feeds(data, self._checks)
         with self._lock:
             results = self._run_rows(arrays) if self.row_by_row else self._run(arrays)
-        return {t.name: json_ready(value) for t, value in zip(self._outputs, results, strict=True)}
+        return named_outputs(self._output_names, results)
 
     def close(self) -> None:
         """Nothing to release beyond the interpreter, which goes with the last reference."""
