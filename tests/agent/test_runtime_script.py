@@ -407,7 +407,7 @@ def test_callers_waiting_behind_a_hung_call_are_told_busy(runtimes: Runtimes) ->
     with pytest.raises(ModelCallError) as raised:
         call(runtime, "fine")
     hanging.join(10)
-    assert raised.value.status in (503, 504)
+    assert raised.value.status == 503  # busy, or the restart under way
     assert outcomes == [504]
 
 
@@ -497,7 +497,7 @@ def test_repeated_failures_are_a_crash_loop_that_refuses_calls_at_once(
 
 def test_a_crash_loop_ends_when_its_failures_leave_the_window(runtimes: Runtimes) -> None:
     window = Supervision(
-        backoff_first_s=0.01, backoff_max_s=0.05, crash_loop_failures=2, crash_loop_window_s=1.0
+        backoff_first_s=0.01, backoff_max_s=0.05, crash_loop_failures=2, crash_loop_window_s=2.0
     )
     runtime = runtimes.start(HANGS_ON_REQUEST, supervision=window, timeout_ms=100)
     for _ in range(2):
