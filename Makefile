@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: all test security lint typecheck unit demo mosquitto clean bench bench-rollout bench-scale bench-storm bench-waves bench-ingest bench-scoring
+.PHONY: all test security lint typecheck unit demo demo-tflite mosquitto clean bench bench-rollout bench-scale bench-storm bench-waves bench-ingest bench-scoring
 
 all: test
 
@@ -40,6 +40,10 @@ security: $(STAMP) mosquitto
 ## make demo: hub + its Mosquitto, three agents, the example model deployed and scored.
 demo: $(STAMP) mosquitto
 	$(BIN)/python -m examples.demo
+
+## make demo-tflite: the same with the TFLite example (LiteRT on the devices).
+demo-tflite: $(STAMP) mosquitto
+	$(BIN)/python -m examples.demo --framework tflite
 
 ## make bench-rollout / bench-scale / bench-storm / bench-waves / bench-ingest / bench-scoring: one benchmark at the issue's
 ## sizes, printed with its floor and ratio and appended to bench/RESULTS.md (see bench/README.md).
