@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote
@@ -43,6 +44,8 @@ from agent.scoring_body import BodyError, is_json, media_type, request_data
 
 logger = logging.getLogger(__name__)
 
+SCRIPT_CALL_THREADS = 16
+MAX_SCRIPT_CALLS_WAITING = 8  # per entry-script model, the call being served included
 _GET_ROUTES = frozenset({"healthz", "models", "swagger"})
 _FIXED_ROUTES = {
     "/healthz": "healthz",
@@ -94,6 +97,12 @@ class ScoringServer:
         self._keys = keys
         self._host = host
         self._max_unpacked_bytes = max_unpacked_bytes  # of an .npz body's arrays
+        # Entry-script calls block a thread for up to their time limit: a pool of their own, so
+        # callers of a hung script cannot take the threads installs and the outbox use.
+        self._script_threads = ThreadPoolExecutor(
+            max_workers=SCRIPT_CALL_THREADS, thread_name_prefix="score-script"
+        )
+        self._script_waiting: dict[str, int] = {}  # package digest -> calls in or waiting
         self._http = HttpServer(
             self,
             host=host,
@@ -118,6 +127,8 @@ class ScoringServer:
     async def stop(self) -> None:
         """Stop accepting, close open connections (idle keep-alives included) and wait."""
         await self._http.stop()
+        # Calls still in a script end by its time limit; nobody waits for their answers now.
+        self._script_threads.shutdown(wait=False, cancel_futures=True)
 
     # -- the HTTP handler -------------------------------------------------------------------
 
@@ -230,10 +241,17 @@ class ScoringServer:
     ) -> Response:
         """An entry script: ``run(raw_data)`` gets the body as it came, in a thread, so a slow
         or hung script holds up its own callers and no one else's."""
+        waiting = self._script_waiting.get(model.digest, 0)
+        if waiting >= MAX_SCRIPT_CALLS_WAITING:
+            # A script answers one call at a time; a queue past this only makes callers wait
+            # for a 503 "busy" later, holding threads other scripts need.
+            return error(503, f"{model.name} is busy: {waiting} calls are waiting for it")
         outputs: dict[str, Any] | None = None
         started = time.perf_counter()
+        self._script_waiting[model.digest] = waiting + 1
         try:
-            result = await asyncio.to_thread(runtime.run_raw, body, kind)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self._script_threads, runtime.run_raw, body, kind)
             outputs = {"result": result}
         except ModelCallError as exc:
             return error(exc.status, exc.detail)
@@ -241,6 +259,9 @@ class ScoringServer:
             logger.exception("model failed", extra={"model": model.name, "version": model.version})
             return error(500, "the model failed; see the device log")
         finally:
+            self._script_waiting[model.digest] -= 1
+            if not self._script_waiting[model.digest]:
+                del self._script_waiting[model.digest]
             self._observe(
                 model, _logged_data(body, kind), outputs, started, correlation_id, len(body)
             )

@@ -173,8 +173,10 @@ class RuntimeSpec(_Doc):
 
     kind: Literal["builtin", "script"] = "builtin"
     model_file: str  # path of the model among the files
-    entry_script: str | None = None
-    requirements: list[str] = Field(default_factory=list)
+    # Left out of the signed document when unset, so a built-in runtime's manifest is the same
+    # bytes as before entry scripts existed.
+    entry_script: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    requirements: list[str] = Field(default_factory=list, exclude_if=lambda v: not v)
     options: dict[str, str | int | bool | list[str]] = Field(default_factory=dict)
 
 

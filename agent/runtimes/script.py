@@ -231,8 +231,7 @@ class _Worker:
         return message
 
     def call(self, text: bool, body: bytes, deadline: float) -> dict[str, Any]:
-        self._write(b'{"text": true}' if text else b'{"text": false}', deadline)
-        self._write(body, deadline)
+        self._write((b"t" if text else b"b") + body, deadline)
         return self.read_message(deadline)
 
     # -- ending -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ package's files folder (the working directory) goes first on it, so a script imp
 
 Protocol, over two private pipes: each frame is a 4-byte big-endian length and its bytes.
 
-    agent  -> worker   {"text": bool}  then the body     run(body decoded as UTF-8 when text)
+    agent  -> worker   b"t" or b"b", then the body       run(body, decoded as UTF-8 after b"t")
     worker -> agent    {"ready": true}                   once, after init() returned
                        {"init_error": ERROR}             instead, then the worker exits
                        {"ok": true, "value": ...}        run's return, as JSON
@@ -148,14 +148,15 @@ def _load(entry: Path) -> ModuleType:
 def _serve(module: ModuleType, entry: Path, requests: int, replies: int) -> None:
     run = module.run
     while True:
-        header = read_frame(requests)
-        body = read_frame(requests) if header is not None else None
-        if header is None or body is None:
+        # One frame a call (kind byte, then the body): one write and one wake-up per call.
+        frame = read_frame(requests)
+        if frame is None:
             return  # the agent closed the pipe: it is done with this worker
-        raw: str | bytes = body.decode("utf-8") if json.loads(header)["text"] else body
+        raw: str | bytes = frame[1:].decode("utf-8") if frame[:1] == b"t" else frame[1:]
         try:
             value = run(raw)
-            reply = json.dumps({"ok": True, "value": value}, default=_json_default)
+            # allow_nan=False: JSON has no NaN; a script returning one gets a clear 500.
+            reply = json.dumps({"ok": True, "value": value}, default=_json_default, allow_nan=False)
         except Exception as exc:
             reply = json.dumps({"ok": False, "error": _describe(exc, entry.name)})
         encoded = reply.encode("utf-8")

@@ -22,7 +22,11 @@ RuntimeKey = tuple[str, str, bytes]  # framework, model file sha256, canonical r
 
 
 def runtime_key(manifest: Manifest) -> RuntimeKey | None:
-    """What makes two loaded runtimes interchangeable; None when the manifest lacks the file."""
+    """What makes two loaded runtimes interchangeable; None when they must not be shared: the
+    manifest lacks the file, or the model runs through an entry script (each device's own
+    worker process, which the agent closes when the version is replaced)."""
+    if manifest.runtime.kind != "builtin":
+        return None
     for entry in manifest.files:
         if entry.path == manifest.runtime.model_file:
             # The options (threads, ...) shape the session, so they are part of the key.

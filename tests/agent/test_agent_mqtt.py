@@ -42,7 +42,7 @@ def test_agent_installs_reports_and_serves_after_restart_without_hub(
         sample = json.loads(files["sample_input.json"])
         expected = json.loads(files["expected_output.json"])
         active = runner.call(lambda: agent.get("iris"))
-        assert active.runtime.predict(sample)["label"] == expected["label"]
+        assert active.runtime.predict(sample)["label"].tolist() == expected["label"]
         hub.wait_for(lambda: any(s.active for _, s in hub.states))
     # Graceful stop says so explicitly instead of leaving it to the will.
     hub.wait_for(lambda: any(not s.online and s.reason == "shutdown" for _, s in hub.statuses))

@@ -74,7 +74,7 @@ def test_install_switches_pointer_and_serves(
     assert store.pointer("iris").digest == package.ref.digest  # type: ignore[union-attr]
     sample = json.loads(files["sample_input.json"])
     expected = json.loads(files["expected_output.json"])
-    assert active.runtime.predict(sample)["label"] == expected["label"]
+    assert active.runtime.predict(sample)["label"].tolist() == expected["label"]
     # After a restart the same version is found and re-verified from disk alone.
     again = _store(tmp_path / "models").load_active("iris", trust)
     assert again is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -425,3 +426,59 @@ def test_bad_binary_bodies_are_refused_with_the_reason(
         assert ok.status_code == 200
 
     with_client(Models(iris), scenario, max_unpacked_bytes=1024 * 1024)
+
+
+class Stuck:
+    """An entry-script runtime whose calls wait until released, as a hung script's do."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = 0
+        self._lock = threading.Lock()
+
+    def run_raw(self, body: bytes, content_type: str) -> Any:
+        with self._lock:
+            self.entered += 1
+        assert self.release.wait(15)
+        return {"echo": len(body)}
+
+    def predict(self, data: Any) -> dict[str, Any]:
+        raise AssertionError("the endpoint hands a script the body, not data")
+
+    def signature(self) -> Any:
+        raise AssertionError("unused")
+
+    def close(self) -> None:
+        self.release.set()
+
+
+def test_callers_of_a_stuck_script_are_bounded_and_others_are_served(iris: ActiveModel) -> None:
+    from agent.scoring import MAX_SCRIPT_CALLS_WAITING
+
+    stuck = Stuck()
+    script = active("script", stuck)  # type: ignore[arg-type]
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        calls = [
+            asyncio.create_task(
+                client.post("/models/script/score", json={"data": [n]}, headers=AUTH, timeout=20)
+            )
+            for n in range(MAX_SCRIPT_CALLS_WAITING)
+        ]
+        deadline = asyncio.get_running_loop().time() + 10
+        while stuck.entered < MAX_SCRIPT_CALLS_WAITING:  # every call has reached the runtime
+            assert asyncio.get_running_loop().time() < deadline, stuck.entered
+            await asyncio.sleep(0.01)
+        # One more caller than the bound: refused at once, not queued.
+        extra = await client.post("/models/script/score", json={"data": [9]}, headers=AUTH)
+        assert extra.status_code == 503
+        assert "busy" in extra.json()["error"]
+        # The built-in model is not held up by the stuck script.
+        ok = await client.post("/models/iris/score", json={"data": ROWS}, headers=AUTH)
+        assert ok.status_code == 200
+        stuck.release.set()
+        answers = await asyncio.gather(*calls)
+        assert [a.status_code for a in answers] == [200] * MAX_SCRIPT_CALLS_WAITING
+        assert answers[0].json()["result"] == {"echo": len(b'{"data":[0]}')}
+
+    with_client(Models(iris, script), scenario)

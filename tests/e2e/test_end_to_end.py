@@ -87,7 +87,7 @@ def test_register_deploy_and_score_on_two_devices(live_hub: LiveHub, iris_model:
     expected = json.loads(iris_model.expected_output.read_text())
     for runner in (first, second):
         model = runner.call(lambda r=runner: r.agent.get("iris"))
-        assert model.runtime.predict(sample)["label"] == expected["label"]
+        assert model.runtime.predict(sample)["label"].tolist() == expected["label"]
     # The hub learnt what each device runs from its reported state.
     live_hub.wait_until(
         lambda: live_hub.device(_device_id(first))["reported_state"]["active"][0]["version"] == 1,

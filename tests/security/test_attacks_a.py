@@ -176,7 +176,7 @@ def _refused_over_mqtt(
             nonlocal probes
             model = runner.call(lambda: agent.get("iris"))
             assert model.version == 1, "the served model changed during the attack"
-            assert model.runtime.predict(sample)["label"] == expected
+            assert model.runtime.predict(sample)["label"].tolist() == expected
             probes += 1
             return True
 

@@ -183,7 +183,7 @@ def test_external_data_inside_the_package_installs_and_serves(
     """The check refuses what escapes, not external data as such."""
     data, manifest = _package(sim, _files(_model("weights.bin")))
     active = device.install(data, sim.ref_for(data, manifest))
-    assert active.runtime.predict([[1.0, 1.0, 1.0, 1.0]]) == {"y": [[1.0, 2.0, 3.0, 4.0]]}
+    assert active.runtime.predict([[1.0, 1.0, 1.0, 1.0]])["y"].tolist() == [[1.0, 2.0, 3.0, 4.0]]
     assert device.store.pointer("iris").version == 2  # type: ignore[union-attr]
 
 
