@@ -27,14 +27,19 @@ _LIVE = (RolloutState.RUNNING, RolloutState.PAUSED)
 # Each device's per-model figures, unpacked from ``telemetry_point.models`` in SQL and summed
 # per model and version: calls, errors, each device's percentiles weighted by its calls (a
 # fleet-wide estimate: devices send percentiles, not calls), and the worst device's p99. The
-# same query in each database's JSON dialect.
+# same query in each database's JSON dialect. Entry-script models also report their worker:
+# restarts, calls killed past their time limit, crashes, and devices that said "crash loop".
 _SQLITE_PER_MODEL = """
 SELECT json_extract(m.value, '$.model'), json_extract(m.value, '$.version'),
        SUM(json_extract(m.value, '$.inferences')), SUM(json_extract(m.value, '$.errors')),
        SUM(json_extract(m.value, '$.p50_ms') * json_extract(m.value, '$.inferences')),
        SUM(json_extract(m.value, '$.p95_ms') * json_extract(m.value, '$.inferences')),
        SUM(json_extract(m.value, '$.p99_ms') * json_extract(m.value, '$.inferences')),
-       MAX(json_extract(m.value, '$.p99_ms'))
+       MAX(json_extract(m.value, '$.p99_ms')),
+       SUM(json_extract(m.value, '$.restarts')), SUM(json_extract(m.value, '$.timeouts')),
+       SUM(json_extract(m.value, '$.crashes')),
+       COUNT(DISTINCT CASE WHEN json_extract(m.value, '$.worker') = 'crash_loop'
+                           THEN t.device_id END)
 FROM telemetry_point AS t, json_each(t.models) AS m
 WHERE t.at >= :since
 GROUP BY 1, 2
@@ -45,7 +50,10 @@ SELECT m->>'model', (m->>'version')::bigint,
        SUM((m->>'p50_ms')::float8 * (m->>'inferences')::bigint),
        SUM((m->>'p95_ms')::float8 * (m->>'inferences')::bigint),
        SUM((m->>'p99_ms')::float8 * (m->>'inferences')::bigint),
-       MAX((m->>'p99_ms')::float8)
+       MAX((m->>'p99_ms')::float8),
+       SUM((m->>'restarts')::bigint), SUM((m->>'timeouts')::bigint),
+       SUM((m->>'crashes')::bigint),
+       COUNT(DISTINCT CASE WHEN m->>'worker' = 'crash_loop' THEN t.device_id END)
 FROM telemetry_point AS t, json_array_elements(t.models) AS m
 WHERE t.at >= :since
 GROUP BY 1, 2
@@ -142,9 +150,20 @@ class FleetCollector(Collector):
             f"The highest p99 scoring latency any device reported, {window}",
             labels=["model", "version"],
         )
+        worker_events = GaugeMetricFamily(
+            "outpost_model_worker_events",
+            f"Entry-script worker restarts, calls past their time limit and crashes devices"
+            f" reported, {window}",
+            labels=["model", "version", "event"],
+        )
+        crash_loops = GaugeMetricFamily(
+            "outpost_model_worker_crash_loop_devices",
+            f"Devices that reported an entry script's worker in crash loop, {window}",
+            labels=["model", "version"],
+        )
         for model, version, *figures in rows:
             # PostgreSQL sums integers as NUMERIC (Decimal), which does not mix with float.
-            calls, failed, p50, p95, p99, max_p99 = (
+            calls, failed, p50, p95, p99, max_p99, restarts, timeouts, crashes, looping = (
                 None if f is None else float(f) for f in figures
             )
             labels = [model, str(version)]
@@ -156,7 +175,16 @@ class FleetCollector(Collector):
                         latency.add_metric([*labels, quantile], weighted / calls)
             if max_p99 is not None:
                 worst.add_metric(labels, max_p99)
-        yield from (rate, errors, latency, worst)
+            if restarts is not None or timeouts is not None or crashes is not None:
+                # Only entry-script models report a worker; built-in ones get no series.
+                for event, count in (
+                    ("restart", restarts),
+                    ("timeout", timeouts),
+                    ("crash", crashes),
+                ):
+                    worker_events.add_metric([*labels, event], count or 0)
+                crash_loops.add_metric(labels, looping or 0)
+        yield from (rate, errors, latency, worst, worker_events, crash_loops)
 
     def _ingest(self, session: Session) -> Iterator[Metric]:
         since = utcnow() - timedelta(seconds=self._window_s)

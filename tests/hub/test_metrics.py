@@ -8,7 +8,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import Session
 
-from agent.protocol.messages import ModelStats, TelemetryBody, TelemetryRecord, encode
+from agent.protocol.messages import (
+    ModelStats,
+    TelemetryBody,
+    TelemetryRecord,
+    WorkerState,
+    encode,
+)
 from agent.protocol.topics import Channel
 from hub.messaging.handlers import Handlers, MessageStats, handle_message
 
@@ -160,3 +166,56 @@ def test_metrics_give_per_model_rates_and_latency_ingest_rate_and_losses(
     )
     assert samples[("outpost_device_records_dropped", ())] == 7 + 1
     assert samples[("outpost_dead_letters", ())] == 0
+
+
+def test_metrics_report_entry_script_workers_restarts_timeouts_and_crash_loops(
+    any_hub: RunningHub,
+) -> None:
+    now = datetime.now(UTC)
+    a, b = (any_hub.enroll()["device_id"] for _ in range(2))
+
+    def script(worker: WorkerState, restarts: int, timeouts: int, crashes: int) -> ModelStats:
+        return ModelStats(
+            model="scored",
+            version=1,
+            inferences=10,
+            errors=restarts,
+            worker=worker,
+            restarts=restarts,
+            timeouts=timeouts,
+            crashes=crashes,
+        )
+
+    _telemetry(
+        any_hub,
+        a,
+        [
+            _interval(1, now - timedelta(seconds=90), script("restarting", 1, 1, 0)),
+            _interval(2, now - timedelta(seconds=30), script("crash_loop", 4, 0, 4)),
+        ],
+    )
+    _telemetry(
+        any_hub,
+        b,
+        [
+            _interval(
+                1,
+                now - timedelta(seconds=20),
+                script("ok", 0, 0, 0),
+                ModelStats(model="iris", version=2, inferences=5, errors=0),
+            ),
+        ],
+    )
+    samples = _samples(any_hub)
+    labels = (("model", "scored"), ("version", "1"))
+    events = {
+        event: samples[("outpost_model_worker_events", (("event", event), *labels))]
+        for event in ("restart", "timeout", "crash")
+    }
+    assert events == {"restart": 5, "timeout": 1, "crash": 4}
+    assert samples[("outpost_model_worker_crash_loop_devices", labels)] == 1
+    # A built-in model has no worker, so no worker series.
+    assert not any(
+        name.startswith("outpost_model_worker") and ("model", "iris") in key
+        for name, key in samples
+    )
