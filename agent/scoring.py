@@ -103,6 +103,7 @@ class ScoringServer:
             max_workers=SCRIPT_CALL_THREADS, thread_name_prefix="score-script"
         )
         self._script_waiting: dict[str, int] = {}  # package digest -> calls in or waiting
+        self._script_calls: set[asyncio.Future[Any]] = set()  # made from the loop, running
         self._http = HttpServer(
             self,
             host=host,
@@ -250,8 +251,7 @@ class ScoringServer:
         started = time.perf_counter()
         self._script_waiting[model.digest] = waiting + 1
         try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._script_threads, runtime.run_raw, body, kind)
+            result = await self._run_script(runtime, body, kind)
             outputs = {"result": result}
         except ModelCallError as exc:
             return error(exc.status, exc.detail)
@@ -268,6 +268,21 @@ class ScoringServer:
         return Response(
             200, {"result": result, "model": {"name": model.name, "version": model.version}}
         )
+
+    async def _run_script(self, runtime: RawBodyRuntime, body: bytes, kind: str) -> Any:
+        """From the event loop when the runtime can take the call at once (no thread
+        hand-over), else from a thread of the scripts' pool, where it may wait its turn."""
+        nowait = getattr(runtime, "run_raw_nowait", None)
+        call = nowait(body, kind) if nowait is not None else None
+        if call is not None:
+            task = asyncio.ensure_future(call)
+            # Shielded: a caller that goes away must not cut the call short, or its reply
+            # would be left in the pipe for the next caller. The task ends by its time limit.
+            self._script_calls.add(task)
+            task.add_done_callback(self._script_calls.discard)
+            return await asyncio.shield(task)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._script_threads, runtime.run_raw, body, kind)
 
     def _observe(
         self,

@@ -37,7 +37,11 @@ class RawBodyRuntime(Protocol):
     """
 
     def run_raw(self, body: bytes, content_type: str) -> Any:
-        """The JSON-ready value ``run`` returned; raises ``ModelCallError`` when it failed."""
+        """The JSON-ready value ``run`` returned; raises ``ModelCallError`` when it failed.
+
+        A runtime may also offer ``run_raw_nowait(body, content_type)``: an awaitable of the
+        same, made on the event loop when the call can be taken at once, else None.
+        """
         ...
 
 

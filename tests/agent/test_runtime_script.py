@@ -3,10 +3,13 @@ iris ONNX model; crashes, hangs and crash loops injected by the scripts themselv
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -16,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
 from agent.core import Agent
@@ -923,3 +927,130 @@ def test_worker_totals_become_each_intervals_figures_and_builtin_models_carry_no
     (builtin,) = calls.take([("iris", 1)])
     assert builtin.worker is None
     assert "worker" not in builtin.model_dump_json(), "other models' telemetry is unchanged"
+
+
+# -- calls from the event loop --------------------------------------------------------------------
+
+SLOW_ECHO = """
+import json, time
+
+def init():
+    pass
+
+def run(raw_data):
+    data = json.loads(raw_data)["data"]
+    time.sleep(data.get("sleep", 0))
+    return {"echo": data["n"]}
+"""
+
+
+def _nowait(runtime: ScriptRuntime, data: Any) -> Any:
+    return runtime.run_raw_nowait(json.dumps({"data": data}).encode(), "application/json")
+
+
+def test_a_call_from_the_event_loop_is_taken_at_once_when_the_worker_is_free(
+    runtimes: Runtimes,
+) -> None:
+    runtime = runtimes.start(SLOW_ECHO)
+
+    async def main() -> None:
+        pending = _nowait(runtime, {"n": 1})
+        assert pending is not None
+        assert await pending == {"echo": 1}
+        # Taken by a thread's call: the loop does not wait for it, it says so (None).
+        threaded = asyncio.create_task(asyncio.to_thread(call_in_thread))
+        await asyncio.to_thread(wait_until, runtime._call_lock.locked, timeout_s=10)
+        assert _nowait(runtime, {"n": 3}) is None
+        assert await threaded == {"echo": 2}
+        # Then the loop's call works again.
+        pending = _nowait(runtime, {"n": 4})
+        assert pending is not None
+        assert await pending == {"echo": 4}
+
+    def call_in_thread() -> Any:
+        return call(runtime, {"n": 2, "sleep": 0.3})
+
+    asyncio.run(main())
+
+
+def test_a_call_from_the_event_loop_past_its_time_limit_is_a_504_and_the_next_one_works(
+    runtimes: Runtimes,
+) -> None:
+    runtime = runtimes.start(SLOW_ECHO, timeout_ms=300)
+
+    async def main() -> None:
+        pending = _nowait(runtime, {"n": 1, "sleep": 30})
+        assert pending is not None
+        started = time.monotonic()
+        with pytest.raises(ModelCallError) as raised:
+            await pending
+        assert raised.value.status == 504
+        assert time.monotonic() - started < 5
+        # The worker restarts in the background.
+        await asyncio.to_thread(
+            wait_until, lambda: runtime.stats().state is WorkerState.OK, timeout_s=10
+        )
+        # The killed worker waits to be reaped by the next caller, which may have to wait for
+        # it: that call goes through a thread (None here), and the loop's calls work after it.
+        assert _nowait(runtime, {"n": 2}) is None
+        assert await asyncio.to_thread(call, runtime, {"n": 2}) == {"echo": 2}
+        again = _nowait(runtime, {"n": 3})
+        assert again is not None
+        assert await again == {"echo": 3}
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_goes_away_leaves_no_reply_behind_for_the_next(
+    runtimes: Runtimes,
+) -> None:
+    """Through the endpoint: the first caller hangs up mid-call; the call still owns the
+    worker to its end, so the second caller gets its own answer, not the first one's."""
+    from agent.runtimes.base import ActiveModel
+    from agent.scoring import ScoringServer
+
+    runtime = runtimes.start(SLOW_ECHO)
+    model = ActiveModel("echo", 1, "e" * 64, manifest(), runtime, None)
+
+    class One:
+        def get(self, name: str | None = None) -> ActiveModel | None:
+            return model
+
+        def names(self) -> list[str]:
+            return ["echo"]
+
+    async def main() -> None:
+        server = ScoringServer(models=One(), keys=lambda: ["k"])
+        await server.start()
+        try:
+            body = json.dumps({"data": {"n": 1, "sleep": 2}}).encode()
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                b"POST /score HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\ncontent-type: "
+                b"application/json\r\ncontent-length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
+            await writer.drain()
+            await asyncio.to_thread(wait_until, runtime._call_lock.locked, timeout_s=10)
+            # The first caller goes away mid-call: a reset, not a half-close (after which the
+            # server would still answer), so the server drops its request.
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            deadline = time.monotonic() + 10
+            while server._http.connections:  # until the server has seen it go
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+            assert runtime._call_lock.locked()  # the first call is still running
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                r = await client.post(
+                    "/score", json={"data": {"n": 2}}, headers={"x-api-key": "k"}, timeout=10
+                )
+            assert r.status_code == 200, r.text
+            assert r.json()["result"] == {"echo": 2}
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
