@@ -353,8 +353,8 @@ def measure(work: Path, cfg: Config) -> Report:
 def main(argv: Sequence[str] | None = None, *, results_path: Path = RESULTS_PATH) -> Report:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--calls", type=int, default=5000, help="timed calls per runtime")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument("--quick", action="store_true", help="300 calls in 2 rounds")
     parser.add_argument("--work-dir", type=Path)
