@@ -23,6 +23,7 @@ from agent.protocol.documents import (
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
 from agent.runtimes.onnx import OnnxRuntime
+from tests.support.bad_inputs import IRIS_BAD_INPUTS, IRIS_EXPECTATION
 
 if TYPE_CHECKING:
     from examples.build_example_model import IrisModel
@@ -81,25 +82,11 @@ def test_signature(runtime: OnnxRuntime) -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    ("data", "reason"),
-    [
-        ([[1.0, 2.0, 3.0]], r"got shape \[1, 3\]"),
-        ([1.0, 2.0, 3.0, 4.0], r"got shape \[4\]"),
-        ([[1, 2, 3, 4], [1, 2]], "ragged"),
-        ([["a", "b", "c", "d"]], "non-numeric"),
-        ([[True, False, True, False]], "non-numeric"),
-        ([[None, 1, 2, 3]], "non-numeric"),
-        ({"x": [[1, 2, 3, 4]]}, r"missing \['input'\], unknown \['x'\]"),
-        ("1,2,3,4", "list of rows"),
-        (None, "list of rows"),
-        ([[1e300, 1, 1, 1]], "out of range"),
-    ],
-)
+@pytest.mark.parametrize(("data", "reason"), IRIS_BAD_INPUTS)
 def test_bad_input_says_what_was_expected(runtime: OnnxRuntime, data: Any, reason: str) -> None:
     with pytest.raises(InputError, match=reason) as info:
         runtime.predict(data)
-    assert "'input' expects float32 of shape [N, 4]" in str(info.value)
+    assert IRIS_EXPECTATION in str(info.value)
 
 
 def test_garbage_model_is_a_load_error(tmp_path: Path) -> None:
