@@ -347,9 +347,15 @@ def _describe(model: ActiveModel) -> dict[str, Any]:
     runtime_signature = getattr(model.runtime, "signature", None)
     if not (signature.inputs or signature.outputs) and callable(runtime_signature):
         signature = runtime_signature()
-    return {
+    runtime = model.manifest.runtime
+    described: dict[str, Any] = {
         "name": model.name,
         "version": model.version,
         "digest": model.digest,
+        "framework": str(model.manifest.model.framework),
+        "runtime": runtime.kind,  # "builtin", or "script" for an entry script
         "signature": signature.model_dump(mode="json"),
     }
+    if runtime.entry_script is not None:
+        described["entry_script"] = runtime.entry_script
+    return described

@@ -230,6 +230,8 @@ def test_healthz_and_models(iris: ActiveModel) -> None:
         assert r.status_code == 200
         [model] = r.json()
         assert (model["name"], model["version"], model["digest"]) == ("iris", 3, "d" * 64)
+        assert (model["framework"], model["runtime"]) == ("onnx", "builtin")
+        assert "entry_script" not in model
         # The manifest here carries no signature, so the runtime's own is reported.
         assert model["signature"]["inputs"] == [
             {"name": "input", "dtype": "float32", "shape": [None, 4]}

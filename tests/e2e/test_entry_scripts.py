@@ -125,6 +125,14 @@ def test_script_and_builtin_models_serve_side_by_side_and_faulty_scripts_hurt_no
             assert scripted.status_code == 200, scripted.text
             assert scripted.json()["result"]["species"] == ["setosa", "virginica"]
             assert scripted.json()["model"] == {"name": "iris-script", "version": 1}
+            listed = {m["name"]: m for m in client.get("/models").json()}
+            assert set(listed) == {"iris", "iris-script", "hangs", "crashes"}
+            assert (listed["iris"]["runtime"], listed["iris"]["framework"]) == ("builtin", "onnx")
+            assert listed["iris"]["signature"]["inputs"][0]["shape"] == [None, 4]
+            assert (listed["iris-script"]["runtime"], listed["iris-script"]["entry_script"]) == (
+                "script",
+                "score.py",
+            )
 
             # A hung script: its caller waits out the limit, everyone else is served meanwhile.
             hung: dict[str, Any] = {}
