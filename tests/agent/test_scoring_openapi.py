@@ -162,7 +162,8 @@ def _fuzz(
         deadline=None,
         database=None,
         derandomize=True,
-        phases=[Phase.explicit, Phase.generate],
+        # The explicit phase sends the document's example, which is valid: only positive.
+        phases=[Phase.explicit, Phase.generate] if label == "positive" else [Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
     def check(case: Case) -> None:
@@ -207,3 +208,6 @@ def test_requests_fitting_the_schema_score_and_others_are_refused_without_5xx(
     assert failures == [], "\n".join(failures[:10])
     assert statuses["positive"][200] >= 20
     assert sum(statuses["negative"].values()) >= 10
+    # Negative cases that mutate only what the endpoint does not check (an extra top-level
+    # key, a header) are answered 200; what counts is that none is a 5xx.
+    assert statuses["negative"][400] >= 10
