@@ -54,7 +54,7 @@ _REASONS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Response:
     """``body`` is sent as JSON unless it is bytes (then with ``content_type``)."""
 
@@ -69,7 +69,7 @@ def error(status: int, message: str, **kwargs: Any) -> Response:
     return Response(status, {"error": message}, **kwargs)
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     method: str
     path: str  # as sent (still percent-encoded), without the query

@@ -55,9 +55,9 @@ _FIXED_ROUTES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1 µs more to make, each call
 class ScoringCall:
-    """One call that reached a model."""
+    """One call that reached a model (observers read it; none changes it)."""
 
     model: ActiveModel
     data: Any  # the request's "data" (an array for a .npy body; None: not readable)

@@ -149,7 +149,7 @@ class TensorInput:
 def feeds(data: Any, inputs: Sequence[TensorInput]) -> dict[str, npt.NDArray[Any]]:
     """Request data as one array per input: a list of rows (or an array) for a model with one
     input, an object of input name to rows for any model."""
-    if isinstance(data, dict | Mapping):  # dict first: the JSON case, and the fast check
+    if type(data) is dict or isinstance(data, Mapping):  # dict: the JSON case, checked fast
         names = {i.name for i in inputs}
         unknown = sorted(set(data) - names)
         missing = sorted(names - set(data))
