@@ -96,13 +96,6 @@ def _by_name(specs: Sequence[TensorSpec]) -> dict[str, Any]:
     }
 
 
-def _signature(model: ActiveModel) -> ModelSignature:
-    declared = model.manifest.signature
-    if declared.inputs or declared.outputs:
-        return declared
-    return model.runtime.signature()
-
-
 def _example(model: ActiveModel) -> Any:
     """The package's health-check sample as a request, or None when it cannot be had."""
     if model.files_dir is None:
@@ -124,7 +117,7 @@ def _component_name(model: ActiveModel) -> str:
 
 
 def _operation(model: ActiveModel, components: dict[str, Any], *, default: bool) -> dict[str, Any]:
-    signature = _signature(model)
+    signature = model.signature()
     scripted = model.manifest.runtime.kind == "script"
     stem = _component_name(model) or "Model"
     request_name, response_name = f"{stem}Request", f"{stem}Response"

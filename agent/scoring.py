@@ -221,13 +221,8 @@ class ScoringServer:
             if broken is not None:
                 outputs = None  # a failed call, for telemetry
                 return error(500, f"the model produced NaN or infinity in output {broken!r}")
-        except InputError as exc:
-            return error(400, exc.detail)
-        except ModelCallError as exc:
-            return error(exc.status, exc.detail)
-        except Exception:
-            logger.exception("model failed", extra={"model": model.name, "version": model.version})
-            return error(500, "the model failed; see the device log")
+        except Exception as exc:
+            return _failure(model, exc)
         finally:
             self._observe(model, data, outputs, started, correlation_id, len(body))
         return Response(200, answer)
@@ -253,11 +248,8 @@ class ScoringServer:
         try:
             result = await self._run_script(runtime, body, kind)
             outputs = {"result": result}
-        except ModelCallError as exc:
-            return error(exc.status, exc.detail)
-        except Exception:
-            logger.exception("model failed", extra={"model": model.name, "version": model.version})
-            return error(500, "the model failed; see the device log")
+        except Exception as exc:
+            return _failure(model, exc)
         finally:
             self._script_waiting[model.digest] -= 1
             if not self._script_waiting[model.digest]:
@@ -314,6 +306,21 @@ class ScoringServer:
         return [m for m in found if m is not None]
 
 
+def _failure(model: ActiveModel, exc: Exception) -> Response:
+    """The answer to a call the model did not answer: the caller's fault (400), a reason the
+    runtime gives (``ModelCallError``), or a bug, logged with its traceback."""
+    if isinstance(exc, InputError):
+        return error(400, exc.detail)
+    if isinstance(exc, ModelCallError):
+        return error(exc.status, exc.detail)
+    logger.error(
+        "model failed",
+        exc_info=exc,
+        extra={"model": model.name, "version": model.version},
+    )
+    return error(500, "the model failed; see the device log")
+
+
 def _logged_data(body: bytes, kind: str) -> Any:
     """What data collection records of an entry script's call: the JSON request's ``data`` (or
     the whole JSON body, as a script may take any shape), None for a binary body."""
@@ -343,10 +350,7 @@ def _match(path: str) -> str | None:
 
 
 def _describe(model: ActiveModel) -> dict[str, Any]:
-    signature = model.manifest.signature
-    runtime_signature = getattr(model.runtime, "signature", None)
-    if not (signature.inputs or signature.outputs) and callable(runtime_signature):
-        signature = runtime_signature()
+    signature = model.signature()
     runtime = model.manifest.runtime
     described: dict[str, Any] = {
         "name": model.name,

@@ -56,6 +56,14 @@ class ActiveModel:
     runtime: Runtime
     files_dir: Path | None = None  # the package's files (the self-description reads the sample)
 
+    def signature(self) -> ModelSignature:
+        """The signature requests are described by: the one the package declares, else the
+        one the runtime reads from the model."""
+        declared = self.manifest.signature
+        if declared.inputs or declared.outputs:
+            return declared
+        return self.runtime.signature()
+
 
 class ActiveModels(Protocol):
     """What the scoring endpoint asks for; the agent core implements it."""
