@@ -100,7 +100,7 @@ def parse_option_items(
     return parsed.model_dump(mode="json", include=set(raw))
 
 
-def check_requirements(specs: Sequence[str]) -> list[str]:
+def normalised_requirements(specs: Sequence[str]) -> list[str]:
     """The requirement strings, each checked as PEP 508 (normalised as a device reads them)."""
     if len(specs) > MAX_REQUIREMENTS:
         raise InvalidInput(f"{len(specs)} requirements given; at most {MAX_REQUIREMENTS}")
@@ -132,6 +132,6 @@ def inference_config(
     return InferenceConfig(
         kind="script",
         entry_script=entry_script,
-        requirements=check_requirements(requirements),
+        requirements=normalised_requirements(requirements),
         options=parse_option_items(framework, "script", options),
     )
