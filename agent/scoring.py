@@ -12,7 +12,7 @@ without FastAPI and the server's own cost is most of a small model's call. Route
 A scoring body is JSON ``{"data": ...}``, or a NumPy ``.npy`` (``application/x-npy``) or
 ``.npz`` (``application/x-npz``) file (``agent.scoring_body``). Built-in runtimes check the data
 against the model's signature (400 saying what was expected) and answer on the event loop; an
-entry script gets the body as it came, in a worker process, called from a thread.
+entry script gets the body as it came, in its worker process (see ``ScriptRuntime``).
 
 Every error is JSON ``{"error": "..."}``. A key is sent as ``Authorization: Bearer <key>`` or
 ``x-api-key: <key>``. A caller may name its request with ``X-Correlation-Id``: data collection
@@ -30,7 +30,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote
 
@@ -55,16 +54,40 @@ _FIXED_ROUTES = {
 }
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1 µs more to make, each call
 class ScoringCall:
     """One call that reached a model (observers read it; none changes it)."""
 
-    model: ActiveModel
-    data: Any  # the request's "data" (an array for a .npy body; None: not readable)
-    outputs: dict[str, Any] | None  # None: the model raised
-    latency_s: float  # of the model's predict alone
-    correlation_id: str | None  # the X-Correlation-Id header, when given
-    body_bytes: int
+    # Made on every call: slotted and mutable (a frozen dataclass costs ~1 µs more to make).
+    __slots__ = ("_body", "_data", "body_bytes", "correlation_id", "latency_s", "model", "outputs")
+
+    def __init__(
+        self,
+        *,
+        model: ActiveModel,
+        data: Any = None,
+        body: tuple[bytes, str] | None = None,
+        outputs: dict[str, Any] | None,
+        latency_s: float,
+        correlation_id: str | None,
+        body_bytes: int,
+    ) -> None:
+        self.model = model
+        self._data = data
+        self._body = body  # (body, media type): data read from it only when asked
+        self.outputs = outputs  # None: the model raised
+        self.latency_s = latency_s  # of the model's call alone
+        self.correlation_id = correlation_id  # the X-Correlation-Id header, when given
+        self.body_bytes = body_bytes
+
+    @property
+    def data(self) -> Any:
+        """The request's ``data`` (an array for a .npy body; None: not readable). An entry
+        script's body is parsed for it only when an observer asks, as data collection does
+        for the calls it samples: the script itself parses the body, not the agent."""
+        if self._body is not None:
+            self._data = _logged_data(*self._body)
+            self._body = None
+        return self._data
 
 
 @runtime_checkable
@@ -227,54 +250,101 @@ class ScoringServer:
             self._observe(model, data, outputs, started, correlation_id, len(body))
         return Response(200, answer)
 
-    async def _score_raw(
+    def _score_raw(
         self,
         model: ActiveModel,
         runtime: RawBodyRuntime,
         body: bytes,
         kind: str,
         correlation_id: str | None,
-    ) -> Response:
-        """An entry script: ``run(raw_data)`` gets the body as it came, in a thread, so a slow
-        or hung script holds up its own callers and no one else's."""
+    ) -> Response | Awaitable[Response]:
+        """An entry script: ``run(raw_data)`` gets the body as it came, in its worker process.
+        A quick script's answer is there at once (see ``ScriptRuntime.run_raw_nowait``);
+        otherwise the call is awaited, so a slow or hung script holds up its own callers and
+        no one else's."""
         waiting = self._script_waiting.get(model.digest, 0)
         if waiting >= MAX_SCRIPT_CALLS_WAITING:
             # A script answers one call at a time; a queue past this only makes callers wait
             # for a 503 "busy" later, holding threads other scripts need.
             return error(503, f"{model.name} is busy: {waiting} calls are waiting for it")
-        outputs: dict[str, Any] | None = None
         started = time.perf_counter()
-        self._script_waiting[model.digest] = waiting + 1
         try:
-            result = await self._run_script(runtime, body, kind)
-            outputs = {"result": result}
+            call = self._run_script(runtime, body, kind)
         except Exception as exc:
-            return _failure(model, exc)
+            return self._script_answer(model, None, exc, body, kind, started, correlation_id)
+        if call.done():
+            return self._script_done(model, call, body, kind, started, correlation_id)
+        return self._await_script(model, call, body, kind, started, correlation_id)
+
+    async def _await_script(
+        self,
+        model: ActiveModel,
+        call: "asyncio.Future[Any]",
+        body: bytes,
+        kind: str,
+        started: float,
+        correlation_id: str | None,
+    ) -> Response:
+        self._script_waiting[model.digest] = self._script_waiting.get(model.digest, 0) + 1
+        try:
+            # Shielded: a caller that goes away must not cut the call short, or its reply
+            # would be left in the pipe for the next caller. The call ends by its time limit.
+            await asyncio.wait([asyncio.shield(call)])
         finally:
             self._script_waiting[model.digest] -= 1
             if not self._script_waiting[model.digest]:
                 del self._script_waiting[model.digest]
-            self._observe(
-                model, _logged_data(body, kind), outputs, started, correlation_id, len(body)
-            )
+        return self._script_done(model, call, body, kind, started, correlation_id)
+
+    def _script_done(
+        self,
+        model: ActiveModel,
+        call: "asyncio.Future[Any]",
+        body: bytes,
+        kind: str,
+        started: float,
+        correlation_id: str | None,
+    ) -> Response:
+        exc = call.exception()
+        result = None if exc is not None else call.result()
+        return self._script_answer(model, result, exc, body, kind, started, correlation_id)
+
+    def _script_answer(
+        self,
+        model: ActiveModel,
+        result: Any,
+        exc: BaseException | None,
+        body: bytes,
+        kind: str,
+        started: float,
+        correlation_id: str | None,
+    ) -> Response:
+        """The response to a finished script call, told to the observer."""
+        if exc is not None and not isinstance(exc, Exception):
+            raise exc  # cancelled (the endpoint is stopping): nothing to answer
+        outputs = None if exc is not None else {"result": result}
+        self._observe(model, None, outputs, started, correlation_id, len(body), (body, kind))
+        if exc is not None:
+            return _failure(model, exc)
         return Response(
             200, {"result": result, "model": {"name": model.name, "version": model.version}}
         )
 
-    async def _run_script(self, runtime: RawBodyRuntime, body: bytes, kind: str) -> Any:
+    def _run_script(self, runtime: RawBodyRuntime, body: bytes, kind: str) -> "asyncio.Future[Any]":
         """From the event loop when the runtime can take the call at once (no thread
-        hand-over), else from a thread of the scripts' pool, where it may wait its turn."""
+        hand-over; the future may be done already), else from a thread of the scripts' pool,
+        where it may wait its turn."""
         nowait = getattr(runtime, "run_raw_nowait", None)
         call = nowait(body, kind) if nowait is not None else None
         if call is not None:
-            task = asyncio.ensure_future(call)
-            # Shielded: a caller that goes away must not cut the call short, or its reply
-            # would be left in the pipe for the next caller. The task ends by its time limit.
-            self._script_calls.add(task)
-            task.add_done_callback(self._script_calls.discard)
-            return await asyncio.shield(task)
+            future: asyncio.Future[Any] = asyncio.ensure_future(call)
+            if not future.done():
+                # Kept referenced while it runs: it ends by its time limit, awaited or not.
+                self._script_calls.add(future)
+                future.add_done_callback(self._script_calls.discard)
+            return future
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._script_threads, runtime.run_raw, body, kind)
+        return loop.run_in_executor(self._script_threads, runtime.run_raw, body, kind)
 
     def _observe(
         self,
@@ -284,12 +354,14 @@ class ScoringServer:
         started: float,
         correlation_id: str | None,
         body_bytes: int,
+        body: tuple[bytes, str] | None = None,
     ) -> None:
         if self._observer is None:
             return
         call = ScoringCall(
             model=model,
             data=data,
+            body=body,
             outputs=outputs,
             latency_s=time.perf_counter() - started,
             correlation_id=correlation_id,

@@ -40,7 +40,8 @@ class RawBodyRuntime(Protocol):
         """The JSON-ready value ``run`` returned; raises ``ModelCallError`` when it failed.
 
         A runtime may also offer ``run_raw_nowait(body, content_type)``: an awaitable of the
-        same, made on the event loop when the call can be taken at once, else None.
+        same, made on the event loop when the call can be taken at once, else None. A future
+        that is already done is answered without a task.
         """
         ...
 

@@ -42,6 +42,7 @@ from typing import Any
 
 FRAME_HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 256 * 1024 * 1024
+READ_CHUNK_BYTES = 64 * 1024  # a pipe holds no more than this on Linux
 MAX_MESSAGE_CHARS = 2000
 TRACEBACK_LINES = 12
 
@@ -50,26 +51,31 @@ class _ScriptError(Exception):
     """The entry script cannot be served; the message says why."""
 
 
-def _read_exact(fd: int, size: int) -> bytes | None:
-    """``size`` bytes, or None when the agent closed the pipe first."""
-    parts = []
-    while size:
-        chunk = os.read(fd, min(size, 1024 * 1024))
-        if not chunk:
-            return None
-        parts.append(chunk)
-        size -= len(chunk)
-    return b"".join(parts)
+class FrameReader:
+    """Frames from a pipe, read as they come: one ``read`` a call when a frame fits the pipe
+    (the agent writes each frame whole), instead of one for the header and one for the rest."""
 
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = bytearray()
 
-def read_frame(fd: int) -> bytes | None:
-    header = _read_exact(fd, FRAME_HEADER.size)
-    if header is None:
-        return None
-    (size,) = FRAME_HEADER.unpack(header)
-    if size > MAX_FRAME_BYTES:
-        raise _ScriptError(f"a request frame of {size} bytes is over {MAX_FRAME_BYTES}")
-    return _read_exact(fd, size)
+    def next(self) -> bytes | None:
+        """The next frame, or None when the agent closed the pipe first."""
+        buffer = self._buffer
+        while True:
+            if len(buffer) >= FRAME_HEADER.size:
+                (size,) = FRAME_HEADER.unpack_from(buffer)
+                if size > MAX_FRAME_BYTES:
+                    raise _ScriptError(f"a request frame of {size} bytes is over {MAX_FRAME_BYTES}")
+                end = FRAME_HEADER.size + size
+                if len(buffer) >= end:
+                    frame = bytes(buffer[FRAME_HEADER.size : end])
+                    del buffer[:end]
+                    return frame
+            chunk = os.read(self._fd, READ_CHUNK_BYTES)
+            if not chunk:
+                return None
+            buffer += chunk
 
 
 def write_frame(fd: int, payload: bytes) -> None:
@@ -147,9 +153,10 @@ def _load(entry: Path) -> ModuleType:
 
 def _serve(module: ModuleType, entry: Path, requests: int, replies: int) -> None:
     run = module.run
+    reader = FrameReader(requests)
     while True:
         # One frame a call (kind byte, then the body): one write and one wake-up per call.
-        frame = read_frame(requests)
+        frame = reader.next()
         if frame is None:
             return  # the agent closed the pipe: it is done with this worker
         raw: str | bytes = frame[1:].decode("utf-8") if frame[:1] == b"t" else frame[1:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import random
 import shutil
 import socket
@@ -43,7 +44,15 @@ from agent.protocol.package import FILES_DIR, MANIFEST_NAME, SIGNATURE_NAME
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
 from agent.runtimes.options import ScriptOptions
-from agent.runtimes.script import ScriptRuntime, Supervision, WorkerState, WorkerStats
+from agent.runtimes.script import (
+    IN_PLACE_WAIT_S,
+    QUICK_REPLY_S,
+    ScriptRuntime,
+    Supervision,
+    WorkerState,
+    WorkerStats,
+)
+from agent.runtimes.script_worker import FRAME_HEADER, FrameReader
 from agent.telemetry import ModelCalls
 from tests.support.agents import DEVICE, AgentThread, fast_settings, running_agent
 from tests.support.fake_hub import FakeHub
@@ -971,6 +980,118 @@ def test_a_call_from_the_event_loop_is_taken_at_once_when_the_worker_is_free(
         return call(runtime, {"n": 2, "sleep": 0.3})
 
     asyncio.run(main())
+
+
+def test_a_quick_script_is_answered_in_place_and_a_slow_one_through_the_loop(
+    runtimes: Runtimes,
+) -> None:
+    """A script that answered its last call within QUICK_REPLY_S is waited for in place: the
+    future is done when it is returned. A slow answer sends the next call through the loop
+    (a pending future) until an answer is quick again."""
+    runtime = runtimes.start(SLOW_ECHO)
+    slow_s = 0.05  # well past QUICK_REPLY_S, and past IN_PLACE_WAIT_S
+    assert slow_s > IN_PLACE_WAIT_S > QUICK_REPLY_S
+
+    async def in_place(first: int) -> tuple[int, Any]:
+        """(n, answer) of the first of a few calls answered in place (done when returned)."""
+        for n in range(first, first + 50):
+            pending = _nowait(runtime, {"n": n})
+            assert pending is not None
+            if pending.done():
+                return n, pending.result()
+            await pending  # e.g. the worker's first call, which may be slow
+        raise AssertionError("a quick script was never answered in place")
+
+    async def main() -> None:
+        n, answer = await in_place(1)
+        assert answer == {"echo": n}
+        assert not runtime._call_lock.locked()
+
+        slow = _nowait(runtime, {"n": 10, "sleep": slow_s})
+        assert slow is not None
+        assert not slow.done()  # waited for in place at most IN_PLACE_WAIT_S, then the loop
+        assert await slow == {"echo": 10}
+        after_slow = _nowait(runtime, {"n": 11})
+        assert after_slow is not None
+        assert not after_slow.done()  # not waited for in place: the last call was slow
+        assert await after_slow == {"echo": 11}
+        n, answer = await in_place(12)  # in place again once an answer was quick
+        assert answer == {"echo": n}
+
+    asyncio.run(main())
+
+
+def test_errors_in_place_are_the_same_as_through_the_loop(runtimes: Runtimes) -> None:
+    """A script that raises is a 500 in a done future; a worker that dies mid-call is a 503
+    (its killing and reaping happen in a thread), and the next calls are served."""
+    runtime = runtimes.start(
+        """
+        import json, os
+
+        def init():
+            pass
+
+        def run(raw_data):
+            what = json.loads(raw_data)["data"]
+            if what == "raise":
+                raise ValueError("asked to")
+            if what == "die":
+                os._exit(7)
+            return what
+        """
+    )
+
+    async def quick(data: Any) -> Any:
+        for _ in range(50):  # until answered in place (the first calls may be slow)
+            pending = _nowait(runtime, data)
+            assert pending is not None
+            if pending.done():
+                return pending
+            await asyncio.wait([pending])
+        raise AssertionError("never answered in place")
+
+    async def main() -> None:
+        raised = await quick("raise")
+        assert isinstance(raised.exception(), ModelCallError)
+        assert raised.exception().status == 500
+        assert "score.py raised ValueError: asked to" in raised.exception().detail
+        assert (await quick("fine")).result() == "fine"
+        died = _nowait(runtime, "die")
+        assert died is not None
+        with pytest.raises(ModelCallError) as crashed:
+            await died
+        assert crashed.value.status == 503
+        assert "exited with code 7" in crashed.value.detail
+        await asyncio.to_thread(
+            wait_until, lambda: runtime.stats().state is WorkerState.OK, timeout_s=10
+        )
+        assert await asyncio.to_thread(call, runtime, "back") == "back"
+        assert (await quick("fine")).result() == "fine"
+        assert runtime.stats().crashes == 1
+
+    asyncio.run(main())
+
+
+def test_the_worker_reads_whole_frames_however_the_pipe_splits_them() -> None:
+    """Several frames in one read, a frame split across reads, an empty frame; then the end."""
+    read_fd, write_fd = os.pipe()
+    try:
+        frames = [b"t" + b"x" * 100_000, b"", b"b\x00\x01", b"t{}"]
+        stream = b"".join(FRAME_HEADER.pack(len(f)) + f for f in frames)
+
+        def write_in_pieces() -> None:
+            for at in range(0, len(stream), 7_777):
+                os.write(write_fd, stream[at : at + 7_777])
+            os.close(write_fd)
+
+        writer = threading.Thread(target=write_in_pieces)
+        writer.start()
+        reader = FrameReader(read_fd)
+        assert [reader.next() for _ in frames] == frames
+        assert reader.next() is None
+        writer.join()
+    finally:
+        os.close(read_fd)
 
 
 def test_a_call_from_the_event_loop_past_its_time_limit_is_a_504_and_the_next_one_works(

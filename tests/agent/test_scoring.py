@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from agent.errors import InputError
+from agent.errors import InputError, ModelCallError
 from agent.protocol.documents import (
     FileEntry,
     Framework,
@@ -26,7 +26,7 @@ from agent.protocol.documents import (
 )
 from agent.runtimes.base import ActiveModel, Runtime
 from agent.runtimes.onnx import OnnxRuntime
-from agent.scoring import ScoringServer
+from agent.scoring import ScoringCall, ScoringServer
 
 if TYPE_CHECKING:
     from examples.build_example_model import IrisModel
@@ -484,3 +484,68 @@ def test_callers_of_a_stuck_script_are_bounded_and_others_are_served(iris: Activ
         assert answers[0].json()["result"] == {"echo": len(b'{"data":[0]}')}
 
     with_client(Models(iris, script), scenario)
+
+
+class Quick:
+    """An entry-script runtime that answers from the event loop at once, as a quick script
+    does: ``run_raw_nowait`` returns a future that is already done."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    def run_raw_nowait(self, body: bytes, content_type: str) -> asyncio.Future[Any]:
+        self.bodies.append(body)
+        answered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if body == b"boom":
+            answered.set_exception(ModelCallError(500, "score.py raised ValueError: boom"))
+        else:
+            answered.set_result({"length": len(body)})
+        return answered
+
+    def run_raw(self, body: bytes, content_type: str) -> Any:
+        raise AssertionError("a quick call is not made from a thread")
+
+    def predict(self, data: Any) -> dict[str, Any]:
+        raise AssertionError("the endpoint hands a script the body, not data")
+
+    def signature(self) -> Any:
+        raise AssertionError("unused")
+
+    def close(self) -> None:
+        pass
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.calls: list[ScoringCall] = []
+
+    def scored(self, call: ScoringCall) -> None:
+        self.calls.append(call)
+
+
+def test_a_quick_scripts_answer_and_failure_are_served_and_observed() -> None:
+    """Answered without a task; the observer sees each call, and reads the request's data
+    from the body only when it asks (a binary body has none)."""
+    quick = Quick()
+    observer = Recording()
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        r = await client.post("/score", json={"data": ROWS}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "result": {"length": len(quick.bodies[0])},
+            "model": {"name": "quick", "version": 1},
+        }
+        failed = await client.post(
+            "/score", content=b"boom", headers={**AUTH, "content-type": "application/octet-stream"}
+        )
+        assert failed.status_code == 500
+        assert failed.json() == {"error": "score.py raised ValueError: boom"}
+
+    with_client(Models(active("quick", quick)), scenario, observer=observer)  # type: ignore[arg-type]
+    first, second = observer.calls
+    assert first.outputs == {"result": {"length": len(quick.bodies[0])}}
+    assert first.data == ROWS  # read from the JSON body on demand
+    assert first.body_bytes == len(quick.bodies[0])
+    assert second.outputs is None  # a failed call
+    assert second.data is None  # a binary body holds no JSON data
