@@ -21,6 +21,7 @@ What it does for a handler:
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -87,6 +88,9 @@ class Handler(Protocol):
         ...
 
 
+_OK_JSON_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+
+
 def encode(response: Response) -> bytes:
     """Status line, headers and body as one buffer, so a response is one write."""
     if isinstance(response.body, bytes):
@@ -99,6 +103,13 @@ def encode(response: Response) -> bytes:
         except TypeError as exc:
             logger.error("response is not JSON-ready: %s", exc)
             return encode(error(500, "internal error; see the device log", close=True))
+    if (
+        response.status == 200
+        and not response.headers
+        and not response.close
+        and response.content_type == "application/json"
+    ):
+        return b"%s%d\r\n\r\n%s" % (_OK_JSON_HEAD, len(body), body)  # every answer that scored
     head = (
         f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Status')}\r\n"
         f"content-type: {response.content_type}\r\ncontent-length: {len(body)}\r\n"
@@ -148,7 +159,7 @@ class _Connection(asyncio.Protocol):
         self._idle_timer = loop.call_later(self._server.idle_timeout_s, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = asyncio.get_running_loop().time()
+        self._last_activity = time.monotonic()  # the loop's clock, without finding the loop
         if self._draining:
             self._discarded += len(data)
             if self._discarded > LINGER_MAX_BYTES:
@@ -213,17 +224,22 @@ class _Connection(asyncio.Protocol):
         self._in_head = True
         self._head_began_here = True
 
+    # on_url and on_header run several times a request: the head's bound is counted inline.
+
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url))
+        self._head_size += len(url)
+        if self._head_size > self._server.max_header_bytes:
+            self._head_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.lower()] = value
-        self._count_head(len(name) + len(value) + 4)
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self._server.max_header_bytes:
+            self._head_too_large()
 
-    def _count_head(self, size: int) -> None:
-        self._head_size += size
-        if self._head_size > self._server.max_header_bytes and not self._closing:
+    def _head_too_large(self) -> None:
+        if not self._closing:
             self._finish(error(431, "request head too large", close=True), drain=True)
 
     def on_headers_complete(self) -> None:

@@ -8,6 +8,7 @@ before unpacking when its members would unpack to more than a bound, so a small 
 become a large allocation.
 """
 
+import functools
 import io
 import zipfile
 from typing import Any
@@ -32,6 +33,7 @@ class BodyError(Exception):
         self.detail = detail
 
 
+@functools.lru_cache(maxsize=256)  # on every request; clients send few distinct values
 def media_type(content_type: bytes | str | None) -> str:
     """``application/json`` from ``Application/JSON; charset=utf-8``; empty when not given."""
     if content_type is None:

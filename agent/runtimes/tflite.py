@@ -29,7 +29,6 @@ from agent.runtimes.tensors import (
     dtype_name,
     feeds,
     free_shape,
-    named_outputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -148,6 +147,9 @@ class TfliteRuntime:
         self._outputs = [tensor(d, s) for d, s in zip(output_details, out_signatures, strict=True)]
         self._checks = [TensorInput(t.name, t.dtype, t.shape) for t in self._inputs]
         self._output_names = [t.name for t in self._outputs]
+        self._output_indexes = [t.index for t in self._outputs]
+        # The input shapes of the last call that ran: a call with the same ones skips resizing.
+        self._last_shapes: list[tuple[int, ...]] | None = None
         # The shape each input tensor is allocated at now; a request of other rows resizes it.
         self._allocated: dict[int, tuple[int, ...] | None] = {
             int(d["index"]): tuple(int(x) for x in d["shape"]) for d in input_details
@@ -182,7 +184,8 @@ class TfliteRuntime:
         arrays = feeds(data, self._checks)
         with self._lock:
             results = self._run_rows(arrays) if self.row_by_row else self._run(arrays)
-        return named_outputs(self._output_names, results)
+        # The interpreter's outputs are always arrays: nothing for named_outputs to convert.
+        return dict(zip(self._output_names, results, strict=True))
 
     def close(self) -> None:
         """Nothing to release beyond the interpreter, which goes with the last reference."""
@@ -190,20 +193,25 @@ class TfliteRuntime:
     # -- running; called with the lock held --------------------------------------------------
 
     def _run(self, arrays: dict[str, npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
-        self._resize_to(arrays)
+        interpreter = self._interpreter
+        shapes = [arrays[t.name].shape for t in self._inputs]
+        if shapes != self._last_shapes:
+            self._last_shapes = None  # until a call with these shapes has run
+            self._resize_to(arrays)
         try:
             for t in self._inputs:
                 # A transposed .npy array is valid data; the interpreter copies raw memory.
-                self._interpreter.set_tensor(t.index, np.ascontiguousarray(arrays[t.name]))
-            self._interpreter.invoke()
+                interpreter.set_tensor(t.index, np.ascontiguousarray(arrays[t.name]))
+            interpreter.invoke()
         except (ValueError, RuntimeError) as exc:
             # Dimensions the signature leaves free can still be wrong inside the graph.
             raise InputError(f"the model rejected the input: {exc}") from exc
-        return [self._interpreter.get_tensor(t.index) for t in self._outputs]
+        self._last_shapes = shapes
+        return [interpreter.get_tensor(index) for index in self._output_indexes]
 
     def _resize_to(self, arrays: dict[str, npt.NDArray[Any]]) -> None:
         """Resize inputs whose free dimensions differ from the allocated ones, then allocate
-        once; a call with the same rows as the last one costs a dict lookup."""
+        once. Called only when the shapes differ from the last call's."""
         changed = False
         try:
             for t in self._inputs:
