@@ -68,7 +68,7 @@ NOWAIT_MAX_BODY_BYTES = 60 * 1024
 # a call here). Built-in runtimes hold the loop for their whole call; this bounds a script's
 # hold. The bound is above the scheduler's tick on purpose: a poll whose timeout is the next
 # timer due re-arms the CPU's timer twice a call, measured at ~25 µs on a VM.
-QUICK_REPLY_S = 0.001
+QUICK_REPLY_S = 0.002
 IN_PLACE_WAIT_S = 0.005
 
 
