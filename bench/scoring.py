@@ -57,6 +57,7 @@ class Case:
     model: str
     floor_args: list[str]
     body: bytes
+    target: str = "≤ 1.3×"
 
 
 @dataclass
@@ -277,6 +278,22 @@ def measure(work: Path, cfg: Config) -> Report:
                 ],
                 _one_row_request(script_dir / "sample_input.json"),
             ),
+            # The same calls against a floor that also crosses a process boundary: what the
+            # isolation the issue asks for costs any server, apart from what the agent adds.
+            Case(
+                "score.py against a floor with a worker process",
+                "iris-script",
+                [
+                    "--runtime",
+                    "script-worker",
+                    "--model",
+                    str(script_dir / "model.onnx"),
+                    "--script",
+                    str(script_dir / "score.py"),
+                ],
+                _one_row_request(script_dir / "sample_input.json"),
+                target="",
+            ),
         ]
         with running(agent, cfg.timeout_s):
             # Memory first, with the ONNX model alone.
@@ -334,7 +351,7 @@ def measure(work: Path, cfg: Config) -> Report:
                             "µs",
                             percentile(timings.project_s, q) * 1e6,
                             percentile(timings.floor_s, q) * 1e6,
-                            "≤ 1.3×",
+                            case.target,
                         )
                     )
     report.figures.append(

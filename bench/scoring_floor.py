@@ -1,12 +1,14 @@
 """The scoring benchmark's floor: a bare loopback HTTP server that makes the raw runtime call.
 
-    python -m bench.scoring_floor --port N --runtime none|onnx|tflite|script --model PATH
-        --sample sample_input.json [--script score.py]
+    python -m bench.scoring_floor --port N --runtime none|onnx|tflite|script|script-worker
+        --model PATH
+        [--sample sample_input.json] [--script score.py]
 
 Nothing of the agent: an ``asyncio.Protocol`` that finds the end of each request by its
 ``Content-Length`` and, per request, calls the runtime directly on an input prepared once at
 start (``session.run`` for ONNX Runtime; ``set_tensor``/``invoke``/``get_tensor`` for LiteRT;
-the entry script's own ``run(raw_data)`` with the request body for a script), then answers
+the entry script's own ``run(raw_data)`` with the request body for a script, in the server's
+process or, for ``script-worker``, in a child process over a pipe), then answers
 with a fixed two-byte body. So it is what any server must spend on a call: the loopback round
 trip and the model, measured in the same place (a server process between requests) as the
 agent. Prints ``ready`` once it listens.
@@ -76,6 +78,52 @@ def _script_call(model: Path, script: Path) -> Callable[[bytes], object]:
     return lambda body: run(body.decode())
 
 
+_WORKER = """
+import importlib.util, json, os, struct, sys
+spec = importlib.util.spec_from_file_location("score", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.init()
+run, header = module.run, struct.Struct(">I")
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
+while True:
+    size = os.read(0, 4)
+    if not size:
+        break
+    body = os.read(0, header.unpack(size)[0])
+    os.write(1, json.dumps(run(body.decode())).encode())
+"""
+
+
+def _script_worker_call(model: Path, script: Path) -> Callable[[bytes], object]:
+    """The script's ``run`` in a child process, over a pipe: the least a server isolating
+    user code in a process must do (no supervision, no time limit, no error replies)."""
+    import struct
+    import subprocess
+
+    env = dict(os.environ, OUTPOST_MODEL_DIR=str(model.parent), AZUREML_MODEL_DIR=str(model.parent))
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=script.parent,
+        env=env,
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
+    if child.stdout.readline().strip() != b"ready":
+        raise RuntimeError("the floor's script worker did not start")
+    to_child, from_child = child.stdin.fileno(), child.stdout.fileno()
+    header = struct.Struct(">I")
+
+    def call(body: bytes) -> object:
+        os.write(to_child, header.pack(len(body)) + body)
+        return os.read(from_child, 1 << 16)
+
+    return call
+
+
 class _Bare:
     """An asyncio protocol (duck-typed, so ``--hold`` never imports asyncio)."""
 
@@ -122,7 +170,9 @@ async def _serve(port: int, call: Callable[[bytes], object]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--runtime", choices=["none", "onnx", "tflite", "script"], required=True)
+    parser.add_argument(
+        "--runtime", choices=["none", "onnx", "tflite", "script", "script-worker"], required=True
+    )
     parser.add_argument("--model", type=Path)
     parser.add_argument("--sample", type=Path)
     parser.add_argument("--script", type=Path)
@@ -142,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         call = _tflite_call(args.model, sample)
     elif args.runtime == "script":
         call = _script_call(args.model, args.script)
+    elif args.runtime == "script-worker":
+        call = _script_worker_call(args.model, args.script)
     else:
         call = lambda _body: None  # noqa: E731
     if args.hold:

@@ -501,26 +501,24 @@ class ScriptRuntime:
         callers shield it. Either way the call costs no thread hand-over (~85 µs a call here).
         """
         text = self._as_text(body, content_type)
-        with self._cond:
-            self._refuse_unless_serving()
-            # Retired workers are reaped by the next caller, which may wait: from a thread.
-            retired = bool(self._retired)
-        if (
-            retired
-            or len(body) > NOWAIT_MAX_BODY_BYTES
-            or not self._call_lock.acquire(blocking=False)
-        ):
+        if len(body) > NOWAIT_MAX_BODY_BYTES or not self._call_lock.acquire(blocking=False):
             return None
         try:
-            return self._call_from_loop(text, body)
+            with self._cond:
+                self._refuse_unless_serving()
+                # Retired workers are reaped by the next caller, which may wait: from a thread.
+                worker = None if self._retired else self._worker
+            if worker is None:
+                self._call_lock.release()
+                return None
+            return self._call_from_loop(worker, text, body)
         except BaseException:
             self._call_lock.release()
             raise
 
-    def _call_from_loop(self, text: bool, body: bytes) -> "asyncio.Future[Any]":
+    def _call_from_loop(self, worker: "_Worker", text: bool, body: bytes) -> "asyncio.Future[Any]":
         """Send the call, and wait for its answer in place if the script is a quick one; the
         call lock is held, and released when the returned future is done."""
-        worker = self._begin_call()  # nothing retired to reap: run_raw_nowait checked
         sent_at = time.monotonic()
         deadline = sent_at + self._timeout_s
         loop = asyncio.get_running_loop()
@@ -714,8 +712,10 @@ class ScriptRuntime:
 
     def _reply_value(self, worker: "_Worker", reply: dict[str, Any]) -> Any:
         if reply.get("ok") is True:
-            with self._cond:
-                self._backoff_s = self._supervision.backoff_first_s
+            first_s = self._supervision.backoff_first_s
+            if self._backoff_s != first_s:  # a restart's backoff ends with a served call
+                with self._cond:
+                    self._backoff_s = first_s
             return reply.get("value")
         error = reply.get("error")
         if not isinstance(error, dict):

@@ -92,6 +92,11 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+# Made once: json.dumps with options builds an encoder on every call. allow_nan=False: JSON
+# has no NaN, and a script returning one gets a clear 500.
+_VALUES = json.JSONEncoder(default=_json_default, allow_nan=False)
+
+
 def _describe(exc: BaseException, script: str) -> dict[str, str]:
     """An exception as the agent reports it: type, message, and where in the script it was."""
     if isinstance(exc, _ScriptError):
@@ -161,9 +166,7 @@ def _serve(module: ModuleType, entry: Path, requests: int, replies: int) -> None
             return  # the agent closed the pipe: it is done with this worker
         raw: str | bytes = frame[1:].decode("utf-8") if frame[:1] == b"t" else frame[1:]
         try:
-            value = run(raw)
-            # allow_nan=False: JSON has no NaN; a script returning one gets a clear 500.
-            reply = json.dumps({"ok": True, "value": value}, default=_json_default, allow_nan=False)
+            reply = '{"ok": true, "value": ' + _VALUES.encode(run(raw)) + "}"
         except Exception as exc:
             reply = json.dumps({"ok": False, "error": _describe(exc, entry.name)})
         encoded = reply.encode("utf-8")

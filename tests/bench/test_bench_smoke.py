@@ -165,7 +165,12 @@ def test_scoring_times_every_runtime_against_its_floor_and_weighs_the_agent(
     report = _unrecorded(
         scoring.main([*argv, "--work-dir", str(tmp_path)], results_path=results), results, before
     )
-    for runtime in ("ONNX Runtime", "LiteRT", "score.py"):
+    for runtime in (
+        "ONNX Runtime",
+        "LiteRT",
+        "score.py",
+        "score.py against a floor with a worker process",
+    ):
         for quantile in ("p50", "p99"):
             figure = report.figure(f"/score {quantile}, {runtime}")
             assert figure.project > 0
