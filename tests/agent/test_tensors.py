@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from agent.errors import InputError
-from agent.runtimes.tensors import TensorInput, feeds
+from agent.runtimes.tensors import PLAIN_ROWS_MAX_VALUES, TensorInput, _plain_rows, feeds
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -83,3 +83,43 @@ def test_feeds_takes_rows_for_one_input_and_names_for_several() -> None:
         feeds([[1.0]], two)
     with pytest.raises(InputError, match=r"missing \['b'\]"):
         feeds({"a": [1.0]}, two)
+
+
+def test_small_requests_of_plain_numbers_convert_as_numpy_would() -> None:
+    """The Python check for small requests (_plain_rows) lets through only what numpy's own
+    path would accept, and gives the same array."""
+    spec = float32_rows()
+    for rows in (
+        [[1.5, 2]],
+        [[-0.0, 1e-45], [F32_MAX, -F32_MAX]],
+        [[2**60, -(2**60)]],
+    ):
+        fast = spec.convert(rows)
+        assert _plain_rows(rows, 2, F32_MAX)
+        exact = np.asarray(rows, dtype=np.float64).astype(np.float32).reshape(-1, 2)
+        assert fast.dtype == np.float32
+        assert fast.shape == exact.shape
+        assert np.array_equal(fast, exact)
+    for rows in (
+        [[True, 1.0]],
+        [[None, 1.0]],
+        [[1.0, "2"]],
+        [[1.0, 1e39]],
+        [[1.0, float("nan")]],
+        [[1.0]],
+        [(1.0, 2.0)],
+        [],
+    ):
+        assert not _plain_rows(rows, 2, F32_MAX), rows  # the numpy path decides these
+    with pytest.raises(InputError, match=r"got shape \[0\]"):
+        spec.convert([])
+
+
+def test_large_requests_take_the_numpy_path_and_get_the_same_checks() -> None:
+    spec = float32_rows()
+    rows = [[float(i), 1.0] for i in range(PLAIN_ROWS_MAX_VALUES)]
+    assert not _plain_rows(rows, 2, F32_MAX)
+    assert spec.convert(rows).shape == (PLAIN_ROWS_MAX_VALUES, 2)
+    rows[-1][0] = 1e300
+    with pytest.raises(InputError, match="out of range"):
+        spec.convert(rows)
