@@ -40,8 +40,9 @@ class RawBodyRuntime(Protocol):
         """The JSON-ready value ``run`` returned; raises ``ModelCallError`` when it failed.
 
         A runtime may also offer ``run_raw_nowait(body, content_type)``: an awaitable of the
-        same, made on the event loop when the call can be taken at once, else None. A future
-        that is already done is answered without a task.
+        same (or of its ``agent.jsonvalues.JsonText``, written out as it is), made on the event
+        loop when the call can be taken at once, else None. A future that is already done is
+        answered without a task.
         """
         ...
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ModelCallError, ModelLoadError
+from agent.jsonvalues import JsonText
 from agent.protocol.documents import Manifest, ModelSignature
 from agent.runtimes import script_worker
 from agent.runtimes.options import ScriptOptions
@@ -263,8 +264,8 @@ class _Worker:
         del self._buffer[: header_size + size]
         return frame
 
-    async def read_message_async(self, deadline: float) -> dict[str, Any]:
-        """``read_message`` on the event loop: the pipe is watched by the loop, so a call
+    async def read_frame_async(self, deadline: float) -> bytes:
+        """The next frame, read on the event loop: the pipe is watched by the loop, so a call
         costs no thread hand-over. The caller holds the call lock (it owns the pipes)."""
         frame = self._take_frame()
         if frame is None:
@@ -301,7 +302,7 @@ class _Worker:
                 raise _Timeout from None
             finally:
                 loop.remove_reader(self._from_worker)
-        return self.decode(frame)
+        return frame
 
     def read_message(self, deadline: float) -> dict[str, Any]:
         return self.decode(self._read_frame(deadline))
@@ -320,9 +321,10 @@ class _Worker:
         """One frame a call (kind byte, then the body): one write and one wake-up."""
         self._write((b"t" if text else b"b") + body, deadline)
 
-    def call(self, text: bool, body: bytes, deadline: float) -> dict[str, Any]:
+    def call(self, text: bool, body: bytes, deadline: float) -> bytes:
+        """The reply frame to one call."""
         self.send(text, body, deadline)
-        return self.read_message(deadline)
+        return self._read_frame(deadline)
 
     # -- ending -------------------------------------------------------------------------------
     #
@@ -522,26 +524,20 @@ class ScriptRuntime:
         sent_at = time.monotonic()
         deadline = sent_at + self._timeout_s
         loop = asyncio.get_running_loop()
-        in_place: dict[str, Any] | None = None  # the reply, when it came while waiting here
+        in_place: bytes | None = None  # the reply frame, when it came while waiting here
         failed: Exception | None = None
         try:
             worker.send(text, body, deadline)
             if self._answers_quickly:
-                frame = worker.read_frame_within(IN_PLACE_WAIT_S)
-                in_place = None if frame is None else worker.decode(frame)
+                in_place = worker.read_frame_within(IN_PLACE_WAIT_S)
         except (_Timeout, _Gone, _Broken) as exc:
             failed = exc
         self._answers_quickly = in_place is not None and (
             time.monotonic() - sent_at < QUICK_REPLY_S
         )
-        if in_place is not None and (
-            in_place.get("ok") is True or isinstance(in_place.get("error"), dict)
-        ):
+        if in_place is not None and in_place[:1] == script_worker.ANSWER:
             answered: asyncio.Future[Any] = loop.create_future()
-            try:
-                answered.set_result(self._reply_value(worker, in_place))
-            except ModelCallError as exc:
-                answered.set_exception(exc)
+            answered.set_result(self._answer(worker, in_place))
             self._call_lock.release()
             return answered
 
@@ -551,25 +547,31 @@ class ScriptRuntime:
                     # Killing and reaping the worker may wait for it to end: not on the loop.
                     raise await asyncio.to_thread(self._call_failed, worker, failed)
                 try:
-                    reply = (
+                    frame = (
                         in_place
                         if in_place is not None
-                        else await worker.read_message_async(deadline)
+                        else await worker.read_frame_async(deadline)
                     )
                 except (_Timeout, _Gone, _Broken) as exc:
                     raise await asyncio.to_thread(self._call_failed, worker, exc) from None
                 self._answers_quickly = time.monotonic() - sent_at < QUICK_REPLY_S
-                if reply.get("ok") is not True and not isinstance(reply.get("error"), dict):
-                    # A reply breaking the protocol: the worker is killed, which may wait.
-                    return await asyncio.to_thread(self._reply_value, worker, reply)
-                return self._reply_value(worker, reply)
+                if frame[:1] == script_worker.ANSWER:
+                    return self._answer(worker, frame)
+                # run raised, or the reply breaks the protocol and the worker is killed,
+                # which may wait: from a thread (a failed call need not be quick).
+                return await asyncio.to_thread(self._answer, worker, frame)
             finally:
                 self._call_lock.release()
 
         return asyncio.ensure_future(finish())
 
     def run_raw(self, body: bytes, content_type: str) -> Any:
-        """``run(raw_data)`` with the body as it came: a str for JSON and text, else bytes."""
+        """``run(raw_data)`` with the body as it came: a str for JSON and text, else bytes;
+        ``run``'s answer as a value."""
+        return self.run_json(body, content_type).value()
+
+    def run_json(self, body: bytes, content_type: str) -> JsonText:
+        """``run_raw``, with the answer as the JSON text the worker wrote."""
         text = self._as_text(body, content_type)
         with self._cond:
             self._refuse_unless_serving()
@@ -651,14 +653,14 @@ class ScriptRuntime:
                 f"{self._script}'s worker is restarting ({self._last_failure}); try again shortly",
             )
 
-    def _call(self, text: bool, body: bytes) -> Any:
+    def _call(self, text: bool, body: bytes) -> JsonText:
         """One call, with the call lock held (which makes this thread the pipes' owner)."""
         worker = self._begin_call()
         try:
-            reply = worker.call(text, body, time.monotonic() + self._timeout_s)
+            frame = worker.call(text, body, time.monotonic() + self._timeout_s)
         except (_Timeout, _Gone, _Broken) as exc:
             raise self._call_failed(worker, exc) from None
-        return self._reply_value(worker, reply)
+        return self._answer(worker, frame)
 
     def _begin_call(self) -> "_Worker":
         """The worker to call, after releasing retired workers' pipes (the lock holder owns
@@ -710,14 +712,20 @@ class ScriptRuntime:
             503, f"{self._script}'s worker broke the protocol ({failure}); it is being restarted"
         )
 
-    def _reply_value(self, worker: "_Worker", reply: dict[str, Any]) -> Any:
-        if reply.get("ok") is True:
+    def _answer(self, worker: "_Worker", frame: bytes) -> JsonText:
+        """``run``'s answer from a reply frame, kept as the JSON text the worker wrote (the
+        endpoint writes it out as it is). Raises the 500 of a ``run`` that raised, or the 503
+        of a reply that breaks the protocol, after killing the worker (which may wait)."""
+        if frame[:1] == script_worker.ANSWER:
             first_s = self._supervision.backoff_first_s
             if self._backoff_s != first_s:  # a restart's backoff ends with a served call
                 with self._cond:
                     self._backoff_s = first_s
-            return reply.get("value")
-        error = reply.get("error")
+            return JsonText(frame[1:])
+        try:
+            error = worker.decode(frame).get("error")
+        except _Broken:
+            error = None
         if not isinstance(error, dict):
             with self._cond:
                 self._worker_failed(worker, timed_out=False, why="it sent a reply without a result")

@@ -14,7 +14,7 @@ Protocol, over two private pipes: each frame is a 4-byte big-endian length and i
     agent  -> worker   b"t" or b"b", then the body       run(body, decoded as UTF-8 after b"t")
     worker -> agent    {"ready": true}                   once, after init() returned
                        {"init_error": ERROR}             instead, then the worker exits
-                       {"ok": true, "value": ...}        run's return, as JSON
+                       b"=", then run's return as JSON   the answer, passed on to the caller as is
                        {"ok": false, "error": ERROR}     run raised, or returned what JSON cannot
     ERROR = {"type", "message", "where", "traceback"}, and "phase" ("import" or "init")
             in an init_error; "type" is empty when the worker itself says what is wrong
@@ -43,6 +43,7 @@ from typing import Any
 FRAME_HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 READ_CHUNK_BYTES = 64 * 1024  # a pipe holds no more than this on Linux
+ANSWER = b"="  # first byte of a frame holding run's answer; every other frame is a JSON object
 MAX_MESSAGE_CHARS = 2000
 TRACEBACK_LINES = 12
 
@@ -166,10 +167,9 @@ def _serve(module: ModuleType, entry: Path, requests: int, replies: int) -> None
             return  # the agent closed the pipe: it is done with this worker
         raw: str | bytes = frame[1:].decode("utf-8") if frame[:1] == b"t" else frame[1:]
         try:
-            reply = '{"ok": true, "value": ' + _VALUES.encode(run(raw)) + "}"
+            encoded = ANSWER + _VALUES.encode(run(raw)).encode("utf-8")
         except Exception as exc:
-            reply = json.dumps({"ok": False, "error": _describe(exc, entry.name)})
-        encoded = reply.encode("utf-8")
+            encoded = json.dumps({"ok": False, "error": _describe(exc, entry.name)}).encode()
         if len(encoded) > MAX_FRAME_BYTES:
             too_big = _ScriptError(
                 f"run returned {len(encoded)} bytes of JSON, over the limit of {MAX_FRAME_BYTES}"

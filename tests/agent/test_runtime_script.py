@@ -965,7 +965,7 @@ def test_a_call_from_the_event_loop_is_taken_at_once_when_the_worker_is_free(
     async def main() -> None:
         pending = _nowait(runtime, {"n": 1})
         assert pending is not None
-        assert await pending == {"echo": 1}
+        assert (await pending).value() == {"echo": 1}
         # Taken by a thread's call: the loop does not wait for it, it says so (None).
         threaded = asyncio.create_task(asyncio.to_thread(call_in_thread))
         await asyncio.to_thread(wait_until, runtime._call_lock.locked, timeout_s=10)
@@ -974,7 +974,7 @@ def test_a_call_from_the_event_loop_is_taken_at_once_when_the_worker_is_free(
         # Then the loop's call works again.
         pending = _nowait(runtime, {"n": 4})
         assert pending is not None
-        assert await pending == {"echo": 4}
+        assert (await pending).value() == {"echo": 4}
 
     def call_in_thread() -> Any:
         return call(runtime, {"n": 2, "sleep": 0.3})
@@ -998,7 +998,7 @@ def test_a_quick_script_is_answered_in_place_and_a_slow_one_through_the_loop(
             pending = _nowait(runtime, {"n": n})
             assert pending is not None
             if pending.done():
-                return n, pending.result()
+                return n, pending.result().value()
             await pending  # e.g. the worker's first call, which may be slow
         raise AssertionError("a quick script was never answered in place")
 
@@ -1010,20 +1010,21 @@ def test_a_quick_script_is_answered_in_place_and_a_slow_one_through_the_loop(
         slow = _nowait(runtime, {"n": 10, "sleep": slow_s})
         assert slow is not None
         assert not slow.done()  # waited for in place at most IN_PLACE_WAIT_S, then the loop
-        assert await slow == {"echo": 10}
+        assert (await slow).value() == {"echo": 10}
         after_slow = _nowait(runtime, {"n": 11})
         assert after_slow is not None
         assert not after_slow.done()  # not waited for in place: the last call was slow
-        assert await after_slow == {"echo": 11}
+        assert (await after_slow).value() == {"echo": 11}
         n, answer = await in_place(12)  # in place again once an answer was quick
         assert answer == {"echo": n}
 
     asyncio.run(main())
 
 
-def test_errors_in_place_are_the_same_as_through_the_loop(runtimes: Runtimes) -> None:
-    """A script that raises is a 500 in a done future; a worker that dies mid-call is a 503
-    (its killing and reaping happen in a thread), and the next calls are served."""
+def test_errors_from_the_loop_are_the_same_as_from_a_thread(runtimes: Runtimes) -> None:
+    """A script that raises is a 500 and a worker that dies mid-call a 503, both answered
+    through the loop (a failed call need not be quick); the next calls are answered in place
+    again."""
     runtime = runtimes.start(
         """
         import json, os
@@ -1051,11 +1052,14 @@ def test_errors_in_place_are_the_same_as_through_the_loop(runtimes: Runtimes) ->
         raise AssertionError("never answered in place")
 
     async def main() -> None:
-        raised = await quick("raise")
-        assert isinstance(raised.exception(), ModelCallError)
-        assert raised.exception().status == 500
-        assert "score.py raised ValueError: asked to" in raised.exception().detail
-        assert (await quick("fine")).result() == "fine"
+        assert (await quick("fine")).result().value() == "fine"
+        raising = _nowait(runtime, "raise")
+        assert raising is not None
+        with pytest.raises(ModelCallError) as raised:
+            await raising
+        assert raised.value.status == 500
+        assert "score.py raised ValueError: asked to" in raised.value.detail
+        assert (await quick("fine")).result().value() == "fine"
         died = _nowait(runtime, "die")
         assert died is not None
         with pytest.raises(ModelCallError) as crashed:
@@ -1066,7 +1070,7 @@ def test_errors_in_place_are_the_same_as_through_the_loop(runtimes: Runtimes) ->
             wait_until, lambda: runtime.stats().state is WorkerState.OK, timeout_s=10
         )
         assert await asyncio.to_thread(call, runtime, "back") == "back"
-        assert (await quick("fine")).result() == "fine"
+        assert (await quick("fine")).result().value() == "fine"
         assert runtime.stats().crashes == 1
 
     asyncio.run(main())
@@ -1117,7 +1121,7 @@ def test_a_call_from_the_event_loop_past_its_time_limit_is_a_504_and_the_next_on
         assert await asyncio.to_thread(call, runtime, {"n": 2}) == {"echo": 2}
         again = _nowait(runtime, {"n": 3})
         assert again is not None
-        assert await again == {"echo": 3}
+        assert (await again).value() == {"echo": 3}
 
     asyncio.run(main())
 
@@ -1175,3 +1179,61 @@ def test_a_caller_that_goes_away_leaves_no_reply_behind_for_the_next(
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_the_scripts_json_reaches_the_caller_as_the_worker_wrote_it(runtimes: Runtimes) -> None:
+    """The answer is passed on as the worker's JSON text, not read and written again: an
+    integer past 64 bits stays exact (orjson alone could not write it), and its value is read
+    only for whoever asks (data collection, the health check)."""
+    from agent.jsonvalues import JsonText, plain
+    from agent.runtimes.base import ActiveModel
+    from agent.scoring import ScoringCall, ScoringServer
+
+    runtime = runtimes.start(
+        """
+        def init():
+            pass
+
+        def run(raw_data):
+            return {"big": 2 ** 70, "pi": 3.25, "text": "é"}
+        """
+    )
+    model = ActiveModel("big", 1, "b" * 64, manifest(), runtime, None)
+    seen: list[ScoringCall] = []
+
+    class One:
+        def get(self, name: str | None = None) -> ActiveModel | None:
+            return model
+
+        def names(self) -> list[str]:
+            return ["big"]
+
+        def scored(self, call: ScoringCall) -> None:
+            seen.append(call)
+
+    async def main() -> list[bytes]:
+        server = ScoringServer(models=One(), keys=lambda: ["k"])
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                answers = []
+                for _ in range(3):  # the first through the loop, then in place
+                    r = await client.post("/score", json={"data": 1}, headers={"x-api-key": "k"})
+                    assert r.status_code == 200, r.text
+                    answers.append(r.content)
+                return answers
+        finally:
+            await server.stop()
+
+    for body in asyncio.run(main()):
+        assert body == (
+            b'{"result":{"big": 1180591620717411303424, "pi": 3.25, "text": "\\u00e9"},'
+            b'"model":{"name":"big","version":1}}'
+        )
+    outputs = seen[-1].outputs
+    assert outputs is not None
+    answer = outputs["result"]
+    assert isinstance(answer, JsonText)
+    assert answer.value() == {"big": 2**70, "pi": 3.25, "text": "é"}
+    assert plain(outputs)["result"]["pi"] == 3.25  # as data collection records it
+    assert call(runtime, None) == {"big": 2**70, "pi": 3.25, "text": "é"}
