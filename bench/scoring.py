@@ -370,7 +370,9 @@ def measure(work: Path, cfg: Config) -> Report:
 def main(argv: Sequence[str] | None = None, *, results_path: Path = RESULTS_PATH) -> Report:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--calls", type=int, default=5000, help="timed calls per runtime")
-    parser.add_argument("--rounds", type=int, default=10)
+    # Fine alternation (100 calls a round by default): the shared VM's load drifts over
+    # seconds, and short rounds put each drift on the agent and its floor alike.
+    parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument("--quick", action="store_true", help="300 calls in 2 rounds")
