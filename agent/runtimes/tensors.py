@@ -146,7 +146,8 @@ class TensorInput:
         return f"input {self.name!r} expects {self.dtype_name} of shape {shape_text(self.shape)}"
 
     def convert(self, value: Any) -> npt.NDArray[Any]:
-        """``value`` as an array of this input's dtype and shape, or ``InputError`` saying why.
+        """``value`` as a C-contiguous array of this input's dtype and shape, or ``InputError``
+        saying why.
 
         On every scoring call: the common case (numbers for a float input) takes the fewest
         steps, since this is a large part of the agent's own cost per call.
@@ -170,6 +171,10 @@ class TensorInput:
         for i, size in self._fixed:
             if shape[i] != size:
                 raise InputError(f"{self.expectation()}; got shape {list(shape)}")
+        if type(value) is np.ndarray and not array.flags.c_contiguous:
+            # Runtimes copy raw memory. Only an array from a .npy body (transposed, say) can
+            # be laid out otherwise; arrays made from JSON never are.
+            array = array.copy(order="C")
         return array
 
     def _cast(self, raw: npt.NDArray[Any], target: np.dtype[Any]) -> npt.NDArray[Any]:

@@ -200,8 +200,7 @@ class TfliteRuntime:
             self._resize_to(arrays)
         try:
             for t in self._inputs:
-                # A transposed .npy array is valid data; the interpreter copies raw memory.
-                interpreter.set_tensor(t.index, np.ascontiguousarray(arrays[t.name]))
+                interpreter.set_tensor(t.index, arrays[t.name])  # C-contiguous (TensorInput)
             interpreter.invoke()
         except (ValueError, RuntimeError) as exc:
             # Dimensions the signature leaves free can still be wrong inside the graph.

@@ -123,3 +123,14 @@ def test_large_requests_take_the_numpy_path_and_get_the_same_checks() -> None:
     rows[-1][0] = 1e300
     with pytest.raises(InputError, match="out of range"):
         spec.convert(rows)
+
+
+def test_arrays_laid_out_otherwise_become_c_contiguous() -> None:
+    """Runtimes copy raw memory: a column-major or strided .npy array is made C-contiguous
+    (with or without a cast), so the model reads the values the request meant."""
+    spec = float32_rows()
+    rows = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    for value in (np.asfortranarray(rows), np.asfortranarray(rows.astype(np.float32)), rows[::2]):
+        array = spec.convert(value)
+        assert array.flags.c_contiguous
+        assert array.tolist() == np.asarray(value).tolist()
