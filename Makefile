@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: all test security lint typecheck unit demo demo-tflite mosquitto clean bench bench-rollout bench-scale bench-storm bench-waves bench-ingest bench-scoring
+.PHONY: all test security lint typecheck unit demo demo-tflite mosquitto clean bench bench-rollout bench-scale bench-storm bench-waves bench-ingest bench-scoring bench-scoring-stages
 
 all: test
 
@@ -69,6 +69,12 @@ bench-ingest: $(STAMP) mosquitto
 ## the raw call, and the agent's memory against a bare session.
 bench-scoring: $(STAMP) mosquitto
 	$(BIN)/python -m bench.scoring
+
+## bench-scoring-stages: where a scoring call's time goes: the endpoint cut at each stage (HTTP,
+## checks, model, answer, telemetry) against the same floors, for LiteRT and ONNX Runtime.
+bench-scoring-stages: $(STAMP)
+	$(BIN)/python -m bench.scoring_stages --runtime tflite
+	$(BIN)/python -m bench.scoring_stages --runtime onnx
 
 bench: bench-rollout bench-scale bench-storm bench-waves bench-ingest bench-scoring
 

@@ -199,7 +199,7 @@ class Config:
     timeout_s: float
 
 
-def _cpus() -> tuple[set[int] | None, set[int] | None]:
+def split_cpus() -> tuple[set[int] | None, set[int] | None]:
     """(servers', client's) cores: apart when there are two or more."""
     available = sorted(os.sched_getaffinity(0))
     if len(available) < 2:
@@ -208,7 +208,7 @@ def _cpus() -> tuple[set[int] | None, set[int] | None]:
 
 
 def measure(work: Path, cfg: Config) -> Report:
-    server_cpus, client_cpus = _cpus()
+    server_cpus, client_cpus = split_cpus()
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
     onnx_dir = work / "onnx"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import ingest, rollout, scale, scoring, storm, waves
+from bench import ingest, rollout, scale, scoring, scoring_stages, storm, waves
 from bench.results import RESULTS_PATH, Report
 from hub.broker import MosquittoNotFoundError, find_mosquitto
 
@@ -178,3 +178,22 @@ def test_scoring_times_every_runtime_against_its_floor_and_weighs_the_agent(
     memory = report.figure("memory, ONNX model loaded (RSS)")
     # The agent holds the same session and more, so it cannot weigh less than the floor.
     assert memory.project > memory.floor > 0  # type: ignore[operator]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("runtime", ["tflite", "onnx"])
+def test_scoring_stages_time_the_endpoint_cut_at_each_stage(
+    runtime: str, results: Path, tmp_path: Path
+) -> None:
+    before = _results_now()
+    argv = ["--runtime", runtime, "--rounds", "2", "--calls", "20", "--no-record"]
+    report = _unrecorded(
+        scoring_stages.main([*argv, "--work-dir", str(tmp_path)], results_path=results),
+        results,
+        before,
+    )
+    assert report.figure("bare loopback HTTP round trip p50").project > 0
+    for stage in scoring_stages.STAGES:
+        figure = report.figure(f"p50 up to {stage}")
+        assert figure.project > 0
+        assert (figure.ratio or 0) > 0, figure.name
