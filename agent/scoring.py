@@ -268,67 +268,49 @@ class ScoringServer:
             # for a 503 "busy" later, holding threads other scripts need.
             return error(503, f"{model.name} is busy: {waiting} calls are waiting for it")
         started = time.perf_counter()
+
+        def answer(call: "asyncio.Future[Any] | None", failed: Exception | None = None) -> Response:
+            """The response to the finished call, told to the observer."""
+            result = None
+            if call is not None:
+                exception = call.exception()
+                if exception is not None and not isinstance(exception, Exception):
+                    raise exception  # cancelled (the endpoint is stopping): nothing to answer
+                failed = exception
+                result = None if failed is not None else call.result()
+            outputs = None if failed is not None else {"result": result}
+            self._observe(model, None, outputs, started, correlation_id, len(body), (body, kind))
+            if failed is not None:
+                return _failure(model, failed)
+            return Response(
+                200, {"result": result, "model": {"name": model.name, "version": model.version}}
+            )
+
         try:
             call = self._run_script(runtime, body, kind)
         except Exception as exc:
-            return self._script_answer(model, None, exc, body, kind, started, correlation_id)
+            return answer(None, exc)
         if call.done():
-            return self._script_done(model, call, body, kind, started, correlation_id)
-        return self._await_script(model, call, body, kind, started, correlation_id)
+            return answer(call)
+        return self._await_script(model.digest, call, answer)
 
     async def _await_script(
         self,
-        model: ActiveModel,
+        digest: str,
         call: "asyncio.Future[Any]",
-        body: bytes,
-        kind: str,
-        started: float,
-        correlation_id: str | None,
+        answer: Callable[["asyncio.Future[Any]"], Response],
     ) -> Response:
-        self._script_waiting[model.digest] = self._script_waiting.get(model.digest, 0) + 1
+        """Wait for a script call that was not answered at once, counted among its waiting."""
+        self._script_waiting[digest] = self._script_waiting.get(digest, 0) + 1
         try:
             # Shielded: a caller that goes away must not cut the call short, or its reply
             # would be left in the pipe for the next caller. The call ends by its time limit.
             await asyncio.wait([asyncio.shield(call)])
         finally:
-            self._script_waiting[model.digest] -= 1
-            if not self._script_waiting[model.digest]:
-                del self._script_waiting[model.digest]
-        return self._script_done(model, call, body, kind, started, correlation_id)
-
-    def _script_done(
-        self,
-        model: ActiveModel,
-        call: "asyncio.Future[Any]",
-        body: bytes,
-        kind: str,
-        started: float,
-        correlation_id: str | None,
-    ) -> Response:
-        exc = call.exception()
-        result = None if exc is not None else call.result()
-        return self._script_answer(model, result, exc, body, kind, started, correlation_id)
-
-    def _script_answer(
-        self,
-        model: ActiveModel,
-        result: Any,
-        exc: BaseException | None,
-        body: bytes,
-        kind: str,
-        started: float,
-        correlation_id: str | None,
-    ) -> Response:
-        """The response to a finished script call, told to the observer."""
-        if exc is not None and not isinstance(exc, Exception):
-            raise exc  # cancelled (the endpoint is stopping): nothing to answer
-        outputs = None if exc is not None else {"result": result}
-        self._observe(model, None, outputs, started, correlation_id, len(body), (body, kind))
-        if exc is not None:
-            return _failure(model, exc)
-        return Response(
-            200, {"result": result, "model": {"name": model.name, "version": model.version}}
-        )
+            self._script_waiting[digest] -= 1
+            if not self._script_waiting[digest]:
+                del self._script_waiting[digest]
+        return answer(call)
 
     def _run_script(self, runtime: RawBodyRuntime, body: bytes, kind: str) -> "asyncio.Future[Any]":
         """From the event loop when the runtime can take the call at once (no thread

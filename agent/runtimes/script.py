@@ -218,16 +218,8 @@ class _Worker:
             frame = self._take_frame()
             if frame is not None:
                 return frame
-            try:
-                chunk = os.read(self._from_worker, READ_CHUNK_BYTES)
-            except BlockingIOError:
+            if not self._read_some():
                 self._wait(self._from_worker, select.POLLIN, deadline)
-                continue
-            except (ValueError, OSError):
-                raise _Gone from None
-            if not chunk:
-                raise _Gone
-            self._buffer += chunk
 
     def read_frame_within(self, wait_s: float) -> bytes | None:
         """A whole frame if one is there within ``wait_s``, else None (a part that came stays
@@ -240,15 +232,21 @@ class _Worker:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0 or not self._replies.poll(remaining_s * 1000):
                 return None
-            try:
-                chunk = os.read(self._from_worker, READ_CHUNK_BYTES)
-            except BlockingIOError:
-                continue
-            except (ValueError, OSError):
-                raise _Gone from None
-            if not chunk:
-                raise _Gone
-            self._buffer += chunk
+            self._read_some()
+
+    def _read_some(self) -> bool:
+        """Add what the reply pipe holds to the buffer; False when it held nothing yet.
+        Raises ``_Gone`` when the worker closed it."""
+        try:
+            chunk = os.read(self._from_worker, READ_CHUNK_BYTES)
+        except BlockingIOError:
+            return False
+        except (ValueError, OSError):
+            raise _Gone from None
+        if not chunk:
+            raise _Gone
+        self._buffer += chunk
+        return True
 
     def _take_frame(self) -> bytes | None:
         """A whole frame from what has been read, or None while it is not all there."""
@@ -276,19 +274,8 @@ class _Worker:
                 if arrived.done():
                     return
                 try:
-                    chunk = os.read(self._from_worker, READ_CHUNK_BYTES)
-                except BlockingIOError:
-                    return
-                except (ValueError, OSError):
-                    arrived.set_exception(_Gone())
-                    return
-                if not chunk:
-                    arrived.set_exception(_Gone())
-                    return
-                self._buffer += chunk
-                try:
-                    whole = self._take_frame()
-                except _Broken as exc:
+                    whole = self._take_frame() if self._read_some() else None
+                except (_Gone, _Broken) as exc:
                     arrived.set_exception(exc)
                     return
                 if whole is not None:
