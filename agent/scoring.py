@@ -275,7 +275,7 @@ class ScoringServer:
             if call is not None:
                 exception = call.exception()
                 if exception is not None and not isinstance(exception, Exception):
-                    raise exception  # cancelled (the endpoint is stopping): nothing to answer
+                    raise exception  # SystemExit and the like are not a model's failure
                 failed = exception
                 result = None if failed is not None else call.result()
             outputs = None if failed is not None else {"result": result}
@@ -325,8 +325,10 @@ class ScoringServer:
                 self._script_calls.add(future)
                 future.add_done_callback(self._script_calls.discard)
             return future
+        # The worker's JSON as it wrote it where the runtime offers it, as from the loop.
+        run = getattr(runtime, "run_json", None) or runtime.run_raw
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._script_threads, runtime.run_raw, body, kind)
+        return loop.run_in_executor(self._script_threads, run, body, kind)
 
     def _observe(
         self,

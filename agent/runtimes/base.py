@@ -39,10 +39,10 @@ class RawBodyRuntime(Protocol):
     def run_raw(self, body: bytes, content_type: str) -> Any:
         """The JSON-ready value ``run`` returned; raises ``ModelCallError`` when it failed.
 
-        A runtime may also offer ``run_raw_nowait(body, content_type)``: an awaitable of the
-        same (or of its ``agent.jsonvalues.JsonText``, written out as it is), made on the event
-        loop when the call can be taken at once, else None. A future that is already done is
-        answered without a task.
+        A runtime may also offer ``run_json(body, content_type)``, the same call answering
+        ``agent.jsonvalues.JsonText`` (written out as it is), and ``run_raw_nowait(body,
+        content_type)``: an awaitable of either, made on the event loop when the call can be
+        taken at once, else None. A future that is already done is answered without a task.
         """
         ...
 

@@ -81,17 +81,6 @@ def _holds_non_finite(value: Any) -> bool:
     return False
 
 
-def _square_limit(dtype: np.dtype[Any] | None) -> float:
-    """Below this sum of squares every value fits ``dtype`` (a float); 0 when not a float, or
-    when the square of its largest value is past a Python float (float64: nothing narrower
-    is cast to it)."""
-    if dtype is None or dtype.kind != "f":
-        return 0.0
-    largest = float(np.finfo(dtype).max)
-    square = largest * largest
-    return square if math.isfinite(square) else 0.0
-
-
 PLAIN_ROWS_MAX_VALUES = 1024
 
 
@@ -132,12 +121,17 @@ class TensorInput:
         self.shape = shape
         self._ndim = len(shape)
         self._fixed = [(i, size) for i, size in enumerate(shape) if size is not None]
-        self._square_limit = _square_limit(self.dtype)
+        is_float = self.dtype is not None and self.dtype.kind == "f"
+        largest = float(np.finfo(self.dtype).max) if is_float else 0.0
+        # Below this sum of squares every value fits the float dtype (0: no such bound; float64
+        # squared is past a Python float, and nothing narrower is cast to it).
+        square = largest * largest
+        self._square_limit = square if math.isfinite(square) else 0.0
         # (width, largest value) for a float input of rows of fixed width: small requests of
         # plain numbers are checked in Python (see _plain_rows).
         self._row_width: tuple[int, float] | None = None
-        if self.dtype is not None and self.dtype.kind == "f" and len(shape) == 2 and shape[1]:
-            self._row_width = (shape[1], float(np.finfo(self.dtype).max))
+        if is_float and len(shape) == 2 and shape[1]:
+            self._row_width = (shape[1], largest)
 
     def spec(self) -> TensorSpec:
         return TensorSpec(name=self.name, dtype=self.dtype_name, shape=self.shape)
@@ -185,10 +179,13 @@ class TensorInput:
                 raise InputError(f"{self.expectation()}; got non-numeric values")
             # Narrowing floats (JSON's float64 to a float32 input) may overflow. The sum of
             # squares (one BLAS call) bounds every value, so only a request with large values
-            # pays for the exact check below (~4 µs a call saved on the common one).
-            if kind != "f" or raw.dtype.itemsize <= target.itemsize:
+            # pays for the exact check below (~4 µs a call saved on the common one). Integers
+            # fit float32 and wider whatever they are; float16 they may not (70000).
+            if kind == "f" and raw.dtype.itemsize <= target.itemsize:
                 return raw.astype(target)
-            if np.vdot(raw, raw) <= self._square_limit:
+            if kind != "f" and target.itemsize >= 4:
+                return raw.astype(target)
+            if kind == "f" and np.vdot(raw, raw) <= self._square_limit:
                 return raw.astype(target)
         elif target.kind in "iu":
             if kind not in "iuf":

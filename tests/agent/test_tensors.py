@@ -34,6 +34,11 @@ def test_narrower_floats_and_wider_ones_from_npy_bodies() -> None:
         half.convert(np.array([1.0, 70000.0], dtype=np.float32))
     with pytest.raises(InputError, match="out of range"):
         half.convert(np.array([1e30], dtype=np.float32))  # squares overflow float32 itself
+    # Integers fit float32 and wider whatever they are; float16 they may not.
+    assert half.convert([1, -65504]).tolist() == [1.0, -65504.0]
+    for value in ([1, 70000], np.array([70000], dtype=np.int64)):
+        with pytest.raises(InputError, match="out of range"):
+            half.convert(value)
     double = TensorInput("x", np.float64, [None])
     widened = double.convert(np.array([1.5], dtype=np.float32))
     assert widened.dtype == np.float64
