@@ -2,7 +2,10 @@
 ``--no-record``) and how every run ends (print the report, append it to RESULTS.md)."""
 
 import argparse
-from collections.abc import Sequence
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.machine import Machine
@@ -51,4 +54,17 @@ def finish(
     print(report.text())
     if not args.no_record:
         record(report, machine=machine, command=command_line(module, argv), path=results_path)
+    return report
+
+
+def in_scratch(prefix: str, parent: Path | None, measure: Callable[[Path], Report]) -> Report:
+    """``measure`` run in a fresh scratch folder under ``parent`` (removed afterwards, however
+    it ends), with the whole run's time added to its notes."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    started = time.monotonic()
+    try:
+        report = measure(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.notes.append(f"the whole run took {time.monotonic() - started:.0f} s")
     return report

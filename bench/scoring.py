@@ -24,8 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +35,7 @@ from agent.telemetry import percentile
 from bench.agentproc import AgentProcess, ScoringClient, enroll_one, running
 from bench.hub import HubProcess
 from bench.machine import Machine, raise_fd_limit
-from bench.options import finish
+from bench.options import finish, in_scratch
 from bench.results import RESULTS_PATH, Figure, Report
 from bench.timing import BenchTimeout
 from examples.build_example_model import build_iris_model
@@ -383,15 +381,10 @@ def main(argv: Sequence[str] | None = None, *, results_path: Path = RESULTS_PATH
         args.calls, args.rounds, args.warmup = 300, 2, 20
     cfg = Config(args.calls, args.rounds, args.warmup, args.timeout_s)
     machine = Machine.describe(raise_fd_limit())
-    work = Path(tempfile.mkdtemp(prefix="outpost-bench-scoring-", dir=args.work_dir))
-    started = time.monotonic()
     try:
-        report = measure(work, cfg)
+        report = in_scratch("outpost-bench-scoring-", args.work_dir, lambda w: measure(w, cfg))
     except BenchTimeout as exc:
         raise SystemExit(f"bench: {exc}") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    report.notes.append(f"the whole run took {time.monotonic() - started:.0f} s")
     return finish(
         report,
         module="bench.scoring",

@@ -23,11 +23,8 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,7 +48,7 @@ from agent.state import StateDir
 from agent.telemetry import ModelCalls, percentile
 from bench.agentproc import ScoringClient
 from bench.machine import Machine, raise_fd_limit
-from bench.options import finish
+from bench.options import finish, in_scratch
 from bench.results import RESULTS_PATH, Figure, Report
 from bench.scoring import TFLITE_DIR, split_cpus
 from examples.build_example_model import build_iris_model
@@ -274,13 +271,11 @@ def main(argv: Sequence[str] | None = None, *, results_path: Path = RESULTS_PATH
         asyncio.run(_serve(args.serve, args.runtime, args.model, args.port, args.state_dir))
         raise SystemExit(0)
     machine = Machine.describe(raise_fd_limit())
-    work = Path(tempfile.mkdtemp(prefix="outpost-bench-stages-", dir=args.work_dir))
-    started = time.monotonic()
-    try:
-        report = measure(work, args.runtime, args.rounds, args.calls)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    report.notes.append(f"the whole run took {time.monotonic() - started:.0f} s")
+    report = in_scratch(
+        "outpost-bench-stages-",
+        args.work_dir,
+        lambda work: measure(work, args.runtime, args.rounds, args.calls),
+    )
     return finish(
         report,
         module="bench.scoring_stages",
