@@ -250,17 +250,10 @@ class _Worker:
 
     def _take_frame(self) -> bytes | None:
         """A whole frame from what has been read, or None while it is not all there."""
-        header_size = script_worker.FRAME_HEADER.size
-        if len(self._buffer) < header_size:
-            return None
-        (size,) = script_worker.FRAME_HEADER.unpack_from(self._buffer)
-        if size > script_worker.MAX_FRAME_BYTES:
-            raise _Broken(f"a frame of {size} bytes")
-        if len(self._buffer) < header_size + size:
-            return None
-        frame = bytes(self._buffer[header_size : header_size + size])
-        del self._buffer[: header_size + size]
-        return frame
+        try:
+            return script_worker.take_frame(self._buffer)
+        except script_worker.FrameTooLarge as exc:
+            raise _Broken(f"a frame of {exc.size} bytes") from None
 
     async def read_frame_async(self, deadline: float) -> bytes:
         """The next frame, read on the event loop: the pipe is watched by the loop, so a call

@@ -52,6 +52,30 @@ class _ScriptError(Exception):
     """The entry script cannot be served; the message says why."""
 
 
+class FrameTooLarge(Exception):
+    """A frame's header announces more than ``MAX_FRAME_BYTES``."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"a frame of {size} bytes is over {MAX_FRAME_BYTES}")
+        self.size = size
+
+
+def take_frame(buffer: bytearray) -> bytes | None:
+    """A whole frame off the front of ``buffer``, or None while it is not all there (both ends
+    of the protocol read through this)."""
+    if len(buffer) < FRAME_HEADER.size:
+        return None
+    (size,) = FRAME_HEADER.unpack_from(buffer)
+    if size > MAX_FRAME_BYTES:
+        raise FrameTooLarge(size)
+    end = FRAME_HEADER.size + size
+    if len(buffer) < end:
+        return None
+    frame = bytes(buffer[FRAME_HEADER.size : end])
+    del buffer[:end]
+    return frame
+
+
 class FrameReader:
     """Frames from a pipe, read as they come: one ``read`` a call when a frame fits the pipe
     (the agent writes each frame whole), instead of one for the header and one for the rest."""
@@ -62,21 +86,12 @@ class FrameReader:
 
     def next(self) -> bytes | None:
         """The next frame, or None when the agent closed the pipe first."""
-        buffer = self._buffer
-        while True:
-            if len(buffer) >= FRAME_HEADER.size:
-                (size,) = FRAME_HEADER.unpack_from(buffer)
-                if size > MAX_FRAME_BYTES:
-                    raise _ScriptError(f"a request frame of {size} bytes is over {MAX_FRAME_BYTES}")
-                end = FRAME_HEADER.size + size
-                if len(buffer) >= end:
-                    frame = bytes(buffer[FRAME_HEADER.size : end])
-                    del buffer[:end]
-                    return frame
+        while (frame := take_frame(self._buffer)) is None:
             chunk = os.read(self._fd, READ_CHUNK_BYTES)
             if not chunk:
                 return None
-            buffer += chunk
+            self._buffer += chunk
+        return frame
 
 
 def write_frame(fd: int, payload: bytes) -> None:

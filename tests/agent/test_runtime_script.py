@@ -52,7 +52,13 @@ from agent.runtimes.script import (
     WorkerState,
     WorkerStats,
 )
-from agent.runtimes.script_worker import FRAME_HEADER, FrameReader
+from agent.runtimes.script_worker import (
+    FRAME_HEADER,
+    MAX_FRAME_BYTES,
+    FrameReader,
+    FrameTooLarge,
+    take_frame,
+)
 from agent.telemetry import ModelCalls
 from tests.support.agents import DEVICE, AgentThread, fast_settings, running_agent
 from tests.support.fake_hub import FakeHub
@@ -1074,6 +1080,21 @@ def test_errors_from_the_loop_are_the_same_as_from_a_thread(runtimes: Runtimes) 
         assert runtime.stats().crashes == 1
 
     asyncio.run(main())
+
+
+def test_a_frame_is_taken_only_whole_and_an_oversized_one_is_refused() -> None:
+    """The framing both ends read through: part of a frame stays buffered; a header announcing
+    more than the bound is refused before anything is read or allocated for it."""
+    frame = FRAME_HEADER.pack(3) + b"abc"
+    buffer = bytearray(frame[:5])
+    assert take_frame(buffer) is None
+    assert buffer == frame[:5]
+    buffer += frame[5:] + b"\x00"
+    assert take_frame(buffer) == b"abc"
+    assert buffer == b"\x00"
+    with pytest.raises(FrameTooLarge) as refused:
+        take_frame(bytearray(FRAME_HEADER.pack(MAX_FRAME_BYTES + 1)))
+    assert refused.value.size == MAX_FRAME_BYTES + 1
 
 
 def test_the_worker_reads_whole_frames_however_the_pipe_splits_them() -> None:
