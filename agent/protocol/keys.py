@@ -2,19 +2,27 @@
 
 A key id is the sha256 of the raw 32-byte public key, so the same key always has the same id and
 a keyring cannot list one key twice under two names to reach a threshold.
+
+Signing (the hub, tests) uses ``cryptography``, imported only there; checking a signature, all a
+device does, goes through `agent.protocol.ed25519` and keeps ``cryptography`` out of the agent
+daemon's memory.
 """
 
 import base64
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict
 
+from agent.protocol import ed25519
 from agent.protocol.canonical import canonical_bytes
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 
 def b64encode(data: bytes) -> str:
@@ -25,20 +33,14 @@ def b64decode(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
-def public_key_bytes(key: Ed25519PublicKey) -> bytes:
+def public_key_bytes(key: "Ed25519PublicKey") -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def key_id(public_raw: bytes) -> str:
     return hashlib.sha256(public_raw).hexdigest()
-
-
-def load_public_key(public_b64: str) -> Ed25519PublicKey:
-    """Load a base64 raw Ed25519 public key; raises ValueError when it is not one."""
-    raw = b64decode(public_b64)
-    if len(raw) != 32:
-        raise ValueError("an Ed25519 public key is 32 bytes")
-    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 class Signature(BaseModel):
@@ -54,10 +56,12 @@ class Signature(BaseModel):
 class SigningKey:
     """A private key with its id, as used by the hub's signing service and by tests."""
 
-    private: Ed25519PrivateKey
+    private: "Ed25519PrivateKey"
 
     @classmethod
     def generate(cls) -> "SigningKey":
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         return cls(Ed25519PrivateKey.generate())
 
     @property
@@ -78,6 +82,8 @@ class SigningKey:
         )
 
     def private_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
         return self.private.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -86,6 +92,9 @@ class SigningKey:
 
     @classmethod
     def from_pem(cls, pem: bytes) -> "SigningKey":
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError("not an Ed25519 private key")
@@ -95,8 +104,7 @@ class SigningKey:
 def verify_signature(public_b64: str, signature_b64: str, document: Any) -> bool:
     """True when ``signature_b64`` is a valid signature of ``document`` by the key."""
     try:
-        key = load_public_key(public_b64)
-        key.verify(b64decode(signature_b64), canonical_bytes(document))
-    except (InvalidSignature, ValueError):
+        public_raw, signature = b64decode(public_b64), b64decode(signature_b64)
+    except ValueError:  # binascii.Error (not base64) and UnicodeError (not ASCII) are ValueErrors
         return False
-    return True
+    return ed25519.verify(public_raw, signature, canonical_bytes(document))
