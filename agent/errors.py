@@ -14,7 +14,8 @@
     │   ├── HealthCheckError   the sample input did not give the expected output
     │   └── NoSpaceError       the disk is full
     ├── TransientError         the network or broker failed: retry with backoff
-    └── EnrollmentError        the hub refused or could not be reached during enrolment
+    ├── EnrollmentError        the hub refused or could not be reached during enrolment
+    └── SettingsError          the config file, an OUTPOST_AGENT_* variable or a flag is bad
 
 Every error carries a `Reason` code from the contract so the hub and `--wait` can say why.
 """
@@ -81,6 +82,16 @@ class TransientError(AgentError):
 
 class EnrollmentError(AgentError):
     reason = Reason.INTERNAL
+
+
+class SettingsError(AgentError):
+    """A setting's value is refused; the message names the file, variable or flag it came
+    from. The agent does not start with it."""
+
+    reason = Reason.MALFORMED
+
+    def __str__(self) -> str:  # for a person at a shell, not the hub: no reason code
+        return self.detail
 
 
 class InputError(AgentError):
