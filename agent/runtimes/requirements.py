@@ -7,20 +7,25 @@ requirement named, instead of failing on its first request with an ``ImportError
 
 A requirement whose marker does not apply to this interpreter is skipped. Extras
 (``pkg[extra]``) are not followed: the named distribution is what is checked.
+
+``packaging`` is imported only when a package declares requirements: most declare none, and it
+would hold about 0.7 MB of the agent daemon's memory for nothing.
 """
 
 import importlib.metadata
 from collections.abc import Sequence
-
-from packaging.markers import UndefinedComparison, UndefinedEnvironmentName
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.version import InvalidVersion, Version
+from typing import TYPE_CHECKING
 
 from agent.errors import IncompatibleError
 
+if TYPE_CHECKING:
+    from packaging.requirements import Requirement
 
-def parse_requirement(spec: str) -> Requirement:
+
+def parse_requirement(spec: str) -> "Requirement":
     """``spec`` as a PEP 508 requirement; ``ValueError`` saying why it is not one."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
     try:
         requirement = Requirement(spec)
     except InvalidRequirement as exc:
@@ -31,8 +36,10 @@ def parse_requirement(spec: str) -> Requirement:
     return requirement
 
 
-def _applies(requirement: Requirement) -> bool:
+def _applies(requirement: "Requirement") -> bool:
     """Whether the marker applies here; ``ValueError`` when it cannot be evaluated."""
+    from packaging.markers import UndefinedComparison, UndefinedEnvironmentName
+
     if requirement.marker is None:
         return True
     try:
@@ -42,8 +49,10 @@ def _applies(requirement: Requirement) -> bool:
         raise ValueError(f"{str(requirement)!r}: its marker cannot be evaluated: {exc}") from None
 
 
-def unmet(requirement: Requirement) -> str | None:
+def unmet(requirement: "Requirement") -> str | None:
     """Why this interpreter does not satisfy ``requirement``; None when it does."""
+    from packaging.version import InvalidVersion, Version
+
     try:
         installed = importlib.metadata.version(requirement.name)
     except importlib.metadata.PackageNotFoundError:
