@@ -200,18 +200,23 @@ class _Worker:
         poller.register(fd, event)
         poller.poll(remaining_s * 1000)
 
-    def _write(self, payload: bytes, deadline: float) -> None:
-        data = memoryview(script_worker.FRAME_HEADER.pack(len(payload)) + payload)
-        while data:
-            try:
-                written = os.write(self._to_worker, data)
-            except BlockingIOError:
-                written = 0
-            except (BrokenPipeError, ValueError, OSError):
-                raise _Gone from None
-            data = data[written:]
-            if data:
-                self._wait(self._to_worker, select.POLLOUT, deadline)
+    def _write_some(self, data: bytes | memoryview) -> int:
+        try:
+            return os.write(self._to_worker, data)
+        except BlockingIOError:
+            return 0
+        except (BrokenPipeError, ValueError, OSError):
+            raise _Gone from None
+
+    def _write(self, frame: bytes, deadline: float) -> None:
+        """Write a whole frame (header included): one write for any frame the pipe holds."""
+        written = self._write_some(frame)
+        if written == len(frame):
+            return
+        rest = memoryview(frame)[written:]
+        while rest:
+            self._wait(self._to_worker, select.POLLOUT, deadline)
+            rest = rest[self._write_some(rest) :]
 
     def _read_frame(self, deadline: float) -> bytes:
         while True:
@@ -225,6 +230,16 @@ class _Worker:
         """A whole frame if one is there within ``wait_s``, else None (a part that came stays
         buffered for whoever reads on). Raises ``_Gone`` when the worker closed its pipe."""
         deadline = time.monotonic() + wait_s
+        if not self._buffer:
+            # The usual case: nothing half-read, and the reply comes in one read.
+            if not self._replies.poll(wait_s * 1000):
+                return None
+            chunk = self._read_chunk()
+            if chunk is not None:
+                whole = script_worker.whole_frame(chunk)
+                if whole is not None:
+                    return whole
+                self._buffer += chunk
         while True:
             frame = self._take_frame()
             if frame is not None:
@@ -234,17 +249,25 @@ class _Worker:
                 return None
             self._read_some()
 
-    def _read_some(self) -> bool:
-        """Add what the reply pipe holds to the buffer; False when it held nothing yet.
-        Raises ``_Gone`` when the worker closed it."""
+    def _read_chunk(self) -> bytes | None:
+        """What the reply pipe holds; None when it holds nothing yet. Raises ``_Gone`` when
+        the worker closed it."""
         try:
             chunk = os.read(self._from_worker, READ_CHUNK_BYTES)
         except BlockingIOError:
-            return False
+            return None
         except (ValueError, OSError):
             raise _Gone from None
         if not chunk:
             raise _Gone
+        return chunk
+
+    def _read_some(self) -> bool:
+        """Add what the reply pipe holds to the buffer; False when it held nothing yet.
+        Raises ``_Gone`` when the worker closed it."""
+        chunk = self._read_chunk()
+        if chunk is None:
+            return False
         self._buffer += chunk
         return True
 
@@ -299,7 +322,8 @@ class _Worker:
 
     def send(self, text: bool, body: bytes, deadline: float) -> None:
         """One frame a call (kind byte, then the body): one write and one wake-up."""
-        self._write((b"t" if text else b"b") + body, deadline)
+        kind = b"t" if text else b"b"
+        self._write(script_worker.FRAME_HEADER.pack(len(body) + 1) + kind + body, deadline)
 
     def call(self, text: bool, body: bytes, deadline: float) -> bytes:
         """The reply frame to one call."""

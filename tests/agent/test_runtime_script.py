@@ -58,6 +58,7 @@ from agent.runtimes.script_worker import (
     FrameReader,
     FrameTooLarge,
     take_frame,
+    whole_frame,
 )
 from agent.telemetry import ModelCalls
 from tests.support.agents import DEVICE, AgentThread, fast_settings, running_agent
@@ -1115,6 +1116,31 @@ def test_the_worker_reads_whole_frames_however_the_pipe_splits_them() -> None:
         assert [reader.next() for _ in frames] == frames
         assert reader.next() is None
         writer.join()
+    finally:
+        os.close(read_fd)
+
+
+def test_a_read_holding_exactly_one_frame_is_taken_without_the_buffer() -> None:
+    """The usual case both ends take a short cut for; anything else is left to the buffer."""
+    frame = FRAME_HEADER.pack(3) + b"abc"
+    assert whole_frame(frame) == b"abc"
+    assert whole_frame(FRAME_HEADER.pack(0)) == b""
+    assert whole_frame(frame[:5]) is None  # part of a frame
+    assert whole_frame(frame + frame) is None  # more than one
+    assert whole_frame(frame[:3]) is None  # part of a header
+
+
+def test_the_worker_reads_single_frames_and_runs_of_them_in_any_order() -> None:
+    """A frame alone in the pipe, then two in one write, then one alone again: the short cut
+    and the buffer take turns without losing or reordering a frame."""
+    read_fd, write_fd = os.pipe()
+    try:
+        reader = FrameReader(read_fd)
+        for writes in ([b"t1"], [b"t2", b"b3"], [b"t4"], [b"", b"t5"], [b"t6"]):
+            os.write(write_fd, b"".join(FRAME_HEADER.pack(len(f)) + f for f in writes))
+            assert [reader.next() for _ in writes] == writes
+        os.close(write_fd)
+        assert reader.next() is None
     finally:
         os.close(read_fd)
 
