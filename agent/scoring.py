@@ -35,7 +35,7 @@ from urllib.parse import unquote
 
 from agent.errors import InputError, ModelCallError
 from agent.httpserver import HttpServer, Request, Response, error
-from agent.jsonvalues import to_json
+from agent.jsonvalues import JsonText, to_json
 from agent.openapi import openapi_document
 from agent.runtimes.base import ActiveModel, ActiveModels, RawBodyRuntime
 from agent.runtimes.tensors import non_finite
@@ -269,15 +269,8 @@ class ScoringServer:
             return error(503, f"{model.name} is busy: {waiting} calls are waiting for it")
         started = time.perf_counter()
 
-        def answer(call: "asyncio.Future[Any] | None", failed: Exception | None = None) -> Response:
+        def answer(result: Any, failed: Exception | None) -> Response:
             """The response to the finished call, told to the observer."""
-            result = None
-            if call is not None:
-                exception = call.exception()
-                if exception is not None and not isinstance(exception, Exception):
-                    raise exception  # SystemExit and the like are not a model's failure
-                failed = exception
-                result = None if failed is not None else call.result()
             outputs = None if failed is not None else {"result": result}
             self._observe(model, None, outputs, started, correlation_id, len(body), (body, kind))
             if failed is not None:
@@ -286,13 +279,21 @@ class ScoringServer:
                 200, {"result": result, "model": {"name": model.name, "version": model.version}}
             )
 
+        def settled(call: "asyncio.Future[Any]") -> Response:
+            exception = call.exception()
+            if exception is not None and not isinstance(exception, Exception):
+                raise exception  # SystemExit and the like are not a model's failure
+            return answer(None if exception is not None else call.result(), exception)
+
         try:
             call = self._run_script(runtime, body, kind)
         except Exception as exc:
             return answer(None, exc)
+        if isinstance(call, JsonText):  # answered in place
+            return answer(call, None)
         if call.done():
-            return answer(call)
-        return self._await_script(model.digest, call, answer)
+            return settled(call)
+        return self._await_script(model.digest, call, settled)
 
     async def _await_script(
         self,
@@ -312,12 +313,16 @@ class ScoringServer:
                 del self._script_waiting[digest]
         return answer(call)
 
-    def _run_script(self, runtime: RawBodyRuntime, body: bytes, kind: str) -> "asyncio.Future[Any]":
+    def _run_script(
+        self, runtime: RawBodyRuntime, body: bytes, kind: str
+    ) -> "JsonText | asyncio.Future[Any]":
         """From the event loop when the runtime can take the call at once (no thread
-        hand-over; the future may be done already), else from a thread of the scripts' pool,
+        hand-over; the answer may be there already), else from a thread of the scripts' pool,
         where it may wait its turn."""
         nowait = getattr(runtime, "run_raw_nowait", None)
         call = nowait(body, kind) if nowait is not None else None
+        if isinstance(call, JsonText):
+            return call
         if call is not None:
             future: asyncio.Future[Any] = asyncio.ensure_future(call)
             if not future.done():

@@ -41,8 +41,10 @@ class RawBodyRuntime(Protocol):
 
         A runtime may also offer ``run_json(body, content_type)``, the same call answering
         ``agent.jsonvalues.JsonText`` (written out as it is), and ``run_raw_nowait(body,
-        content_type)``: an awaitable of either, made on the event loop when the call can be
-        taken at once, else None. A future that is already done is answered without a task.
+        content_type)``, made on the event loop when the call can be taken at once: the
+        ``JsonText`` itself when the answer is there at once, else an awaitable of either
+        kind of answer; None when the call cannot be taken at once. A future that is already
+        done is answered without a task too.
         """
         ...
 

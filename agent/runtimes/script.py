@@ -496,22 +496,27 @@ class ScriptRuntime:
                 ) from None
         return text
 
-    def run_raw_nowait(self, body: bytes, content_type: str) -> "asyncio.Future[Any] | None":
+    def run_raw_nowait(
+        self, body: bytes, content_type: str
+    ) -> "JsonText | asyncio.Future[JsonText] | None":
         """The call made from the event loop, when it can be made at once: the worker is free
-        and the body fits the pipe in one write. None otherwise; then ``run_raw`` from a thread.
+        and the body fits the pipe in one write. None otherwise; then ``run_json`` from a
+        thread.
 
         A script that answered its last call within ``QUICK_REPLY_S`` is waited for in place,
-        up to ``IN_PLACE_WAIT_S``: the future returned is then already done, and the endpoint
-        answers without a task. Otherwise the future is a task that owns the call to its end:
-        cancelling whoever awaits it must not leave a reply in the pipe for the next call, so
-        callers shield it. Either way the call costs no thread hand-over (~85 µs a call here).
+        up to ``IN_PLACE_WAIT_S``: its answer is then returned as it is, and the endpoint
+        answers without a future or a task. Otherwise the answer comes from a task that owns
+        the call to its end: cancelling whoever awaits it must not leave a reply in the pipe
+        for the next call, so callers shield it. Either way the call costs no thread hand-over
+        (~85 µs a call here).
         """
         text = self._as_text(body, content_type)
         if len(body) > NOWAIT_MAX_BODY_BYTES or not self._call_lock.acquire(blocking=False):
             return None
         try:
             with self._cond:
-                self._refuse_unless_serving()
+                if self._closed or self._failures or self._in_crash_loop or self._worker is None:
+                    self._refuse_unless_serving()  # the full check, only when it may refuse
                 # Retired workers are reaped by the next caller, which may wait: from a thread.
                 worker = None if self._retired else self._worker
             if worker is None:
@@ -522,12 +527,13 @@ class ScriptRuntime:
             self._call_lock.release()
             raise
 
-    def _call_from_loop(self, worker: "_Worker", text: bool, body: bytes) -> "asyncio.Future[Any]":
+    def _call_from_loop(
+        self, worker: "_Worker", text: bool, body: bytes
+    ) -> "JsonText | asyncio.Future[JsonText]":
         """Send the call, and wait for its answer in place if the script is a quick one; the
-        call lock is held, and released when the returned future is done."""
+        call lock is held, and released when the answer is there."""
         sent_at = time.monotonic()
         deadline = sent_at + self._timeout_s
-        loop = asyncio.get_running_loop()
         in_place: bytes | None = None  # the reply frame, when it came while waiting here
         failed: Exception | None = None
         try:
@@ -540,12 +546,12 @@ class ScriptRuntime:
             time.monotonic() - sent_at < QUICK_REPLY_S
         )
         if in_place is not None and in_place[:1] == script_worker.ANSWER:
-            answered: asyncio.Future[Any] = loop.create_future()
-            answered.set_result(self._answer(worker, in_place))
-            self._call_lock.release()
-            return answered
+            try:
+                return self._answer(worker, in_place)
+            finally:
+                self._call_lock.release()
 
-        async def finish() -> Any:
+        async def finish() -> JsonText:
             try:
                 if failed is not None:
                     # Killing and reaping the worker may wait for it to end: not on the loop.

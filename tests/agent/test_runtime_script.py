@@ -25,6 +25,7 @@ import pytest
 
 from agent.core import Agent
 from agent.errors import HealthCheckError, IncompatibleError, ModelCallError, ModelLoadError
+from agent.jsonvalues import JsonText
 from agent.protocol.canonical import canonical_bytes
 from agent.protocol.documents import (
     DetachedSignatures,
@@ -964,6 +965,11 @@ def _nowait(runtime: ScriptRuntime, data: Any) -> Any:
     return runtime.run_raw_nowait(json.dumps({"data": data}).encode(), "application/json")
 
 
+async def _settle(pending: JsonText | asyncio.Future[JsonText]) -> Any:
+    """The value of a call from the loop, answered in place or not."""
+    return (pending if isinstance(pending, JsonText) else await pending).value()
+
+
 def test_a_call_from_the_event_loop_is_taken_at_once_when_the_worker_is_free(
     runtimes: Runtimes,
 ) -> None:
@@ -972,7 +978,7 @@ def test_a_call_from_the_event_loop_is_taken_at_once_when_the_worker_is_free(
     async def main() -> None:
         pending = _nowait(runtime, {"n": 1})
         assert pending is not None
-        assert (await pending).value() == {"echo": 1}
+        assert await _settle(pending) == {"echo": 1}
         # Taken by a thread's call: the loop does not wait for it, it says so (None).
         threaded = asyncio.create_task(asyncio.to_thread(call_in_thread))
         await asyncio.to_thread(wait_until, runtime._call_lock.locked, timeout_s=10)
@@ -981,7 +987,7 @@ def test_a_call_from_the_event_loop_is_taken_at_once_when_the_worker_is_free(
         # Then the loop's call works again.
         pending = _nowait(runtime, {"n": 4})
         assert pending is not None
-        assert (await pending).value() == {"echo": 4}
+        assert await _settle(pending) == {"echo": 4}
 
     def call_in_thread() -> Any:
         return call(runtime, {"n": 2, "sleep": 0.3})
@@ -992,20 +998,20 @@ def test_a_call_from_the_event_loop_is_taken_at_once_when_the_worker_is_free(
 def test_a_quick_script_is_answered_in_place_and_a_slow_one_through_the_loop(
     runtimes: Runtimes,
 ) -> None:
-    """A script that answered its last call within QUICK_REPLY_S is waited for in place: the
-    future is done when it is returned. A slow answer sends the next call through the loop
-    (a pending future) until an answer is quick again."""
+    """A script that answered its last call within QUICK_REPLY_S is waited for in place: its
+    answer itself is returned. A slow answer sends the next call through the loop (a pending
+    future) until an answer is quick again."""
     runtime = runtimes.start(SLOW_ECHO)
     slow_s = 0.05  # well past QUICK_REPLY_S, and past IN_PLACE_WAIT_S
     assert slow_s > IN_PLACE_WAIT_S > QUICK_REPLY_S
 
     async def in_place(first: int) -> tuple[int, Any]:
-        """(n, answer) of the first of a few calls answered in place (done when returned)."""
+        """(n, answer) of the first of a few calls answered in place (the answer returned)."""
         for n in range(first, first + 50):
             pending = _nowait(runtime, {"n": n})
             assert pending is not None
-            if pending.done():
-                return n, pending.result().value()
+            if isinstance(pending, JsonText):
+                return n, pending.value()
             await pending  # e.g. the worker's first call, which may be slow
         raise AssertionError("a quick script was never answered in place")
 
@@ -1015,12 +1021,14 @@ def test_a_quick_script_is_answered_in_place_and_a_slow_one_through_the_loop(
         assert not runtime._call_lock.locked()
 
         slow = _nowait(runtime, {"n": 10, "sleep": slow_s})
-        assert slow is not None
-        assert not slow.done()  # waited for in place at most IN_PLACE_WAIT_S, then the loop
+        # Waited for in place at most IN_PLACE_WAIT_S, then through the loop.
+        assert isinstance(slow, asyncio.Future)
+        assert not slow.done()
         assert (await slow).value() == {"echo": 10}
         after_slow = _nowait(runtime, {"n": 11})
-        assert after_slow is not None
-        assert not after_slow.done()  # not waited for in place: the last call was slow
+        # Not waited for in place: the last call was slow.
+        assert isinstance(after_slow, asyncio.Future)
+        assert not after_slow.done()
         assert (await after_slow).value() == {"echo": 11}
         n, answer = await in_place(12)  # in place again once an answer was quick
         assert answer == {"echo": n}
@@ -1053,20 +1061,20 @@ def test_errors_from_the_loop_are_the_same_as_from_a_thread(runtimes: Runtimes) 
         for _ in range(50):  # until answered in place (the first calls may be slow)
             pending = _nowait(runtime, data)
             assert pending is not None
-            if pending.done():
-                return pending
+            if isinstance(pending, JsonText):
+                return pending.value()
             await asyncio.wait([pending])
         raise AssertionError("never answered in place")
 
     async def main() -> None:
-        assert (await quick("fine")).result().value() == "fine"
+        assert await quick("fine") == "fine"
         raising = _nowait(runtime, "raise")
         assert raising is not None
         with pytest.raises(ModelCallError) as raised:
             await raising
         assert raised.value.status == 500
         assert "score.py raised ValueError: asked to" in raised.value.detail
-        assert (await quick("fine")).result().value() == "fine"
+        assert await quick("fine") == "fine"
         died = _nowait(runtime, "die")
         assert died is not None
         with pytest.raises(ModelCallError) as crashed:
@@ -1077,7 +1085,7 @@ def test_errors_from_the_loop_are_the_same_as_from_a_thread(runtimes: Runtimes) 
             wait_until, lambda: runtime.stats().state is WorkerState.OK, timeout_s=10
         )
         assert await asyncio.to_thread(call, runtime, "back") == "back"
-        assert (await quick("fine")).result().value() == "fine"
+        assert await quick("fine") == "fine"
         assert runtime.stats().crashes == 1
 
     asyncio.run(main())
@@ -1168,7 +1176,7 @@ def test_a_call_from_the_event_loop_past_its_time_limit_is_a_504_and_the_next_on
         assert await asyncio.to_thread(call, runtime, {"n": 2}) == {"echo": 2}
         again = _nowait(runtime, {"n": 3})
         assert again is not None
-        assert (await again).value() == {"echo": 3}
+        assert await _settle(again) == {"echo": 3}
 
     asyncio.run(main())
 
