@@ -12,7 +12,9 @@
   agent alternate, so drifts in the shared machine's load fall on both.
 - **Memory**: the agent's RSS with the ONNX model alone loaded (after the timed calls warmed
   it), against a bare process holding the same onnxruntime session. Private (anonymous)
-  memory is reported beside it.
+  memory is reported beside it, and so is the same bare process with only the imports any
+  agent on the project's stack needs (asyncio with ssl, paho-mqtt, sqlite3): the least an
+  agent on this stack can weigh.
 
 Servers are pinned to one core and the client to the other where the machine has two, so a
 round trip does not depend on where the scheduler put whom.
@@ -304,6 +306,8 @@ def measure(work: Path, cfg: Config) -> Report:
             agent_rss, agent_anon = _memory(agent.pid)
             with _floor([*first.floor_args, "--hold"], server_cpus, log) as held:
                 floor_rss, floor_anon = _memory(held.pid)
+            with _floor([*first.floor_args, "--hold", "--with-stack"], server_cpus, log) as held:
+                stack_rss, _ = _memory(held.pid)
             report.figures.append(
                 Figure(
                     "memory, ONNX model loaded (RSS)",
@@ -319,6 +323,16 @@ def measure(work: Path, cfg: Config) -> Report:
                     "MB",
                     agent_anon / 2**20,
                     floor_anon / 2**20,
+                )
+            )
+            # What no agent on this stack can go below: the floor with the stack's imports
+            # (asyncio with ssl, paho-mqtt, sqlite3) and none of the agent's own code.
+            report.figures.append(
+                Figure(
+                    "memory, the stack's imports alone, ONNX model loaded (RSS)",
+                    "MB",
+                    stack_rss / 2**20,
+                    floor_rss / 2**20,
                 )
             )
 

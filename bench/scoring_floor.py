@@ -167,6 +167,11 @@ async def _serve(port: int, call: Callable[[bytes], object]) -> None:
         await server.serve_forever()
 
 
+# The least an agent on the project's stack imports: its HTTP endpoint and MQTT client on asyncio
+# (which imports ssl, and so OpenSSL), paho-mqtt itself, and SQLite for the offline outbox.
+STACK_MODULES = ("asyncio", "paho.mqtt.client", "sqlite3")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, required=True)
@@ -180,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         "--hold",
         action="store_true",
         help="no server: hold the runtime (called once) until stdin closes; the memory floor",
+    )
+    parser.add_argument(
+        "--with-stack",
+        action="store_true",
+        help="with --hold: also import what any agent on the project's stack must (asyncio "
+        "with ssl, paho-mqtt, sqlite3), and nothing of the agent's own",
     )
     args = parser.parse_args(argv)
     sample = json.loads(args.sample.read_text()) if args.sample else None
@@ -198,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         call = lambda _body: None  # noqa: E731
     if args.hold:
         call(b'{"data": []}' if args.runtime == "script" else b"")
+        if args.with_stack:
+            for module in STACK_MODULES:
+                importlib.import_module(module)
         sys.stdout.write("ready\n")
         sys.stdout.flush()
         sys.stdin.read()  # until the bench closes it
