@@ -105,6 +105,8 @@ def verify_signature(public_b64: str, signature_b64: str, document: Any) -> bool
     """True when ``signature_b64`` is a valid signature of ``document`` by the key."""
     try:
         public_raw, signature = b64decode(public_b64), b64decode(signature_b64)
-    except ValueError:  # binascii.Error (not base64) and UnicodeError (not ASCII) are ValueErrors
+        # A document with no canonical form (NaN, a float out of range) has no valid signature.
+        message = canonical_bytes(document)
+    except ValueError:  # also binascii.Error (not base64), UnicodeError (not ASCII)
         return False
-    return ed25519.verify(public_raw, signature, canonical_bytes(document))
+    return ed25519.verify(public_raw, signature, message)

@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.protocol import ed25519
+from agent.protocol.keys import SigningKey, verify_signature
 
 # RFC 8032 section 7.1, tests 1 to 3: (secret key, public key, message, signature).
 RFC8032 = [
@@ -154,3 +155,26 @@ def test_the_agent_checks_with_the_loaded_openssl_where_there_is_one() -> None:
     if ed25519.loaded_libcrypto() is None:
         pytest.skip("this Python's ssl is not linked against a shared libcrypto")
     assert isinstance(ed25519.verify, ed25519.OpenSslEd25519)
+
+
+@pytest.mark.parametrize(
+    ("public", "signature", "document"),
+    [
+        (None, None, {"x": float("nan")}),  # no canonical form
+        (None, None, {"x": float("inf")}),
+        ("not base64!", None, {"x": 1}),
+        (None, "é", {"x": 1}),  # not ASCII
+    ],
+)
+def test_verify_signature_says_no_to_what_cannot_be_checked(
+    public: str | None, signature: str | None, document: object
+) -> None:
+    """False, never an exception: the caller turns it into a refusal with a reason."""
+    key = SigningKey.generate()
+    signed = key.sign({"x": 1})
+    assert verify_signature(key.public_b64, signed.sig, {"x": 1})
+    assert not verify_signature(
+        public if public is not None else key.public_b64,
+        signature if signature is not None else signed.sig,
+        document,
+    )
