@@ -8,12 +8,15 @@ armed. Tests and the simulator arm them deterministically instead of killing at 
 Armed from the environment, e.g. ``OUTPOST_FAILPOINT=after_unpack:kill`` or several separated by
 commas. ``kill`` sends SIGKILL to the agent's own process, as a power cut would; ``crash``
 raises ``FailpointCrash``, which stops one in-process agent (the simulator's devices share one
-process) without running any clean-up, and leaves its files as a kill would.
+process) without running any clean-up, and leaves its files as a kill would. ``segv`` and
+``hang`` stand for a runtime's native code crashing or never returning (a SIGSEGV sent to the
+process; a sleep of ``HANG_S``).
 """
 
 import logging
 import os
 import signal
+import time
 from collections import Counter
 from collections.abc import Mapping
 from enum import StrEnum
@@ -21,6 +24,7 @@ from enum import StrEnum
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "OUTPOST_FAILPOINT"
+HANG_S = 600.0  # past any time limit the tests set, and still bounded
 
 
 class Failpoint(StrEnum):
@@ -32,11 +36,20 @@ class Failpoint(StrEnum):
     AFTER_LOAD = "after_load"  # the runtime loaded the new model
     AFTER_HEALTH = "after_health"  # the health check passed, pointer not switched yet
     AFTER_SWITCH = "after_switch"  # the active pointer names the new version
+    # In the trial process that loads a model before the agent does (agent.runtimes.trial).
+    IN_TRIAL_LOAD = "in_trial_load"
+
+
+# The points an install passes in the agent's own process, in order (the trial load's point is
+# in a child process: agent.runtimes.trial).
+INSTALL_PATH = tuple(point for point in Failpoint if point is not Failpoint.IN_TRIAL_LOAD)
 
 
 class Action(StrEnum):
     KILL = "kill"
     CRASH = "crash"
+    SEGV = "segv"
+    HANG = "hang"
 
 
 class FailpointCrash(Exception):
@@ -70,7 +83,8 @@ class Failpoints:
             except ValueError:
                 points = ", ".join(p.value for p in Failpoint)
                 raise FailpointError(
-                    f"bad failpoint {item!r}: expected POINT[:kill|crash], POINT one of {points}"
+                    f"bad failpoint {item!r}: expected POINT[:{'|'.join(Action)}],"
+                    f" POINT one of {points}"
                 ) from None
         return cls(armed)
 
@@ -91,4 +105,8 @@ class Failpoints:
         logger.warning("failpoint %s fired: %s", point, action)
         if action is Action.KILL:
             os.kill(os.getpid(), signal.SIGKILL)
+        if action is Action.SEGV:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if action is Action.HANG:
+            time.sleep(HANG_S)
         raise FailpointCrash(point)

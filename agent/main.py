@@ -17,6 +17,7 @@ from agent.failpoints import FailpointError
 from agent.runtimes import load_runtime
 from agent.runtimes.base import ActiveModels
 from agent.runtimes.health import check_health
+from agent.runtimes.trial import TrialLoader
 from agent.scoring import ScoringServer
 from agent.scoring_keys import ScoringKeyFile
 from agent.settings import AgentSettings, ScoringSettings
@@ -49,7 +50,12 @@ def scoring_server(
 
 
 async def _run(settings: AgentSettings) -> None:
-    agent = Agent(settings=settings, load_runtime=load_runtime, check_health=check_health)
+    load = (
+        TrialLoader(load_runtime, timeout_s=settings.models.trial_timeout_s)
+        if settings.models.trial_load
+        else load_runtime
+    )
+    agent = Agent(settings=settings, load_runtime=load, check_health=check_health)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

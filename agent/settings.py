@@ -114,6 +114,14 @@ class LogSettings(_Section):
         return value.lower()
 
 
+class ModelSettings(_Section):
+    # Load and health-check each built-in runtime's model in a throwaway process before the
+    # agent does, so a runtime that crashes or hangs on a corrupt model is refused instead of
+    # taking the agent down (agent/runtimes/trial.py). Costs a process start per load.
+    trial_load: bool = True
+    trial_timeout_s: float = Field(default=300.0, gt=0)
+
+
 class AgentSettings(_Section):
     state_dir: Path = Path("var/agent")
     device_class: str = "generic"
@@ -125,6 +133,7 @@ class AgentSettings(_Section):
     outbox: OutboxSettings = OutboxSettings()
     collection: CollectionSettings = CollectionSettings()
     logs: LogSettings = LogSettings()
+    models: ModelSettings = ModelSettings()
 
     @classmethod
     def load(

@@ -12,6 +12,7 @@ import pytest
 
 from agent.archive import ArchiveLimits
 from agent.failpoints import (
+    INSTALL_PATH,
     Action,
     Failpoint,
     FailpointCrash,
@@ -25,7 +26,7 @@ from agent.trust import verify_keyring
 from tests.support.repository import NOW, RepositorySimulator, iris_files
 
 # Before the pointer switch the old version stays active; from the switch on, the new one.
-INSTALL_POINTS = [p for p in Failpoint if p is not Failpoint.AFTER_DOWNLOAD]
+INSTALL_POINTS = [p for p in INSTALL_PATH if p is not Failpoint.AFTER_DOWNLOAD]
 SWITCHED = {Failpoint.AFTER_SWITCH}
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agent.core import MAX_INSTALL_ATTEMPTS, Agent
-from agent.failpoints import Action, Failpoint, FailpointCrash, Failpoints
+from agent.failpoints import INSTALL_PATH, Action, Failpoint, FailpointCrash, Failpoints
 from agent.protocol.messages import Reason, Step
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
@@ -94,7 +94,7 @@ def test_a_version_that_keeps_crashing_the_agent_is_given_up_and_v1_keeps_servin
         runner.stop()
 
 
-@pytest.mark.parametrize("point", list(Failpoint), ids=str)
+@pytest.mark.parametrize("point", INSTALL_PATH, ids=str)
 def test_a_crash_at_any_step_restarts_into_a_whole_version_and_completes(
     point: Failpoint, hub: FakeHub, repo: RepositorySimulator, state_dir: Path, iris_model: Any
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from agent.archive import ArchiveLimits
-from agent.failpoints import Failpoint
+from agent.failpoints import INSTALL_PATH, Failpoint
 from agent.install import ModelStore, TrustContext
 from agent.protocol.messages import Step
 from agent.runtimes import load_runtime
@@ -61,7 +61,7 @@ def _served_version(state_dir: Path, repo: RepositorySimulator) -> int:
     return active.version
 
 
-@pytest.mark.parametrize("point", list(Failpoint), ids=str)
+@pytest.mark.parametrize("point", INSTALL_PATH, ids=str)
 def test_killed_at_each_crash_point_the_device_serves_old_or_new_then_updates(
     point: Failpoint, hub: FakeHub, repo: RepositorySimulator, state_dir: Path, iris_model: Any
 ) -> None:
@@ -97,3 +97,35 @@ def test_killed_at_each_crash_point_the_device_serves_old_or_new_then_updates(
         restarted.wait(timeout=30)
     assert _served_version(state_dir, repo) == 2
     assert StateDir(state_dir).load_progress().installing is None
+
+
+def test_a_runtime_crashing_on_a_new_model_leaves_the_agent_process_running_the_old_one(
+    hub: FakeHub, repo: RepositorySimulator, state_dir: Path, iris_model: Any
+) -> None:
+    """THREATS.md C4 on the real daemon: v2 crashes its runtime (SIGSEGV in the trial process
+    that loads it first, injected there); the install fails with E_MODEL_LOAD, reported to the
+    hub, and the agent process lives on, serving v1."""
+    files = iris_files(iris_model.directory)
+    v1 = repo.build_package(files, version=1)
+    v2 = repo.build_package(files, version=2)
+    hub.offer(v1, v2)
+    hub.desired[DEVICE] = repo.desired_message([v1.ref])
+    with running_agent(state_dir):
+        hub.wait_for(lambda: any(e.step is Step.ACTIVE for _, e in hub.events))
+
+    hub.desired[DEVICE] = repo.desired_message([v2.ref])
+    agent = _agent_process(state_dir, OUTPOST_FAILPOINT="in_trial_load:segv")
+    try:
+        hub.wait_for(
+            lambda: any(e.step is Step.FAILED and e.version == 2 for _, e in hub.events),
+            timeout_s=60,
+        )
+        failed = next(e for _, e in hub.events if e.step is Step.FAILED and e.version == 2)
+        assert failed.reason == "E_MODEL_LOAD"
+        assert "killed a trial process with SIGSEGV" in failed.detail
+        assert agent.poll() is None  # still running
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+    assert agent.returncode == 0, agent.stderr.read() if agent.stderr else ""
+    assert _served_version(state_dir, repo) == 1
