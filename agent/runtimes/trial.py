@@ -49,10 +49,13 @@ class TrialLoader:
         return self._load(model_dir, manifest)
 
 
-def try_in_child(model_dir: Path, manifest: Manifest, *, timeout_s: float) -> None:
+def try_in_child(
+    model_dir: Path, manifest: Manifest, *, timeout_s: float, what: str | None = None
+) -> None:
     """Load and health-check the model in a child process; raise ``ModelLoadError`` when
-    the child was killed by a signal or ran past ``timeout_s``."""
-    what = f"{manifest.model.name} v{manifest.model.version}"
+    the child was killed by a signal or ran past ``timeout_s``. ``what`` names the model in
+    the message (by default its name and version)."""
+    what = what or f"{manifest.model.name} v{manifest.model.version}"
     try:
         done = subprocess.run(
             [sys.executable, "-m", "agent.runtimes.trial", str(model_dir)],

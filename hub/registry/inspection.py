@@ -7,6 +7,10 @@ check is the devices' own: the model is loaded by the agent's runtime for its fr
 manifest carries, so what the hub accepts a device accepts, and a refusal reads the same here
 as in a device's report.
 
+The model is first loaded and checked in a throwaway process (``agent.runtimes.trial``, THREATS.md
+C4): an uploaded model that crashes or hangs its runtime is refused, and cannot take the hub
+down with it.
+
 Sample input files hold either ``{"data": ...}`` (a scoring request), an object keyed by input
 name, or the value of the single input. Expected output files hold an object keyed by output name
 (only the named outputs are compared) or the value of the first output.
@@ -15,14 +19,23 @@ name, or the value of the single input. Expected output files hold an object key
 import json
 import logging
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from agent.errors import HealthCheckError, IncompatibleError, ModelLoadError
 from agent.external_data import external_locations
-from agent.protocol.documents import Framework, HealthCheck, ModelSignature
+from agent.protocol.documents import (
+    Framework,
+    HealthCheck,
+    Manifest,
+    ModelInfo,
+    ModelSignature,
+    RuntimeSpec,
+)
 from agent.runtimes.base import Runtime
 from agent.runtimes.health import check_health
+from agent.runtimes.trial import try_in_child
 from hub.errors import ModelCheckFailed
 
 logger = logging.getLogger(__name__)
@@ -31,6 +44,27 @@ SAMPLE_FILE = "sample_input.json"
 EXPECTED_FILE = "expected_output.json"
 # The manifest's defaults: the tolerance every device will check this model with.
 CHECK = HealthCheck(input=SAMPLE_FILE, expected_output=EXPECTED_FILE)
+# A registration waits for this; a model loads in seconds, a hanging one is refused.
+TRIAL_TIMEOUT_S = 120.0
+
+
+def _try_apart(framework: Framework, model_path: Path) -> None:
+    """Load and check the model in a child process first; ``ModelCheckFailed`` when the
+    runtime crashed or hung on it. Other failures are left to the load that follows, which
+    says what is wrong as it would without the trial."""
+    manifest = Manifest(
+        model=ModelInfo(name="model", version=1, framework=framework),
+        runtime=RuntimeSpec(model_file=model_path.name),
+        files=[],
+        health_check=CHECK,
+        created_at=datetime.now(UTC),
+    )
+    try:
+        try_in_child(
+            model_path.parent, manifest, timeout_s=TRIAL_TIMEOUT_S, what="the uploaded model"
+        )
+    except ModelLoadError as exc:
+        raise ModelCheckFailed(f"cannot load the model: {exc.detail}") from None
 
 
 def _load(framework: Framework, model_path: Path) -> Runtime:
@@ -76,6 +110,7 @@ def inspect_model(
         model_path.write_bytes(model_bytes)
         (files / SAMPLE_FILE).write_text(json.dumps(sample_input), encoding="utf-8")
         (files / EXPECTED_FILE).write_text(json.dumps(expected_output), encoding="utf-8")
+        _try_apart(framework, model_path)
         try:
             runtime = _load(framework, model_path)
         except IncompatibleError as exc:

@@ -147,3 +147,22 @@ def test_onnx_with_external_data_is_refused_before_loading() -> None:
     tensor.data_location = TensorProto.EXTERNAL
     with pytest.raises(ModelCheckFailed, match=r"keeps tensors in other files \['\.\./\.\./keys"):
         inspect_model(Framework.ONNX, model.SerializeToString(), [[1, 1, 1, 1]], [[2]])
+
+
+@pytest.mark.parametrize("fault", ["segv", "hang"])
+def test_a_model_crashing_or_hanging_its_runtime_is_refused_and_the_hub_serves_on(
+    running_hub: RunningHub, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """THREATS.md C4 on the hub: the model is first loaded in a trial process, where the
+    crash or hang is injected, as a runtime's native code would crash or hang there."""
+    monkeypatch.setenv("OUTPOST_FAILPOINT", f"in_trial_load:{fault}")
+    monkeypatch.setattr("hub.registry.inspection.TRIAL_TIMEOUT_S", 5.0)
+    response = _post(running_hub)
+    assert response.status_code == 422, response.text
+    expected = (
+        "killed a trial process with SIGSEGV" if fault == "segv" else "did not finish within 5 s"
+    )
+    assert expected in response.json()["detail"]
+    assert "cannot load the model: loading the uploaded model" in response.json()["detail"]
+    monkeypatch.delenv("OUTPOST_FAILPOINT")
+    assert _post(running_hub).status_code == 201  # the hub is still there, and registers
