@@ -96,18 +96,12 @@ class FrameReader:
 
     def next(self) -> bytes | None:
         """The next frame, or None when the agent closed the pipe first."""
-        if not self._buffer:
-            chunk = os.read(self._fd, READ_CHUNK_BYTES)
-            if not chunk:
-                return None
-            frame = whole_frame(chunk)
-            if frame is not None:
-                return frame
-            self._buffer += chunk
         while (frame := take_frame(self._buffer)) is None:
             chunk = os.read(self._fd, READ_CHUNK_BYTES)
             if not chunk:
                 return None
+            if not self._buffer and (whole := whole_frame(chunk)) is not None:
+                return whole  # the usual case, without the buffer's copies
             self._buffer += chunk
         return frame
 

@@ -32,14 +32,13 @@ from agent.install import HealthChecker, RuntimeLoader
 from agent.protocol.documents import Manifest
 from agent.runtimes.base import Runtime
 
-DEFAULT_TIMEOUT_S = 300.0
 OUTPUT_TAIL_CHARS = 600
 
 
 class TrialLoader:
     """``load_runtime`` with each built-in runtime's model tried in a child process first."""
 
-    def __init__(self, load: RuntimeLoader, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, load: RuntimeLoader, *, timeout_s: float) -> None:
         self._load = load
         self._timeout_s = timeout_s
 

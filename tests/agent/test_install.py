@@ -21,26 +21,12 @@ from agent.install import ModelStore, TrustContext
 from agent.protocol.messages import Step
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
-from agent.trust import verify_keyring
-from tests.support.repository import NOW, ExtraMember, RepositorySimulator, iris_files
+from tests.support.repository import ExtraMember, RepositorySimulator
 
 
 @pytest.fixture
 def repo() -> RepositorySimulator:
     return RepositorySimulator()
-
-
-@pytest.fixture
-def files(iris_model: object) -> dict[str, bytes]:
-    return iris_files(iris_model.directory)  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def trust(repo: RepositorySimulator) -> TrustContext:
-    keyring = verify_keyring(
-        repo.keyring(), root_public_b64=repo.root.public_b64, current=None, now=NOW
-    )
-    return TrustContext(keyring, "generic", "0.1.0")
 
 
 def _store(root: Path, **limits: int) -> ModelStore:

@@ -61,10 +61,11 @@ def _served_version(state_dir: Path, repo: RepositorySimulator) -> int:
     return active.version
 
 
-@pytest.mark.parametrize("point", INSTALL_PATH, ids=str)
-def test_killed_at_each_crash_point_the_device_serves_old_or_new_then_updates(
-    point: Failpoint, hub: FakeHub, repo: RepositorySimulator, state_dir: Path, iris_model: Any
-) -> None:
+def _serving_v1_told_to_install_v2(
+    hub: FakeHub, repo: RepositorySimulator, state_dir: Path, iris_model: Any
+) -> Any:
+    """The device installs v1 (the agent then stops), and the hub's desired state names v2;
+    returns v2's package."""
     files = iris_files(iris_model.directory)
     v1 = repo.build_package(files, version=1)
     v2 = repo.build_package(files, version=2)
@@ -72,8 +73,15 @@ def test_killed_at_each_crash_point_the_device_serves_old_or_new_then_updates(
     hub.desired[DEVICE] = repo.desired_message([v1.ref])
     with running_agent(state_dir):
         hub.wait_for(lambda: any(e.step is Step.ACTIVE for _, e in hub.events))
-
     hub.desired[DEVICE] = repo.desired_message([v2.ref])
+    return v2
+
+
+@pytest.mark.parametrize("point", INSTALL_PATH, ids=str)
+def test_killed_at_each_crash_point_the_device_serves_old_or_new_then_updates(
+    point: Failpoint, hub: FakeHub, repo: RepositorySimulator, state_dir: Path, iris_model: Any
+) -> None:
+    v2 = _serving_v1_told_to_install_v2(hub, repo, state_dir, iris_model)
     killed = _agent_process(state_dir, OUTPOST_FAILPOINT=f"{point}:kill")
     try:
         killed.wait(timeout=60)
@@ -105,22 +113,19 @@ def test_a_runtime_crashing_on_a_new_model_leaves_the_agent_process_running_the_
     """THREATS.md C4 on the real daemon: v2 crashes its runtime (SIGSEGV in the trial process
     that loads it first, injected there); the install fails with E_MODEL_LOAD, reported to the
     hub, and the agent process lives on, serving v1."""
-    files = iris_files(iris_model.directory)
-    v1 = repo.build_package(files, version=1)
-    v2 = repo.build_package(files, version=2)
-    hub.offer(v1, v2)
-    hub.desired[DEVICE] = repo.desired_message([v1.ref])
-    with running_agent(state_dir):
-        hub.wait_for(lambda: any(e.step is Step.ACTIVE for _, e in hub.events))
-
-    hub.desired[DEVICE] = repo.desired_message([v2.ref])
+    v2 = _serving_v1_told_to_install_v2(hub, repo, state_dir, iris_model)
     agent = _agent_process(state_dir, OUTPOST_FAILPOINT="in_trial_load:segv")
     try:
-        hub.wait_for(
-            lambda: any(e.step is Step.FAILED and e.version == 2 for _, e in hub.events),
-            timeout_s=60,
-        )
-        failed = next(e for _, e in hub.events if e.step is Step.FAILED and e.version == 2)
+
+        def v2_failed() -> list[Any]:
+            return [
+                e
+                for _, e in hub.events
+                if e.step is Step.FAILED and e.deployment_id == v2.ref.deployment_id
+            ]
+
+        hub.wait_for(lambda: bool(v2_failed()), timeout_s=60)
+        failed = v2_failed()[0]
         assert failed.reason == "E_MODEL_LOAD"
         assert "killed a trial process with SIGSEGV" in failed.detail
         assert agent.poll() is None  # still running

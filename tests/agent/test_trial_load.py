@@ -18,26 +18,7 @@ from agent.protocol.documents import Manifest
 from agent.runtimes import load_runtime
 from agent.runtimes.health import check_health
 from agent.runtimes.trial import TrialLoader
-from agent.trust import verify_keyring
-from tests.support.repository import NOW, RepositorySimulator, iris_files
-
-
-@pytest.fixture
-def repo() -> RepositorySimulator:
-    return RepositorySimulator()
-
-
-@pytest.fixture
-def files(iris_model: Any) -> dict[str, bytes]:
-    return iris_files(iris_model.directory)
-
-
-@pytest.fixture
-def trust(repo: RepositorySimulator) -> TrustContext:
-    keyring = verify_keyring(
-        repo.keyring(), root_public_b64=repo.root.public_b64, current=None, now=NOW
-    )
-    return TrustContext(keyring, "generic", "0.1.0")
+from tests.support.repository import RepositorySimulator
 
 
 def _store(root: Path, timeout_s: float = 120) -> ModelStore:
@@ -156,7 +137,7 @@ def test_an_entry_script_has_no_trial_process(
             "created_at": "2026-01-01T00:00:00Z",
         }
     )
-    assert TrialLoader(load)(tmp_path, manifest) == "runtime"
+    assert TrialLoader(load, timeout_s=60)(tmp_path, manifest) == "runtime"
     assert loaded == [manifest]
     builtin = manifest.model_copy(
         update={
@@ -164,5 +145,7 @@ def test_an_entry_script_has_no_trial_process(
         }
     )
     with pytest.raises(ModelLoadError, match="killed a trial process with SIGSEGV"):
-        TrialLoader(load)(tmp_path, builtin)  # while a built-in runtime's model gets a trial
+        TrialLoader(load, timeout_s=60)(
+            tmp_path, builtin
+        )  # while a built-in runtime's model gets a trial
     assert loaded == [manifest]
